@@ -1,0 +1,23 @@
+# hpcgraft: the two commands a user needs are `make demo` and `make test`; both set up .venv first.
+VENV := .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.hpcgraft-complete
+
+$(VENV)/.hpcgraft-complete: pyproject.toml tools/setup.sh tools/build_horovod.sh
+	bash tools/setup.sh
+
+demo: setup
+	$(VENV)/bin/mpirun -np $(NP) $(PY) -m hpcgraft.train --config configs/digits.yaml --out runs/demo --restart
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

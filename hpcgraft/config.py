@@ -1,0 +1,297 @@
+"""Run configuration: a typed schema, YAML files, dotted ``key=value`` overrides and validation.
+
+Every error here is one line that names the offending key and what is allowed, because a typo in a
+200-epoch cluster job should cost seconds, not a queue wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "digits_resnet"
+    num_classes: int | None = None  # None: taken from the data set
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | cifar100 | imagenet | imagenet_h5
+    root: str | None = None  # directory of the data set on disk (not needed for digits)
+    batch_size: int = 64  # per peer, summed over its replicas
+    test_batch_size: int = 256
+    augment: bool = True
+    workers: int = 0  # loader worker processes (ImageNet readers)
+    image_size: int = 224  # ImageNet crop size
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "cosine"  # cosine (per step) | step | constant
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class GraftConfig:
+    mode: str = "peers"  # peers (the method) | noise | self | none (independent baseline)
+    topology: str = "ring"  # ring | allreduce
+    level: str = "layer"  # layer | filter
+    a: float = 0.4
+    c: float = 500.0
+    bins: int = 10
+    interval_steps: int = 0  # 0: graft at the end of every epoch; n > 0: every n optimizer steps
+    round_alpha: bool = False  # the authors' code rounds alpha to 2 decimals
+    on_nonfinite: str = "skip"  # skip | stop: what a peer holding NaN/Inf weights does to the run
+
+
+@dataclass
+class CultivateConfig:
+    # The config key is ``cultivate.lambda``; ``lambda`` is a Python keyword, hence the field name.
+    lambda_: float = 0.0  # weight of the mutual-distillation term; 0 turns cultivation off
+    temperature: float = 3.0
+
+
+@dataclass
+class DistConfig:
+    replicas: int = 1  # data-parallel ranks per peer (Horovod when > 1)
+    device: str = "auto"  # auto | cpu | cuda
+    watchdog_s: float = 600.0  # a collective slower than this aborts the job
+    channels_last: bool = False
+    amp: bool = False  # bf16/fp16 autocast on GPU
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    interval: int = 1  # epochs between checkpoints
+    keep: int = 2  # complete checkpoints kept, besides the best
+    keep_best: bool = True
+
+
+@dataclass
+class LogConfig:
+    progress: str = "auto"  # auto (a tty) | on | off
+    thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])  # invalid-filter l1 norms
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    graft: GraftConfig = field(default_factory=GraftConfig)
+    cultivate: CultivateConfig = field(default_factory=CultivateConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict with the user-facing key names (``cultivate.lambda``)."""
+        return _to_user_dict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"graft.a": 0.4, ...}``: what config hashes and peer comparisons are made of."""
+        return _flatten(self.to_dict())
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+_RENAMED = {"lambda_": "lambda"}
+_FIELD_OF = {v: k for k, v in _RENAMED.items()}
+
+
+def _to_user_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_RENAMED.get(f.name, f.name): _to_user_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list):
+        return list(obj)
+    return obj
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def valid_keys() -> list[str]:
+    return list(Config().flat())
+
+
+def _unknown_key(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; see configs/digits.yaml for all keys"
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check a leaf value against its annotated type; YAML already parsed numbers and booleans."""
+    text = str(typ)
+    if value is None:
+        if "None" in text:
+            return None
+        raise ConfigError(f"config key '{key}' must not be empty")
+    if text.startswith("list"):
+        items = value if isinstance(value, list) else [value]
+        inner = float if "float" in text else int
+        return [_coerce(key, v, inner) for v in items]
+    if typ is bool or text == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if typ is int or text.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if typ is float or text == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if typ is str or text.startswith("str"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(cfg: Any, key: str, value: Any, prefix: str = "") -> None:
+    head, _, rest = key.partition(".")
+    name = _FIELD_OF.get(head, head)
+    full = f"{prefix}{head}"
+    if not dataclasses.is_dataclass(cfg) or name not in {f.name for f in dataclasses.fields(cfg)}:
+        raise _unknown_key(f"{prefix}{key}")
+    current = getattr(cfg, name)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            _apply(current, rest, value, full + ".")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                _apply(current, str(k), v, full + ".")
+        else:
+            raise ConfigError(f"config key '{full}' is a section; set one of its keys, e.g. '{full}.<key>=...'")
+        return
+    if rest:
+        raise _unknown_key(f"{prefix}{key}")
+    setattr(cfg, name, _coerce(full, value, get_type_hints(type(cfg))[name]))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"graft.level=filter"`` -> ``("graft.level", "filter")``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=3)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({exc.problem})") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then the overrides, then validation."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist; pick one of configs/*.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping of sections, not {type(data).__name__}")
+        for k, v in data.items():
+            _apply(cfg, str(k), v)
+    for text in overrides:
+        _apply(cfg, *parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    cfg = Config()
+    for k, v in data.items():
+        _apply(cfg, str(k), v)
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that do not need the data or the MPI world (those come at start-up)."""
+    g, t, d = cfg.graft, cfg.train, cfg.data
+    _choice("graft.mode", g.mode, ("peers", "noise", "self", "none"))
+    _choice("graft.topology", g.topology, ("ring", "allreduce"))
+    _choice("graft.level", g.level, ("layer", "filter"))
+    _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
+    _choice("train.schedule", t.schedule, ("cosine", "step", "constant"))
+    _choice("dist.device", cfg.dist.device, ("auto", "cpu", "cuda"))
+    _choice("log.progress", cfg.log.progress, ("auto", "on", "off"))
+    _check(0.0 <= g.a <= 1.0, f"graft.a={g.a} is outside [0, 1]; the paper uses 0.4")
+    _check(g.c >= 0 and math.isfinite(g.c), f"graft.c={g.c} must be a finite number >= 0; the paper uses 500")
+    _check(g.bins >= 2, f"graft.bins={g.bins} must be at least 2; the paper uses 10")
+    _check(g.interval_steps >= 0, f"graft.interval_steps={g.interval_steps} must be >= 0 (0: every epoch end)")
+    _check(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0")
+    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(0 <= t.momentum < 1, f"train.momentum={t.momentum} must be in [0, 1)")
+    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    _check(0 < t.gamma <= 1, f"train.gamma={t.gamma} must be in (0, 1]")
+    _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
+    _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
+    _check(d.test_batch_size >= 1, f"data.test_batch_size={d.test_batch_size} must be >= 1")
+    _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
+    _check(cfg.cultivate.lambda_ >= 0, f"cultivate.lambda={cfg.cultivate.lambda_} must be >= 0 (0: off)")
+    _check(cfg.cultivate.temperature > 0, f"cultivate.temperature={cfg.cultivate.temperature} must be > 0")
+    _check(cfg.dist.replicas >= 1, f"dist.replicas={cfg.dist.replicas} must be >= 1")
+    _check(cfg.dist.watchdog_s > 0, f"dist.watchdog_s={cfg.dist.watchdog_s} must be > 0 seconds")
+    _check(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1 epoch")
+    _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")
+    _check(
+        d.batch_size % cfg.dist.replicas == 0,
+        f"data.batch_size={d.batch_size} must be divisible by dist.replicas={cfg.dist.replicas}",
+    )

@@ -1,0 +1,236 @@
+"""The grafting exchange: a thin MPI layer around :mod:`hpcgraft.grafting`.
+
+One round, on every peer at the same moment:
+  1. each peer computes the entropies of its own layers and shares them (one small ``allgather``,
+     together with a flag saying whether its weights are finite);
+  2. the weights travel packed in one contiguous buffer per dtype: ``Sendrecv`` to the ring successor
+     (topology ``ring``), or one ``Allreduce`` of entropy-weighted weights (topology ``allreduce``);
+  3. each peer mixes the source into its own tensors in place (:func:`hpcgraft.grafting.mix_`).
+
+No pickling and no per-tensor messages; buffers are allocated once. CUDA tensors are staged through
+pinned host memory unless the MPI library is CUDA-aware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from mpi4py import MPI
+
+from hpcgraft import grafting
+from hpcgraft.grafting import GraftReport, LayerGroup
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """A peer's weights hold NaN or Inf and the run is configured to stop on it."""
+
+
+@dataclass
+class RoundResult:
+    report: GraftReport | None  # None: this peer did not graft in this round
+    skipped_reason: str | None = None
+    nonfinite_peers: tuple[int, ...] = ()
+    bytes_sent: int = 0
+
+
+def cuda_aware_mpi() -> bool:
+    """Whether CUDA buffers may go to MPI directly; MPI libraries cannot be asked portably, so the user
+    says so with HPCGRAFT_CUDA_AWARE_MPI=1 (default: stage through pinned host memory, always correct)."""
+    return os.environ.get("HPCGRAFT_CUDA_AWARE_MPI", "0") == "1"
+
+
+class PackedTensors:
+    """A fixed list of tensors and a contiguous buffer per dtype that holds them all, flattened."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], host_staging: bool) -> None:
+        self.tensors = list(tensors)
+        self.groups: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(self.tensors):
+            self.groups.setdefault(t.dtype, []).append(i)
+        device = self.tensors[0].device if self.tensors else torch.device("cpu")
+        self.staging = host_staging and device.type == "cuda"
+        sizes = {dt: sum(self.tensors[i].numel() for i in idx) for dt, idx in self.groups.items()}
+        self.send = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
+        self.recv = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
+        self.host_send = {dt: self._host(n, dt) for dt, n in sizes.items()} if self.staging else self.send
+        self.host_recv = {dt: self._host(n, dt) for dt, n in sizes.items()} if self.staging else self.recv
+        self.nbytes = sum(b.numel() * b.element_size() for b in self.send.values())
+
+    @staticmethod
+    def _host(n: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(n, dtype=dtype, pin_memory=torch.cuda.is_available())
+
+    def pack(self, scaled: Sequence[torch.Tensor] | None = None) -> None:
+        """Copy the tensors (or ``scaled`` stand-ins of the same shapes) into the send buffers."""
+        src = self.tensors if scaled is None else scaled
+        for dt, idx in self.groups.items():
+            torch.cat([src[i].reshape(-1) for i in idx], out=self.send[dt])
+            if self.staging:
+                self.host_send[dt].copy_(self.send[dt], non_blocking=True)
+        if self.staging:
+            torch.cuda.current_stream().synchronize()
+
+    def received(self, into_send: bool = False) -> list[torch.Tensor]:
+        """Views, shaped like the tensors, into the receive (or send) buffers."""
+        buffers = self.send if into_send else self.recv
+        if self.staging and not into_send:
+            for dt in self.groups:
+                self.recv[dt].copy_(self.host_recv[dt], non_blocking=True)
+        out: list[torch.Tensor | None] = [None] * len(self.tensors)
+        for dt, idx in self.groups.items():
+            views = buffers[dt].split([self.tensors[i].numel() for i in idx])
+            for i, v in zip(idx, views, strict=True):
+                out[i] = v.view(self.tensors[i].shape)
+        return out  # type: ignore[return-value]
+
+    def mpi_buffers(self, which: str) -> list[tuple[object, MPI.Datatype]]:
+        bufs = self.host_send if which == "send" else self.host_recv
+        return [(_as_mpi(bufs[dt]), _MPI_TYPES[dt]) for dt in self.groups]
+
+
+_MPI_TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE, torch.float16: MPI.SHORT,
+              torch.bfloat16: MPI.SHORT}
+
+
+def _as_mpi(t: torch.Tensor) -> object:
+    """A buffer mpi4py can read: numpy on the host, the CUDA array interface on a CUDA-aware MPI."""
+    if t.device.type == "cuda":
+        return t
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+class GraftExchange:
+    """Grafting rounds between the peers of ``comm`` (rank = peer index) for one model's state.
+
+    ``state`` must be a state dict whose tensors share storage with the model (``model.state_dict()``),
+    so that mixing in place updates the model. ``source_fn`` replaces the peers as information source
+    (noise, the network's own weights); it maps this peer's tensors to the source tensors.
+    """
+
+    def __init__(
+        self,
+        state: dict[str, torch.Tensor],
+        comm: MPI.Comm,
+        *,
+        topology: str = "ring",
+        level: str = "layer",
+        a: float = 0.4,
+        c: float = 500.0,
+        bins: int = 10,
+        round_alpha: bool = False,
+        on_nonfinite: str = "skip",
+        source_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+    ) -> None:
+        self.state, self.comm = state, comm
+        self.peer, self.peers = comm.Get_rank(), comm.Get_size()
+        self.topology, self.level = topology, level
+        self.a, self.c, self.bins, self.round_alpha = a, c, bins, round_alpha
+        self.on_nonfinite = on_nonfinite
+        self.source_fn = source_fn
+        self.plan: list[LayerGroup] = grafting.plan_layers(state)
+        self.keys = grafting.member_keys(self.plan)
+        self.tensors = [state[k] for k in self.keys]
+        if source_fn is None and self.peers < 2:
+            raise ValueError("grafting between peers needs at least 2 peers")
+        if topology == "allreduce" and any(t.dtype not in (torch.float32, torch.float64) for t in self.tensors):
+            raise ValueError("graft.topology=allreduce needs float32/float64 weights; use graft.topology=ring")
+        self.packed = PackedTensors(self.tensors, host_staging=not cuda_aware_mpi())
+
+    @property
+    def source_peer(self) -> int:
+        """Ring: peer i grafts from peer i-1 (peer 0 from the last)."""
+        return (self.peer - 1) % self.peers
+
+    def graft(self, on_wait: Callable[[str], contextlib.AbstractContextManager[None]] | None = None) -> RoundResult:
+        """One synchronous round; every peer of ``comm`` must call it at the same point."""
+        guard = on_wait or (lambda what: contextlib.nullcontext())
+        h_self = grafting.layer_entropies(self.state, self.plan, self.level, self.bins)
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in self.tensors]).all())
+        if self.source_fn is not None:
+            if not finite:
+                return self._nonfinite((self.peer,), "its own weights are not finite")
+            sources = self.source_fn(self.tensors)
+            return self._mix(h_self, sources, self._entropies_of(sources))
+        flat_h = torch.cat([h.reshape(-1) for h in h_self]).to(torch.float64).cpu()
+        with guard("graft: allgather of entropies"):
+            gathered = self.comm.allgather((finite, flat_h.numpy()))
+        bad = tuple(p for p, (ok, _) in enumerate(gathered) if not ok)
+        if bad and self.on_nonfinite == "stop":
+            raise NonFiniteWeightsError(
+                f"peer(s) {list(bad)} hold NaN/Inf weights; set graft.on_nonfinite=skip to continue without them")
+        entropies = [self._unflatten(torch.from_numpy(h)) for _, h in gathered]
+        if self.topology == "ring":
+            return self._ring(h_self, entropies, bad, guard)
+        return self._allreduce(h_self, entropies, bad, guard)
+
+    # -- topologies ---------------------------------------------------------------------------------
+    def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
+              guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> RoundResult:
+        self.packed.pack()
+        succ, pred = (self.peer + 1) % self.peers, self.source_peer
+        with guard("graft: ring Sendrecv"):
+            for send, recv in zip(self.packed.mpi_buffers("send"), self.packed.mpi_buffers("recv"), strict=True):
+                self.comm.Sendrecv(send, dest=succ, sendtag=7, recvbuf=recv, source=pred, recvtag=7)
+        if self.peer in bad or pred in bad:
+            return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
+        h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
+        result = self._mix(h_self, self.packed.received(), h_src)
+        result.bytes_sent = self.packed.nbytes
+        return result
+
+    def _allreduce(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
+                   guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> RoundResult:
+        """Source = sum_j w_j W_j / sum_j w_j over the other finite peers j, with w = H + eps, from one
+        Allreduce of w_j W_j over all peers minus this peer's own term."""
+        own_ok = self.peer not in bad
+        weights = [h.to(torch.float64) + grafting.WEIGHT_EPS for h in h_self]
+        member_w = grafting.per_member(self.plan, weights)
+        if own_ok:
+            scaled = [t * grafting.broadcast_to_filters(w.to(t.dtype), t)
+                      for t, w in zip(self.tensors, member_w, strict=True)]
+        else:
+            scaled = [torch.zeros_like(t) for t in self.tensors]
+        self.packed.pack(scaled)
+        with guard("graft: Allreduce"):
+            for send, recv in zip(self.packed.mpi_buffers("send"), self.packed.mpi_buffers("recv"), strict=True):
+                self.comm.Allreduce(send, recv, op=MPI.SUM)
+        others = [j for j in range(self.peers) if j != self.peer and j not in bad]
+        if not own_ok or not others:
+            return self._nonfinite(bad, "no finite peer to graft from" if own_ok else "its own weights are not finite")
+        totals = [sum(entropies[j][g].double() + grafting.WEIGHT_EPS for j in others) for g in range(len(self.plan))]
+        source = self.packed.received()
+        own_scaled = self.packed.received(into_send=True)
+        torch._foreach_sub_(source, own_scaled)
+        divisors = [grafting.broadcast_to_filters(w.to(device=t.device, dtype=t.dtype), t)
+                    for t, w in zip(source, grafting.per_member(self.plan, totals), strict=True)]
+        torch._foreach_div_(source, divisors)
+        result = self._mix(h_self, source, self._entropies_of(source))
+        result.bytes_sent = self.packed.nbytes
+        return result
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]
+             ) -> RoundResult:
+        alphas = [grafting.coefficients(hs, ho, self.a, self.c, self.round_alpha) for hs, ho in
+                  zip(h_self, h_src, strict=True)]
+        grafting.mix_(self.tensors, sources, grafting.per_member(self.plan, alphas))
+        return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level))
+
+    def _entropies_of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        view = dict(zip(self.keys, tensors, strict=True))
+        return grafting.layer_entropies(view, self.plan, self.level, self.bins)
+
+    def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        sizes = [1 if self.level == "layer" or not g.per_filter else g.filters for g in self.plan]
+        parts = flat.split(sizes)
+        return [p.reshape(()) if self.level == "layer" or not g.per_filter else p
+                for p, g in zip(parts, self.plan, strict=True)]
+
+    def _nonfinite(self, bad: tuple[int, ...], why: str) -> RoundResult:
+        return RoundResult(None, skipped_reason=why, nonfinite_peers=bad)
