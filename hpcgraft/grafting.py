@@ -23,7 +23,7 @@ WEIGHT_EPS = 1e-6  # keeps entropy weights positive in the allreduce topology
 
 # --------------------------------------------------------------------------------------------- entropy
 def filter_entropies(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Histogram entropy of every row of ``x`` (F, N) at once: one aminmax, one binning pass.
+    """Histogram entropy of every row of ``x`` (F, N) at once: one min/max pass, one binning pass.
 
     Bins are equal-width over each row's [min, max] (the maximum falls in the last bin), entropies in
     nats, empty bins skipped; a constant row has entropy 0. Returns float32 (F,) on ``x``'s device.
@@ -34,11 +34,15 @@ def filter_entropies(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     f, n = x.shape
-    lo, hi = torch.aminmax(x, dim=1)
+    # amin/amax along rows are vectorised where aminmax(dim=1) is not; a single row reduces globally.
+    lo, hi = torch.aminmax(x) if f == 1 else (x.amin(1, keepdim=True), x.amax(1, keepdim=True))
     span = hi - lo
     scale = torch.where(span > 0, bins / span, torch.zeros_like(span))
-    idx = ((x - lo[:, None]) * scale[:, None]).to(torch.int64).clamp_(0, bins - 1)
-    idx += torch.arange(f, device=x.device)[:, None] * bins
+    pos = torch.sub(x, lo).mul_(scale)  # one temporary, reused in place
+    # int32 halves the traffic of the bin indices; clamp puts the maximum (and NaN) in a valid bin
+    idx = pos.to(torch.int32).clamp_(0, bins - 1)
+    if f > 1:
+        idx += torch.arange(0, f * bins, bins, dtype=torch.int32, device=x.device)[:, None]
     counts = torch.bincount(idx.view(-1), minlength=f * bins).view(f, bins)
     p = counts.to(torch.float32) / n
     return -torch.special.xlogy(p, p).sum(dim=1)
@@ -150,15 +154,19 @@ def broadcast_to_filters(alpha: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def mix_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor]) -> None:
-    """In place: target <- alpha * target + (1 - alpha) * source, one fused lerp over all tensors.
+    """In place: target <- alpha * target + (1 - alpha) * source, over all tensors in two fused passes.
 
-    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]``.
+    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]``. Written as the papers' sum
+    (not as a lerp) so that alpha = 1/2 gives exactly the mean, the same bits on both peers of a pair.
     """
     if not targets:
         return
-    weights = [broadcast_to_filters((1.0 - a).to(device=t.device, dtype=t.dtype), t) for t, a in zip(targets, alphas,
-                                                                                           strict=True)]
-    torch._foreach_lerp_(list(targets), list(sources), weights)
+    keep = [broadcast_to_filters(a.to(device=t.device, dtype=t.dtype), t) for t, a in zip(targets, alphas,
+                                                                                         strict=True)]
+    take = [broadcast_to_filters((1.0 - a).to(device=t.device, dtype=t.dtype), t) for t, a in zip(targets, alphas,
+                                                                                                  strict=True)]
+    torch._foreach_mul_(list(targets), keep)
+    torch._foreach_addcmul_(list(targets), list(sources), take)
 
 
 def per_member(plan: Sequence[LayerGroup], alphas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
