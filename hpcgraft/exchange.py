@@ -112,13 +112,16 @@ class PackedTensors:
     def sendrecv(self, comm: MPI.Comm, dest: int, source: int, tag: int = 7) -> None:
         """The ring transfer: this peer's tensors to ``dest``, ``source``'s into the receive buffers."""
         if self._direct:
+            # all large messages in flight at once (one handshake each would stall on a busy node),
+            # matched in order under their own tag; the packed block goes meanwhile
+            reqs = [comm.Irecv(recv, source=source, tag=tag + 1) for _, recv in self._direct]
+            reqs += [comm.Isend(send, dest=dest, tag=tag + 1) for send, _ in self._direct]
             torch._foreach_copy_(self._small[1], self._small[0])
             for dt, n in self.packed_numel.items():
                 if n:
                     comm.Sendrecv((_as_mpi(self.send[dt][:n]), _MPI_TYPES[dt]), dest=dest, sendtag=tag,
                                   recvbuf=(_as_mpi(self.recv[dt][:n]), _MPI_TYPES[dt]), source=source, recvtag=tag)
-            for send, recv in self._direct:
-                comm.Sendrecv(send, dest=dest, sendtag=tag, recvbuf=recv, source=source, recvtag=tag)
+            MPI.Request.Waitall(reqs)
             return
         self.pack()
         for send, recv in zip(self.mpi_buffers("send"), self.mpi_buffers("recv"), strict=True):
