@@ -76,6 +76,7 @@ class PackedTensors:
         self.send_views, self.recv_views = self._views(self.send), self._views(self.recv)
         small = [i for i in range(len(self.tensors)) if i not in direct]
         self._small = ([self.tensors[i] for i in small], [self.send_views[i] for i in small])
+        self._large = [self.tensors[i] for i in sorted(direct)]
         self._direct = [(_as_mpi(self.tensors[i]), _as_mpi(self.recv_views[i])) for i in sorted(direct)]
 
     @staticmethod
@@ -109,23 +110,32 @@ class PackedTensors:
                 self.host_send[dt].copy_(self.send[dt], non_blocking=True)
             torch.cuda.current_stream().synchronize()
 
-    def sendrecv(self, comm: MPI.Comm, dest: int, source: int, tag: int = 7) -> None:
-        """The ring transfer: this peer's tensors to ``dest``, ``source``'s into the receive buffers."""
-        if self._direct:
-            # all large messages in flight at once (one handshake each would stall on a busy node),
-            # matched in order under their own tag; the packed block goes meanwhile
-            reqs = [comm.Irecv(recv, source=source, tag=tag + 1) for _, recv in self._direct]
-            reqs += [comm.Isend(send, dest=dest, tag=tag + 1) for send, _ in self._direct]
+    def stage(self) -> None:
+        """Copy the small tensors into their send slots (where the ring sends them from)."""
+        if self._small[0]:
             torch._foreach_copy_(self._small[1], self._small[0])
-            for dt, n in self.packed_numel.items():
-                if n:
-                    comm.Sendrecv((_as_mpi(self.send[dt][:n]), _MPI_TYPES[dt]), dest=dest, sendtag=tag,
-                                  recvbuf=(_as_mpi(self.recv[dt][:n]), _MPI_TYPES[dt]), source=source, recvtag=tag)
-            MPI.Request.Waitall(reqs)
-            return
-        self.pack()
-        for send, recv in zip(self.mpi_buffers("send"), self.mpi_buffers("recv"), strict=True):
-            comm.Sendrecv(send, dest=dest, sendtag=tag, recvbuf=recv, source=source, recvtag=tag)
+
+    def all_finite(self) -> bool:
+        """Whether no tensor holds NaN/Inf. Stages the small tensors and checks them as a few contiguous
+        blocks: one reduction per tensor costs more than the check itself for a few hundred layers."""
+        self.stage()
+        return all_finite([self.send[dt][:n] for dt, n in self.packed_numel.items() if n] + self._large)
+
+    def sendrecv(self, comm: MPI.Comm, dest: int, source: int, tag: int = 7, staged: bool = False) -> None:
+        """The ring transfer: this peer's tensors to ``dest``, ``source``'s into the receive buffers.
+        ``staged``: :meth:`stage` (or :meth:`all_finite`) ran since the tensors last changed."""
+        if not staged:
+            self.stage()
+        self._to_host()
+        # all large messages in flight at once (one handshake each would stall on a busy node),
+        # matched in order under their own tag; the packed block goes meanwhile
+        reqs = [comm.Irecv(recv, source=source, tag=tag + 1) for _, recv in self._direct]
+        reqs += [comm.Isend(send, dest=dest, tag=tag + 1) for send, _ in self._direct]
+        for dt, n in self.packed_numel.items():
+            if n:
+                comm.Sendrecv((_as_mpi(self.host_send[dt][:n]), _MPI_TYPES[dt]), dest=dest, sendtag=tag,
+                              recvbuf=(_as_mpi(self.host_recv[dt][:n]), _MPI_TYPES[dt]), source=source, recvtag=tag)
+        MPI.Request.Waitall(reqs)
 
     def allreduce(self, comm: MPI.Comm) -> None:
         """Sum the send buffers of all ranks into the receive buffers."""
@@ -209,7 +219,7 @@ class GraftExchange:
         """One synchronous round; every peer of ``comm`` must call it at the same point."""
         guard = on_wait or (lambda what: contextlib.nullcontext())
         h_self = grafting.layer_entropies(self.state, self.plan, self.level, self.bins)
-        finite = all_finite(self.tensors)
+        finite = self.packed.all_finite()  # also stages the ring's packed block
         if self.source_fn is not None:
             if not finite:
                 return self._nonfinite((self.peer,), "its own weights are not finite")
@@ -232,7 +242,7 @@ class GraftExchange:
               guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> RoundResult:
         succ, pred = (self.peer + 1) % self.peers, self.source_peer
         with guard("graft: ring Sendrecv"):
-            self.packed.sendrecv(self.comm, succ, pred)
+            self.packed.sendrecv(self.comm, succ, pred, staged=True)
         if self.peer in bad or pred in bad:
             return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
         h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
@@ -271,8 +281,7 @@ class GraftExchange:
     # -- helpers -------------------------------------------------------------------------------------
     def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]
              ) -> RoundResult:
-        alphas = [grafting.coefficients(hs, ho, self.a, self.c, self.round_alpha) for hs, ho in
-                  zip(h_self, h_src, strict=True)]
+        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)
         grafting.mix_(self.tensors, sources, grafting.per_member(self.plan, alphas))
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level))
 

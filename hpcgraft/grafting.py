@@ -73,6 +73,17 @@ def coefficients(
     return torch.round(alpha, decimals=2) if round_alpha else alpha
 
 
+def layer_coefficients(h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor], a: float = 0.4,
+                       c: float = 500.0, round_alpha: bool = False) -> list[torch.Tensor]:
+    """:func:`coefficients` of every layer (0-d or per filter) in one batched computation: a network
+    has hundreds of layers and one tiny tensor op per layer costs more than the arithmetic."""
+    if not h_self:
+        return []
+    flat = coefficients(torch.cat([h.reshape(-1) for h in h_self]), torch.cat([h.reshape(-1) for h in h_source]),
+                        a, c, round_alpha)
+    return [part.view(h.shape) for part, h in zip(flat.split([h.numel() for h in h_self]), h_self, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------- plan
 @dataclass(frozen=True)
 class LayerGroup:
@@ -156,15 +167,22 @@ def broadcast_to_filters(alpha: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def mix_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor]) -> None:
     """In place: target <- alpha * target + (1 - alpha) * source, over all tensors in two fused passes.
 
-    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]``. Written as the papers' sum
-    (not as a lerp) so that alpha = 1/2 gives exactly the mean, the same bits on both peers of a pair.
+    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]`` (members of a group share
+    one tensor object, converted once). Written as the papers' sum, not as a lerp, so that alpha = 1/2
+    gives exactly the mean, the same bits on both peers of a pair.
     """
     if not targets:
         return
-    keep = [broadcast_to_filters(a.to(device=t.device, dtype=t.dtype), t) for t, a in zip(targets, alphas,
-                                                                                         strict=True)]
-    take = [broadcast_to_filters((1.0 - a).to(device=t.device, dtype=t.dtype), t) for t, a in zip(targets, alphas,
-                                                                                                  strict=True)]
+    unique = list({id(a): a for a in alphas}.values())
+    complement = dict(zip((id(a) for a in unique), torch._foreach_add(torch._foreach_neg(unique), 1.0), strict=True))
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    keep, take = [], []
+    for t, a in zip(targets, alphas, strict=True):
+        key = (id(a), t.dtype, t.device)
+        if key not in cache:
+            cache[key] = (a.to(device=t.device, dtype=t.dtype), complement[id(a)].to(device=t.device, dtype=t.dtype))
+        keep.append(broadcast_to_filters(cache[key][0], t))
+        take.append(broadcast_to_filters(cache[key][1], t))
     torch._foreach_mul_(list(targets), keep)
     torch._foreach_addcmul_(list(targets), list(sources), take)
 
@@ -206,10 +224,16 @@ class GraftReport:
 def make_report(plan: Sequence[LayerGroup], h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor],
                 alphas: Sequence[torch.Tensor], level: str) -> GraftReport:
     """Per-layer entropies and coefficients; one host transfer for the whole network."""
-    stats = torch.stack([
-        torch.stack([hs.double().mean(), ho.double().mean(), al.mean(), al.min(), al.max()])
-        for hs, ho, al in zip(h_self, h_source, alphas, strict=True)
-    ]).cpu().tolist() if plan else []
+    if not plan:
+        stats = []
+    elif all(al.dim() == 0 for al in alphas):  # layer level: no reductions, three stacks
+        hs, ho, al = (torch.stack([x.reshape(()).to(torch.float64) for x in xs]) for xs in (h_self, h_source, alphas))
+        stats = torch.stack([hs, ho, al, al, al], dim=1).cpu().tolist()
+    else:
+        stats = torch.stack([
+            torch.stack([hs.double().mean(), ho.double().mean(), al.mean(), al.min(), al.max()])
+            for hs, ho, al in zip(h_self, h_source, alphas, strict=True)
+        ]).cpu().tolist()
     layers = [
         LayerReport(g.anchor, s[0], s[1], s[2], s[3], s[4], int(a.numel()))
         for g, s, a in zip(plan, stats, alphas, strict=True)
@@ -237,7 +261,7 @@ def graft_state(
     plan = plan_layers(self_state)
     h_self = layer_entropies(self_state, plan, level, bins)
     h_source = layer_entropies(source_state, plan, level, bins)
-    alphas = [coefficients(hs, ho, a, c, round_alpha) for hs, ho in zip(h_self, h_source, strict=True)]
+    alphas = layer_coefficients(h_self, h_source, a, c, round_alpha)
     out = {k: v.clone() for k, v in self_state.items()}
     keys = member_keys(plan)
     mix_([out[k] for k in keys], [source_state[k] for k in keys], per_member(plan, alphas))
