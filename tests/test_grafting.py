@@ -120,6 +120,29 @@ def test_filter_entropies_equal_the_entropy_of_each_row():
     assert rows[3] == 0.0
 
 
+@pytest.mark.parametrize("level", ["layer", "filter"])
+def test_layer_entropies_of_many_equal_layers_are_those_of_each_layer(level):
+    """Equal small layers are binned together; each must still get exactly its own entropy."""
+    gen = torch.Generator().manual_seed(6)
+    state = {}
+    for i in range(7):
+        state[f"c{i}.weight"] = torch.randn(8, 4, 3, 3, generator=gen) * (i + 1) / 3
+        state[f"d{i}.weight"] = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64)
+    state["c3.weight"][2] = 1.5  # a constant filter inside a batch
+    state["e.weight"] = torch.randn(10, 4, 3, 3, generator=gen)  # same size as no other
+    state["big.weight"] = torch.randn(300, 300, generator=gen)  # above the batching size
+    plan = grafting.plan_layers(state)
+    got = grafting.layer_entropies(state, plan, level)
+    for g, h in zip(plan, got, strict=True):
+        w = state[g.anchor]
+        if level == "layer":
+            assert h.shape == () and h.item() == grafting.entropy(w) == pytest.approx(ref_entropy(w.numpy()), rel=1e-6)
+        else:
+            assert h.tolist() == [grafting.entropy(w[f]) for f in range(w.shape[0])]
+            # float32 binning vs numpy's exact edges: a value within an ulp of an edge may switch bins
+            assert h.tolist() == pytest.approx([ref_entropy(w[f].numpy()) for f in range(w.shape[0])], abs=2e-3)
+
+
 def test_fewer_than_two_bins_is_an_error():
     with pytest.raises(ValueError, match="bins must be >= 2"):
         grafting.entropy(torch.randn(10), bins=1)
