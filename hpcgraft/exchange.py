@@ -93,9 +93,11 @@ class PackedTensors:
 
     def pack(self, weights: Sequence[torch.Tensor] | None = None) -> None:
         """Copy every tensor into its send slot, multiplied by ``weights`` (broadcastable) if given."""
-        torch._foreach_copy_(self.send_views, self.tensors)
-        if weights is not None:
-            torch._foreach_mul_(self.send_views, list(weights))
+        if weights is None:
+            torch._foreach_copy_(self.send_views, self.tensors)
+        else:  # one pass over the weights: multiply straight into the slot
+            for t, w, slot in zip(self.tensors, weights, self.send_views, strict=True):
+                torch.mul(t, w, out=slot)
         self._to_host()
 
     def clear(self) -> None:
