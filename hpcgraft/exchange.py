@@ -8,8 +8,8 @@ One round, on every peer at the same moment:
      weights (topology ``allreduce``);
   3. each peer mixes the source into its own tensors in place (:func:`hpcgraft.grafting.mix_`).
 
-No pickling, no per-tensor messages for small tensors, buffers allocated once. CUDA tensors are staged through
-pinned host memory unless the MPI library is CUDA-aware.
+No pickling and no per-tensor messages for small tensors; buffers are allocated once. CUDA tensors are
+staged through pinned host memory unless the MPI library is CUDA-aware.
 """
 
 from __future__ import annotations
