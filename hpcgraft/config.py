@@ -47,7 +47,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     schedule: str = "cosine"  # cosine (per step) | step | constant
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 180])
     gamma: float = 0.1
     warmup_epochs: int = 0
     dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2

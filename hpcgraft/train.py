@@ -238,12 +238,18 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             if log:
                 log.status(state="stopped", epoch=peer.progress.epoch, step=peer.progress.step)
             return hcomm.EXIT_REQUEUE
-        if cfg.graft.mode != "none" and cfg.graft.interval_steps == 0:
-            graft(peer)
         peer.progress.epoch += 1
         peer.progress.batch = 0
-        rows, ensemble = evaluate_and_report(peer)
-        if log:
+        row, ensemble = evaluate(peer)
+        last = peer.progress.epoch == t.epochs
+        # As in the reference: evaluate, then graft at the epoch end. The last epoch ends without a graft,
+        # whose result would be neither trained nor evaluated.
+        if cfg.graft.mode != "none" and cfg.graft.interval_steps == 0 and not last:
+            graft(peer)
+        row["alpha_mean"] = peer.progress.alpha_sum / peer.progress.grafts if peer.progress.grafts else None
+        with peer.watchdog.guard("report: gather of metrics"):
+            rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
+        if log and rows:
             log.append(METRICS, rows + [{"epoch": peer.progress.epoch, "peer": None, "step": peer.progress.step,
                                          "ensemble_acc": ensemble}])
             log.append(GRAFTS, peer.graft_rows)
@@ -251,9 +257,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             log.status(state="running", epoch=peer.progress.epoch, step=peer.progress.step)
             header = False
         peer.graft_rows = []
-        last = peer.progress.epoch == t.epochs
         if last or peer.progress.epoch % cfg.checkpoint.interval == 0:
-            store.save(peer, final=last, metric=rows[0]["test_acc"] if rows else None)
+            store.save(peer, final=last, metric=row["test_acc"])
     stop.close()
     if log:
         log.status(state="finished", epoch=peer.progress.epoch, step=peer.progress.step)
@@ -326,7 +331,8 @@ def graft(peer: Peer) -> None:
     assert peer.exchange is not None
     result = peer.exchange.graft(on_wait=peer.watchdog.guard)
     prog, world = peer.progress, peer.world
-    row: dict[str, Any] = {"epoch": prog.epoch + 1, "step": prog.step, "peer": world.peer,
+    epoch = prog.epoch if prog.batch == 0 else prog.epoch + 1  # at an epoch end, ``epoch`` is already counted
+    row: dict[str, Any] = {"epoch": epoch, "step": prog.step, "peer": world.peer,
                            "source": _source_name(peer), "mode": peer.cfg.graft.mode}
     if result.report is None:
         row.update(skipped=result.skipped_reason, nonfinite_peers=list(result.nonfinite_peers))
@@ -350,8 +356,9 @@ def _source_name(peer: Peer) -> str:
 
 
 @torch.no_grad()
-def evaluate_and_report(peer: Peer) -> tuple[list[dict[str, Any]], float]:
-    """Test accuracy of every peer and of the ensemble (mean of the peers' softmax), gathered to rank 0."""
+def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
+    """This peer's metrics row for the epoch (test accuracy, train statistics, invalid filters) and the
+    ensemble's accuracy (mean of the peers' softmax)."""
     model, world, prog = peer.model, peer.world, peer.progress
     model.eval()
     probs, labels = [], []
@@ -380,13 +387,10 @@ def evaluate_and_report(peer: Peer) -> tuple[list[dict[str, Any]], float]:
         "epoch": prog.epoch, "peer": world.peer, "step": prog.step,
         "train_loss": totals[5] / max(1.0, totals[4]), "train_acc": 100.0 * totals[3] / max(1.0, totals[4]),
         "test_acc": test_acc, "lr": peer.schedule(max(0, prog.step - 1)),
-        "alpha_mean": prog.alpha_sum / prog.grafts if prog.grafts else None,
         **{f"invalid_{t:g}": n for t, n in invalid.items()},
         "seconds": prog.seconds,
     }
-    with peer.watchdog.guard("report: gather of metrics"):
-        rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
-    return (rows or []), ensemble
+    return row, ensemble
 
 
 # ------------------------------------------------------------------------------------------ run directory
