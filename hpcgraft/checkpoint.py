@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import math
+import operator
 import os
 import re
 import shutil
@@ -424,9 +425,11 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, epoch, peers)):
             raise ValueError("step, epoch and peers must be integers")
         for name in [peer_file(p) for p in range(peers)] + [RUN_FILE]:
-            entry = files.get(name)
-            if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or "crc32" not in entry:
-                raise ValueError(f"no valid entry for {name}")
+            if name not in files:
+                raise ValueError(f"{name} is not listed")
+        for name, entry in files.items():
+            if not isinstance(entry.get("size"), int) or not isinstance(entry.get("crc32"), str):
+                raise ValueError(f"the entry of {name} needs a size and a crc32")
         if len(manifest.get("metrics", [])) != peers:
             raise ValueError(f"metrics must list {peers} peers")
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -527,25 +530,26 @@ class CheckpointManager:
     def save(self, step: int, epoch: int, peer_tree: Tree, run_tree: Tree | None, *,
              metric: float | None = None) -> CheckpointInfo:
         """COLLECTIVE: write this step's checkpoint; raises CheckpointError on every rank if any rank failed."""
+        step, epoch = operator.index(step), operator.index(epoch)  # the same on all ranks: no one waits alone
         ckpt_dir = self.root / step_dir_name(step)
         prepared = self._guard(lambda: self._prepare(ckpt_dir)) if self.rank == 0 else None
         layout = self.comm.allgather((step, epoch, self.peer, self.peers, self.writer, prepared))
         self._check_layout(layout)
 
         files: dict[str, Any] = {}
-        failure = None
+        failure = score = None
         try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)  # a shared file system may lag behind rank 0's mkdir
             meta = {"format": FORMAT, "step": step, "epoch": epoch, "peers": self.peers}
             if self.writer:
+                score = _finite(metric)
+                ckpt_dir.mkdir(parents=True, exist_ok=True)  # a shared file system may lag behind rank 0's mkdir
                 name = peer_file(self.peer)
-                files[name] = _write_h5(ckpt_dir / name, peer_tree, {**meta, "peer": self.peer,
-                                                                      "metric": _finite(metric)})
+                files[name] = _write_h5(ckpt_dir / name, peer_tree, {**meta, "peer": self.peer, "metric": score})
             if self.rank == 0:
                 files[RUN_FILE] = _write_h5(ckpt_dir / RUN_FILE, run_tree or {}, meta)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = f"rank {self.rank} could not write {ckpt_dir.name}: {_one_line(exc)}"
-        reports = self.comm.gather((failure, files, self.peer if self.writer else None, _finite(metric)), root=0)
+        reports = self.comm.gather((failure, files, self.peer if self.writer else None, score), root=0)
 
         outcome = None
         if self.rank == 0:
@@ -605,7 +609,10 @@ class CheckpointManager:
             "files": dict(sorted(files.items())),
         }
         write_atomic(ckpt_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-        self._prune(step)
+        try:
+            self._prune(step)
+        except OSError as exc:  # the checkpoint is complete: failing to tidy up is not a failed save
+            print(f"hpcgraft: warning: could not prune {self.root}: {_one_line(exc)}", file=sys.stderr, flush=True)
         return None
 
     def _prune(self, step: int) -> None:
@@ -658,7 +665,12 @@ class CheckpointManager:
         def verify(cand: _Candidate) -> str | None:
             names = sorted(cand.manifest["files"])
             size = self.comm.Get_size()
-            mine = {n: _file_problem(cand.path / n, cand.manifest["files"][n]) for n in names[self.rank::size]}
+            mine = {}
+            for n in names[self.rank::size]:
+                try:
+                    mine[n] = _file_problem(cand.path / n, cand.manifest["files"][n])
+                except Exception as exc:  # noqa: BLE001 - must reach the allgather, or the others wait forever
+                    mine[n] = f"{n}: unreadable ({_one_line(exc)})"
             found = {}
             for part in self.comm.allgather(mine):
                 found.update(part)
