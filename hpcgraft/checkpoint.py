@@ -219,8 +219,8 @@ def _uniform_array(items: list | tuple) -> np.ndarray | None:
 def _tensor_array(t: torch.Tensor, path: str) -> tuple[np.ndarray, str]:
     dtype = str(t.dtype).removeprefix("torch.")
     if t.layout != torch.strided or t.is_quantized:
-        raise CheckpointError(f"cannot store {path}: {t.layout} / quantized tensors are not supported; "
-                              "store a dense tensor")
+        kind = "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
+        raise CheckpointError(f"cannot store {path}: {kind} tensors are not supported; store a dense tensor")
     t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
     try:
         return t.numpy(), dtype

@@ -203,7 +203,7 @@ def _damage(path: Path, how: str) -> str:
     if how == "truncated":
         target.write_bytes(data[: len(data) // 2])
         return f"peer-000.h5: {len(data) // 2} bytes instead of {len(data)}"
-    data[len(data) // 2] ^= 0x10  # one flipped bit inside the tensor data
+    data[len(data) // 2] ^= 0x10  # one flipped bit
     target.write_bytes(data)
     return "peer-000.h5: checksum mismatch"
 
@@ -262,6 +262,7 @@ def test_layout_errors(tmp_path):
         two.save(1, 1, _peer_tree(1), None)
     with pytest.raises(CheckpointError, match="could not write step-000000002: cannot store /x: object"):
         _manager(tmp_path).save(2, 1, {"x": object()}, None)
+    assert not (tmp_path / CKPT / "step-000000002").exists()  # neither the directory nor temporary files stay
 
 
 # ---------------------------------------------------------------------------------------------- mpirun
