@@ -409,6 +409,12 @@ def _load_file(path: Path, entry: Mapping[str, Any]) -> Tree:
         return read_tree(f)
 
 
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    """What identifies one version of a file: a rewrite or replacement changes it."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     """The parsed and checked manifest; CheckpointError says what is wrong with it."""
     path = ckpt_dir / MANIFEST
@@ -524,6 +530,7 @@ class CheckpointManager:
         self.rank = comm.Get_rank()
         self.peer, self.peers, self.writer = peer, peers, writer
         self.keep, self.keep_best = keep, keep_best
+        self._verified: set[tuple[int, int, int, int]] = set()  # files this rank checked in latest()
 
     # ---- save -------------------------------------------------------------------------------------
 
@@ -650,8 +657,18 @@ class CheckpointManager:
     def latest(self) -> CheckpointInfo | None:
         """COLLECTIVE: the newest complete checkpoint whose files verify, the same on every rank.
 
-        The files are checked in parallel: rank r reads every size-th file.
+        The files are checked in parallel, each peer file by the rank that writes (and will load) it,
+        run.h5 by rank 0, so that load_peer right after need not read the file a second time.
         """
+        writer_of = {p: r for r, p in enumerate(self.comm.allgather(self.peer if self.writer else None))
+                     if p is not None}
+        size = self.comm.Get_size()
+
+        def checker(index: int, name: str) -> int:
+            match = re.fullmatch(r"peer-(\d+)\.h5", name)
+            owner = writer_of.get(int(match.group(1))) if match else (0 if name == RUN_FILE else None)
+            return index % size if owner is None else owner
+
         listing: list[_Candidate] | str | None = None
         if self.rank == 0:
             try:
@@ -664,11 +681,13 @@ class CheckpointManager:
 
         def verify(cand: _Candidate) -> str | None:
             names = sorted(cand.manifest["files"])
-            size = self.comm.Get_size()
             mine = {}
-            for n in names[self.rank::size]:
+            for n in [n for i, n in enumerate(names) if checker(i, n) == self.rank]:
+                path = cand.path / n
                 try:
-                    mine[n] = _file_problem(cand.path / n, cand.manifest["files"][n])
+                    mine[n] = _file_problem(path, cand.manifest["files"][n])
+                    if mine[n] is None:
+                        self._verified.add(_stamp(path))
                 except Exception as exc:  # noqa: BLE001 - must reach the allgather, or the others wait forever
                     mine[n] = f"{n}: unreadable ({_one_line(exc)})"
             found = {}
@@ -683,11 +702,20 @@ class CheckpointManager:
         return _info(chosen.path, chosen.manifest)  # the caller compares info.peers with its own layout
 
     def load_peer(self, info: CheckpointInfo, peer: int) -> Tree:
-        """The tree peer ``peer`` saved; its file is checked against the manifest before it is parsed."""
-        return _load_file(*_member(info, peer_file(_check_peer(info, peer))))
+        """The tree peer ``peer`` saved; its file is checked against the manifest before it is parsed,
+        unless this rank checked that very file (same inode, size and mtime) in :meth:`latest`."""
+        return self._load(*_member(info, peer_file(_check_peer(info, peer))))
 
     def load_run(self, info: CheckpointInfo) -> Tree:
-        return _load_file(*_member(info, RUN_FILE))
+        return self._load(*_member(info, RUN_FILE))
+
+    def _load(self, path: Path, entry: Mapping[str, Any]) -> Tree:
+        try:
+            checked = _stamp(path) in self._verified
+        except OSError:
+            checked = False
+        with _open_h5(path) if checked else _open_verified(path, entry) as f:
+            return read_tree(f)
 
 
 def _finite(metric: float | None) -> float | None:

@@ -191,6 +191,10 @@ def test_save_latest_load_in_one_process(tmp_path):
     # Saving the same step again replaces it.
     mgr.save(5, 1, _peer_tree(6), None)
     assert _same(mgr.load_peer(mgr.latest(), 0), _peer_tree(6)) and mgr.load_run(info) == {}
+    # A file changed after latest() checked it is checked again by load_peer.
+    _damage(mgr.latest().path, "flipped bytes")
+    with pytest.raises(CheckpointError, match=r"step-000000005 is damaged \(peer-000.h5: checksum mismatch\)"):
+        mgr.load_peer(info, 0)
 
 
 def _damage(path: Path, how: str) -> str:
