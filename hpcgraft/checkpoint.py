@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import math
+import operator
 import os
 import re
 import shutil
@@ -218,8 +219,8 @@ def _uniform_array(items: list | tuple) -> np.ndarray | None:
 def _tensor_array(t: torch.Tensor, path: str) -> tuple[np.ndarray, str]:
     dtype = str(t.dtype).removeprefix("torch.")
     if t.layout != torch.strided or t.is_quantized:
-        raise CheckpointError(f"cannot store {path}: {t.layout} / quantized tensors are not supported; "
-                              "store a dense tensor")
+        kind = "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
+        raise CheckpointError(f"cannot store {path}: {kind} tensors are not supported; store a dense tensor")
     t = t.detach().cpu().resolve_conj().resolve_neg().contiguous()
     try:
         return t.numpy(), dtype
@@ -408,6 +409,12 @@ def _load_file(path: Path, entry: Mapping[str, Any]) -> Tree:
         return read_tree(f)
 
 
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    """What identifies one version of a file: a rewrite or replacement changes it."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
     """The parsed and checked manifest; CheckpointError says what is wrong with it."""
     path = ckpt_dir / MANIFEST
@@ -424,9 +431,11 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (step, epoch, peers)):
             raise ValueError("step, epoch and peers must be integers")
         for name in [peer_file(p) for p in range(peers)] + [RUN_FILE]:
-            entry = files.get(name)
-            if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or "crc32" not in entry:
-                raise ValueError(f"no valid entry for {name}")
+            if name not in files:
+                raise ValueError(f"{name} is not listed")
+        for name, entry in files.items():
+            if not isinstance(entry.get("size"), int) or not isinstance(entry.get("crc32"), str):
+                raise ValueError(f"the entry of {name} needs a size and a crc32")
         if len(manifest.get("metrics", [])) != peers:
             raise ValueError(f"metrics must list {peers} peers")
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
@@ -521,31 +530,33 @@ class CheckpointManager:
         self.rank = comm.Get_rank()
         self.peer, self.peers, self.writer = peer, peers, writer
         self.keep, self.keep_best = keep, keep_best
+        self._verified: set[tuple[int, int, int, int]] = set()  # files this rank checked in latest()
 
     # ---- save -------------------------------------------------------------------------------------
 
     def save(self, step: int, epoch: int, peer_tree: Tree, run_tree: Tree | None, *,
              metric: float | None = None) -> CheckpointInfo:
         """COLLECTIVE: write this step's checkpoint; raises CheckpointError on every rank if any rank failed."""
+        step, epoch = operator.index(step), operator.index(epoch)  # the same on all ranks: no one waits alone
         ckpt_dir = self.root / step_dir_name(step)
         prepared = self._guard(lambda: self._prepare(ckpt_dir)) if self.rank == 0 else None
         layout = self.comm.allgather((step, epoch, self.peer, self.peers, self.writer, prepared))
         self._check_layout(layout)
 
         files: dict[str, Any] = {}
-        failure = None
+        failure = score = None
         try:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)  # a shared file system may lag behind rank 0's mkdir
             meta = {"format": FORMAT, "step": step, "epoch": epoch, "peers": self.peers}
             if self.writer:
+                score = _finite(metric)
+                ckpt_dir.mkdir(parents=True, exist_ok=True)  # a shared file system may lag behind rank 0's mkdir
                 name = peer_file(self.peer)
-                files[name] = _write_h5(ckpt_dir / name, peer_tree, {**meta, "peer": self.peer,
-                                                                      "metric": _finite(metric)})
+                files[name] = _write_h5(ckpt_dir / name, peer_tree, {**meta, "peer": self.peer, "metric": score})
             if self.rank == 0:
                 files[RUN_FILE] = _write_h5(ckpt_dir / RUN_FILE, run_tree or {}, meta)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = f"rank {self.rank} could not write {ckpt_dir.name}: {_one_line(exc)}"
-        reports = self.comm.gather((failure, files, self.peer if self.writer else None, _finite(metric)), root=0)
+        reports = self.comm.gather((failure, files, self.peer if self.writer else None, score), root=0)
 
         outcome = None
         if self.rank == 0:
@@ -605,7 +616,10 @@ class CheckpointManager:
             "files": dict(sorted(files.items())),
         }
         write_atomic(ckpt_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-        self._prune(step)
+        try:
+            self._prune(step)
+        except OSError as exc:  # the checkpoint is complete: failing to tidy up is not a failed save
+            print(f"hpcgraft: warning: could not prune {self.root}: {_one_line(exc)}", file=sys.stderr, flush=True)
         return None
 
     def _prune(self, step: int) -> None:
@@ -643,8 +657,18 @@ class CheckpointManager:
     def latest(self) -> CheckpointInfo | None:
         """COLLECTIVE: the newest complete checkpoint whose files verify, the same on every rank.
 
-        The files are checked in parallel: rank r reads every size-th file.
+        The files are checked in parallel, each peer file by the rank that writes (and will load) it,
+        run.h5 by rank 0, so that load_peer right after need not read the file a second time.
         """
+        writer_of = {p: r for r, p in enumerate(self.comm.allgather(self.peer if self.writer else None))
+                     if p is not None}
+        size = self.comm.Get_size()
+
+        def checker(index: int, name: str) -> int:
+            match = re.fullmatch(r"peer-(\d+)\.h5", name)
+            owner = writer_of.get(int(match.group(1))) if match else (0 if name == RUN_FILE else None)
+            return index % size if owner is None else owner
+
         listing: list[_Candidate] | str | None = None
         if self.rank == 0:
             try:
@@ -657,8 +681,15 @@ class CheckpointManager:
 
         def verify(cand: _Candidate) -> str | None:
             names = sorted(cand.manifest["files"])
-            size = self.comm.Get_size()
-            mine = {n: _file_problem(cand.path / n, cand.manifest["files"][n]) for n in names[self.rank::size]}
+            mine = {}
+            for n in [n for i, n in enumerate(names) if checker(i, n) == self.rank]:
+                path = cand.path / n
+                try:
+                    mine[n] = _file_problem(path, cand.manifest["files"][n])
+                    if mine[n] is None:
+                        self._verified.add(_stamp(path))
+                except Exception as exc:  # noqa: BLE001 - must reach the allgather, or the others wait forever
+                    mine[n] = f"{n}: unreadable ({_one_line(exc)})"
             found = {}
             for part in self.comm.allgather(mine):
                 found.update(part)
@@ -671,11 +702,20 @@ class CheckpointManager:
         return _info(chosen.path, chosen.manifest)  # the caller compares info.peers with its own layout
 
     def load_peer(self, info: CheckpointInfo, peer: int) -> Tree:
-        """The tree peer ``peer`` saved; its file is checked against the manifest before it is parsed."""
-        return _load_file(*_member(info, peer_file(_check_peer(info, peer))))
+        """The tree peer ``peer`` saved; its file is checked against the manifest before it is parsed,
+        unless this rank checked that very file (same inode, size and mtime) in :meth:`latest`."""
+        return self._load(*_member(info, peer_file(_check_peer(info, peer))))
 
     def load_run(self, info: CheckpointInfo) -> Tree:
-        return _load_file(*_member(info, RUN_FILE))
+        return self._load(*_member(info, RUN_FILE))
+
+    def _load(self, path: Path, entry: Mapping[str, Any]) -> Tree:
+        try:
+            checked = _stamp(path) in self._verified
+        except OSError:
+            checked = False
+        with _open_h5(path) if checked else _open_verified(path, entry) as f:
+            return read_tree(f)
 
 
 def _finite(metric: float | None) -> float | None:

@@ -143,7 +143,7 @@ def main() -> None:
         t, latest = timed(comm, mgr.latest)
         record("latest(), cold (verifies all files)", t)
         t, _ = timed(comm, lambda i=latest: mgr.load_peer(i, rank))
-        record("load_peer after latest()", t)
+        record("load_peer after latest() (no re-check)", t)
 
     if rank != 0:
         comm.Barrier()
@@ -159,7 +159,7 @@ def main() -> None:
     print("ratios against the raw disk (1.00 = as fast as the disk):")
     print(f"  save / raw write          {med['raw os.write + fsync'] / med['checkpoint save (collective)']:.2f}")
     print(f"  load_peer cold / raw read {med['raw read, cold'] / med['load_peer, cold (read, crc32, parse)']:.2f}")
-    resume = med["latest(), cold (verifies all files)"] + med["load_peer after latest()"]
+    resume = med["latest(), cold (verifies all files)"] + med["load_peer after latest() (no re-check)"]
     print(f"  resume (latest + load) / raw read {med['raw read, cold'] / resume:.2f}")
     cold, warm = med["raw read, cold"], med["raw read, warm"]
     note = "page cache dropped" if cold > 1.5 * warm else "cold and warm reads are close: the drop may not have worked"
