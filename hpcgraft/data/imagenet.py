@@ -48,7 +48,7 @@ import torch
 from PIL import Image
 
 from hpcgraft.data.cifar import DataError
-from hpcgraft.data.transforms import normalize, random_flip
+from hpcgraft.data.transforms import normalize
 
 MEAN = torch.tensor((0.485, 0.456, 0.406))
 STD = torch.tensor((0.229, 0.224, 0.225))
@@ -167,18 +167,19 @@ class _PillowImages:
         s = self.image_size
         if len(idx) == 0:
             return torch.empty(0, 3, s, s), self.labels[indices]
-        u = None if augment is None else torch.rand(len(idx), _DRAWS, generator=augment, dtype=torch.float64).numpy()
-        out = np.empty((len(idx), s, s, 3), dtype=np.uint8)
+        u = flip = None
+        if augment is not None:  # crop draws, then one flip draw per image (as transforms.random_flip draws)
+            u = torch.rand(len(idx), _DRAWS, generator=augment, dtype=torch.float64).numpy()
+            flip = (torch.rand(len(idx), generator=augment) < 0.5).numpy()
+        out = np.empty((len(idx), 3, s, s), dtype=np.uint8)
         for k, item in enumerate(self._fetch(idx)):
             try:
-                out[k] = self._evaluate(item) if u is None else random_resized_crop(self._open(item), s, u[k])
+                hwc = self._evaluate(item) if u is None else random_resized_crop(self._open(item), s, u[k])
             except _DECODE_ERRORS as exc:
                 raise DataError(f"{self._where(int(idx[k]))}: cannot decode the image ({exc}); "
                                 "replace or remove it (and re-pack)") from None
-        x = torch.from_numpy(out).permute(0, 3, 1, 2)
-        if augment is not None:
-            x = random_flip(x, augment)
-        return normalize(x.contiguous(), MEAN, STD), self.labels[indices]
+            out[k] = hwc[:, ::-1].transpose(2, 0, 1) if flip is not None and flip[k] else hwc.transpose(2, 0, 1)
+        return normalize(torch.from_numpy(out), MEAN, STD), self.labels[indices]
 
 
 class FolderImages(_PillowImages):
@@ -239,7 +240,9 @@ class H5Images(_PillowImages):
         for s in np.unique(shard):
             pos = np.flatnonzero(shard == s)
             wanted, inverse = np.unique(local[pos], return_inverse=True)  # h5py reads increasing indices
-            data = self._images_of(int(s))[wanted]
+            images = self._images_of(int(s))
+            # One read per chunk: h5py's list indexing is fast for vlen bytes, very slow on (n, 3, S, S).
+            data = images[wanted] if self.mode == "jpeg" else [images[int(j)] for j in wanted]
             for p, j in zip(pos, inverse, strict=True):
                 out[p] = data[j]
         return out
