@@ -10,7 +10,7 @@ reader/model below 1 means the reader is the bottleneck on this machine; on an a
 rates are many times higher. The load average is printed because other processes on the cores slow the
 multi-threaded model steps far more than the single-threaded decoding (compare runs at low load).
 
-    .venv/bin/python tools/bench_data.py [--image-size 224] [--images 512] [--seconds 1.5]
+    .venv/bin/python tools/bench_data.py [--image-size 128] [--images 512] [--seconds 1.0] [--threads 1]
 """
 
 from __future__ import annotations
@@ -95,13 +95,14 @@ def model_rate(name: str, shape: tuple[int, ...], batch: int, classes: int, seco
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image-size", type=int, default=224, help="ImageNet crop size (default 224)")
+    parser.add_argument("--image-size", type=int, default=128, help="ImageNet crop size (default 128: CPU-sized)")
     parser.add_argument("--images", type=int, default=512, help="training JPEGs to generate (default 512)")
     parser.add_argument("--seconds", type=float, default=1.0, help="timing window per measurement")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads of this rank (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process (default 1: rates per core, which hold up when other "
+                             "jobs share the cores; threads waiting on busy cores slow model steps many times)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     size = args.image_size
     imagenet_model = "resnet18" if "resnet18" in list_models() else "resnet32"
     t_start = time.perf_counter()
