@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -20,10 +21,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 
 EXIT_FAILURE = 1
-EXIT_REQUEUE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue the job to continue
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was written on SIGUSR1/SIGTERM; requeue the job to continue
 
 
 @dataclass
@@ -48,6 +50,10 @@ class World:
     def is_peer_lead(self) -> bool:
         """Replica 0 of its peer: the rank that reports and writes for the peer."""
         return self.replica == 0
+
+
+class AgreedError(Exception):
+    """An error every rank has already agreed on: each rank exits cleanly, without an abort."""
 
 
 class LayoutError(ValueError):
@@ -96,7 +102,7 @@ def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
     the other ranks stop at once instead of waiting forever in their next collective."""
     try:
         yield
-    except SystemExit:
+    except (SystemExit, AgreedError):
         raise
     except KeyboardInterrupt:
         abort(comm, "interrupted")
@@ -185,3 +191,53 @@ def torch_threads(local_size: int) -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_size))
+
+
+_stop_signal: int | None = None
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def catch_stop_signals() -> None:
+    """Record SIGUSR1/SIGTERM instead of dying; call first thing, so a signal during set-up is kept too."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM on any rank -> every rank sees ``poll() == True`` at the same step.
+
+    SLURM sends USR1 before a time limit (``--signal``) and TERM on preemption, to each rank at a
+    slightly different moment. A pipelined non-blocking MAX-allreduce of the local flag, started at one
+    step and completed at the next, makes all ranks agree on where to stop at no cost to the step.
+    """
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        catch_stop_signals()
+        self.comm = comm.Dup()
+        self._send = np.zeros(1, dtype=np.int32)
+        self._recv = np.zeros(1, dtype=np.int32)
+        self._req: MPI.Request | None = None
+
+    @property
+    def received(self) -> int | None:
+        return _stop_signal
+
+    def poll(self) -> bool:
+        """Collective: call once per step on every rank."""
+        if self._req is not None:
+            self._req.Wait()
+            self._req = None
+            if self._recv[0]:
+                return True
+        self._send[0] = 1 if self.received is not None else 0
+        self._req = self.comm.Iallreduce(self._send, self._recv, op=MPI.MAX)
+        return False
+
+    def close(self) -> None:
+        if self._req is not None:
+            self._req.Wait()
+            self._req = None
