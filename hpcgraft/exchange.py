@@ -197,9 +197,7 @@ class GraftExchange:
         else:
             scaled = [torch.zeros_like(t) for t in self.tensors]
         self.packed.pack(scaled)
-        with guard("graft: Allreduce"):
-            for send, recv in zip(self.packed.mpi_buffers("send"), self.packed.mpi_buffers("recv"), strict=True):
-                self.comm.Allreduce(send, recv, op=MPI.SUM)
+        sent = self._reduce(guard)
         others = [j for j in range(self.peers) if j != self.peer and j not in bad]
         if not own_ok or not others:
             return self._nonfinite(bad, "no finite peer to graft from" if own_ok else "its own weights are not finite")
@@ -211,8 +209,15 @@ class GraftExchange:
                     for t, w in zip(source, grafting.per_member(self.plan, totals), strict=True)]
         torch._foreach_div_(source, divisors)
         result = self._mix(h_self, source, self._entropies_of(source))
-        result.bytes_sent = self.packed.nbytes
+        result.bytes_sent = sent
         return result
+
+    def _reduce(self, guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> int:
+        """Sum the packed send buffers of all peers into the receive buffers; returns the bytes sent."""
+        with guard("graft: Allreduce"):
+            for send, recv in zip(self.packed.mpi_buffers("send"), self.packed.mpi_buffers("recv"), strict=True):
+                self.comm.Allreduce(send, recv, op=MPI.SUM)
+        return self.packed.nbytes
 
     # -- helpers -------------------------------------------------------------------------------------
     def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]
