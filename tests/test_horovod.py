@@ -6,12 +6,19 @@ program of :func:`test_sharded_graft_is_the_unsharded_graft`.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import h5py
 import pytest
+import torch
 
-from tests._util import ROOT, env, jsonl, mpirun, train
+from tests._util import MPIRUN, ROOT, env, jsonl, mpirun, train
 
 FAST = ("train.epochs=2", "log.progress=off", "checkpoint.enabled=false")
 
@@ -31,27 +38,107 @@ def _check_lines(stderr: str, what: str) -> list[str]:
     return [line for line in stderr.splitlines() if "HPCGRAFT_CHECK_REPLICAS" in line and f"after {what}" in line]
 
 
+HYBRID = ("train.epochs=3", "log.progress=off", "dist.replicas=2", "graft.interval_steps=10")
+STEPS = 66  # 3 epochs of 22 steps (1442 training images, batches of 64 per peer = 2 x 32 per replica)
+
+
+def _hybrid(out: Path) -> subprocess.CompletedProcess:
+    """2 peers x 2 replicas; the loop compares the replicas after every step, buffer sync and graft."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HPCGRAFT_CHECK_REPLICAS", "1")
+        return train(4, out, *HYBRID)
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("hybrid") / "run"
+    return out, _hybrid(out)
+
+
+def _peer_file(run: Path, step: int, peer: int) -> dict[str, torch.Tensor]:
+    with h5py.File(run / "checkpoints" / f"step-{step:09d}" / f"peer-{peer:03d}.h5", "r") as f:
+        return {k: torch.as_tensor(v[()]) for k, v in f["model"].items()}
+
+
 @pytest.mark.mpi
 @pytest.mark.horovod
 @needs_horovod
-def test_replicas_stay_identical_through_steps_and_grafts(tmp_path, monkeypatch):
-    monkeypatch.setenv("HPCGRAFT_CHECK_REPLICAS", "1")  # the loop compares the replicas after every step and graft
-    out = tmp_path / "run"
-    r = train(4, out, *FAST, "dist.replicas=2", "graft.interval_steps=10")
+def test_replicas_stay_identical_through_steps_and_grafts(hybrid_run):
+    out, r = hybrid_run
     assert r.returncode == 0, r.stderr
     assert "2 peers x 2 replica(s)" in r.stderr
     grafts = _check_lines(r.stderr, "graft")
-    # 22 steps per epoch: grafts at steps 10, 20, 30 and 40, checked on both peers, after 10..40 checked steps.
-    for step in (10, 20, 30, 40):
+    assert len(grafts) == 12, r.stderr  # grafts at steps 10, 20, ..., 60, checked on both peers
+    for step in range(10, STEPS, 10):
         for peer in (0, 1):
             assert any(f"peer {peer}: 2 replicas identical after graft at step {step} ({step} steps checked)" in line
                        for line in grafts), r.stderr
+    assert len(_check_lines(r.stderr, "buffer sync")) >= 6  # epoch ends (and before each graft)
     rows = [row for row in jsonl(out / "metrics.jsonl") if row["peer"] is not None]
-    assert [(row["epoch"], row["peer"]) for row in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
-    assert rows[0]["train_loss"] != rows[1]["train_loss"]  # the peers differ
+    assert [(row["epoch"], row["peer"]) for row in rows] == [(e, p) for e in (1, 2, 3) for p in (0, 1)]
+    assert rows[-1]["train_loss"] != rows[-2]["train_loss"]  # the peers differ
     records = jsonl(out / "graft.jsonl")
-    assert sorted((g["step"], g["peer"]) for g in records) == [(s, p) for s in (10, 20, 30, 40) for p in (0, 1)]
+    assert sorted((g["step"], g["peer"]) for g in records) == [(s, p) for s in range(10, STEPS, 10) for p in (0, 1)]
     assert all(0.3 < g["alpha_mean"] < 0.7 and g["alpha_mean"] != 0.5 for g in records)
+    # One checkpoint file per peer (written by its replica 0), and the two peers differ.
+    final = out / "checkpoints" / f"step-{STEPS:09d}"
+    assert sorted(f.name for f in final.glob("*.h5")) == ["peer-000.h5", "peer-001.h5", "run.h5"]
+    assert not torch.equal(_peer_file(out, STEPS, 0)["conv1.weight"], _peer_file(out, STEPS, 1)["conv1.weight"])
+
+
+def _rank_pids(run: Path) -> list[int]:
+    """The training ranks of a run (python processes whose command line names its run directory)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            argv = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if "python" in Path(argv[0].decode()).name and str(run).encode() in argv:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.mpi
+@pytest.mark.horovod
+@needs_horovod
+def test_stop_and_resume_with_replicas_continues_the_same_run(hybrid_run, tmp_path):
+    """SIGUSR1 to every rank in epoch 2 (as SLURM sends before a time limit): a checkpoint, exit 75; the
+    same command resumes from it on all replicas and ends where the uninterrupted run ended."""
+    baseline, done = hybrid_run
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "run"
+    cmd = [MPIRUN, "-np", "4", sys.executable, "-m", "hpcgraft.train", "--config", str(ROOT / "configs/digits.yaml"),
+           "--out", str(out), *HYBRID]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=ROOT) as job:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "step-000000022" / "MANIFEST.json").exists():
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1]
+            time.sleep(0.2)
+        pids = _rank_pids(out)
+        assert len(pids) == 4, pids
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        _, stderr = job.communicate(timeout=300)
+    assert job.returncode == 75, stderr
+    assert "stopped by signal at epoch 2" in stderr
+    stopped = int(json.loads((out / "status.json").read_text())["step"])
+    assert 22 <= stopped < STEPS
+
+    r = _hybrid(out)
+    assert r.returncode == 0, r.stderr
+    assert "resuming" in r.stderr and f"step {stopped})" in r.stderr
+    assert _check_lines(r.stderr, "graft"), r.stderr  # replicas identical after the resume as well
+    rows = [(row["epoch"], row["peer"]) for row in jsonl(out / "metrics.jsonl") if row["peer"] is not None]
+    assert rows == [(e, p) for e in (1, 2, 3) for p in (0, 1)]
+    for peer in (0, 1):
+        resumed, straight = _peer_file(out, STEPS, peer), _peer_file(baseline, STEPS, peer)
+        for k, t in straight.items():
+            # Weights do not depend on BatchNorm running statistics, which were averaged once more at the stop.
+            if "running" in k:
+                assert torch.allclose(resumed[k], t, rtol=1e-5, atol=1e-6), k
+            else:
+                assert torch.equal(resumed[k], t), k
 
 
 @pytest.mark.mpi
