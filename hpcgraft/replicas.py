@@ -32,7 +32,7 @@ from torch import nn
 
 from hpcgraft import comm as hcomm
 from hpcgraft import grafting
-from hpcgraft.config import ConfigError
+from hpcgraft.config import Config, ConfigError
 from hpcgraft.exchange import GraftExchange, RoundResult
 
 CHECK_ENV = "HPCGRAFT_CHECK_REPLICAS"  # =1: assert after every step and graft that replicas are identical
@@ -45,8 +45,10 @@ class ReplicaMismatchError(RuntimeError):
     """Replicas of one peer hold different weights (a bug; only checked with HPCGRAFT_CHECK_REPLICAS=1)."""
 
 
-def require_horovod(replicas: int) -> None:
-    """Horovod with PyTorch and MPI support must be importable; otherwise one line naming the fix."""
+def require_horovod(cfg: Config) -> None:
+    """Horovod with PyTorch and MPI support (and NCCL on GPUs) must be importable, and the config one it
+    can train; otherwise one line naming the fix."""
+    replicas = cfg.dist.replicas
     try:
         import horovod.torch as hvd
     except ImportError as exc:
@@ -58,6 +60,16 @@ def require_horovod(replicas: int) -> None:
         raise ConfigError(
             f"dist.replicas={replicas} needs Horovod built with MPI (HOROVOD_WITH_MPI=1), and this one is not; "
             f"rebuild it with {INSTALL_HINT}"
+        )
+    if cfg.dist.device != "cpu" and torch.cuda.is_available() and not hvd.nccl_built():
+        raise ConfigError(
+            f"dist.replicas={replicas} on GPUs needs Horovod built with NCCL, and this one is not; rebuild it with "
+            "HOROVOD_GPU_OPERATIONS=NCCL bash tools/build_horovod.sh .venv (see the README), or set dist.device=cpu"
+        )
+    if cfg.dist.channels_last:
+        raise ConfigError(
+            f"dist.channels_last=true does not work with dist.replicas={replicas}: Horovod 0.28.1 reduces only "
+            "contiguous tensors (horovod issue 3491); set dist.channels_last=false"
         )
 
 

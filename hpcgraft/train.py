@@ -207,7 +207,7 @@ def check_layout(cfg: Config, world: hcomm.World) -> None:
             "or set graft.mode=none"
         )
     if cfg.dist.replicas > 1:
-        hreplicas.require_horovod(cfg.dist.replicas)
+        hreplicas.require_horovod(cfg)
 
 
 # ------------------------------------------------------------------------------------------ the run

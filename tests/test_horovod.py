@@ -159,6 +159,9 @@ def test_sharded_graft_is_the_unsharded_graft():
                                   "ranks (mpirun -np 4) or change dist.replicas"),
         (2, ("dist.replicas=2",), "grafting between peers needs at least 2 peers but this run has 1; start it with "
                                   "mpirun -np K (K >= 2 peers x dist.replicas=2) or set graft.mode=none"),
+        pytest.param(4, ("dist.replicas=2", "dist.channels_last=true"),
+                     "dist.channels_last=true does not work with dist.replicas=2: Horovod 0.28.1 reduces only "
+                     "contiguous tensors (horovod issue 3491); set dist.channels_last=false", marks=needs_horovod),
     ],
 )
 def test_layout_errors_are_one_line(tmp_path, np, overrides, message):
