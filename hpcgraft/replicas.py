@@ -257,12 +257,14 @@ class ShardedGraftExchange(GraftExchange):
                            bytes_sent=self.share_nbytes)
 
     def _stage_share_to_host(self) -> None:
-        if not self.packed.staging:
-            return
-        for dt in self.packed.groups:
-            lo, hi = self.bounds[dt][self.replica]
-            self.packed.host_send[dt][lo:hi].copy_(self.packed.send[dt][lo:hi], non_blocking=True)
-        torch.cuda.current_stream().synchronize()
+        """Make this replica's mixed share readable by MPI: copied to the host buffers (staging), or at
+        least finished on the GPU (CUDA-aware MPI reads device memory directly)."""
+        if self.packed.staging:
+            for dt in self.packed.groups:
+                lo, hi = self.bounds[dt][self.replica]
+                self.packed.host_send[dt][lo:hi].copy_(self.packed.send[dt][lo:hi], non_blocking=True)
+        if any(buf.is_cuda for buf in self.packed.send.values()):
+            torch.cuda.current_stream().synchronize()
 
     def _reduce(self, guard: Guard) -> int:
         with guard("graft: Allreduce"):  # of this replica's share
