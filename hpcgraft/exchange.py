@@ -264,8 +264,7 @@ class GraftExchange:
                               for t, w in zip(self.tensors, member_w, strict=True)])
         else:
             self.packed.clear()  # NaN * 0 is NaN: a non-finite peer sends zeros, not scaled weights
-        with guard("graft: Allreduce"):
-            self.packed.allreduce(self.comm)
+        sent = self._reduce(guard)
         others = [j for j in range(self.peers) if j != self.peer and j not in bad]
         if not own_ok or not others:
             return self._nonfinite(bad, "no finite peer to graft from" if own_ok else "its own weights are not finite")
@@ -277,8 +276,14 @@ class GraftExchange:
                     for t, w in zip(source, grafting.per_member(self.plan, totals), strict=True)]
         torch._foreach_div_(source, divisors)
         result = self._mix(h_self, source, self._entropies_of(source))
-        result.bytes_sent, result.nonfinite_peers = self.packed.nbytes, bad
+        result.bytes_sent, result.nonfinite_peers = sent, bad
         return result
+
+    def _reduce(self, guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> int:
+        """Sum the packed send buffers of all peers into the receive buffers; returns the bytes sent."""
+        with guard("graft: Allreduce"):
+            self.packed.allreduce(self.comm)
+        return self.packed.nbytes
 
     # -- helpers -------------------------------------------------------------------------------------
     def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]
