@@ -206,6 +206,12 @@ def check_layout(cfg: Config, world: hcomm.World) -> None:
             f"mpirun -np K (K >= 2{f' peers x dist.replicas={world.replicas}' if world.replicas > 1 else ''}) "
             "or set graft.mode=none"
         )
+    if cfg.cultivate.lambda_ > 0 and world.peers < 2:
+        # With no other peer the distillation target is a mean over nothing: NaN losses, silently.
+        raise ConfigError(
+            f"cultivation (cultivate.lambda={cfg.cultivate.lambda_:g}) distils between peers and needs at least 2 "
+            f"but this run has {world.peers}; start it with mpirun -np K (K >= 2) or set cultivate.lambda=0"
+        )
     if cfg.dist.replicas > 1:
         hreplicas.require_horovod(cfg)
 

@@ -13,7 +13,7 @@ from hpcgraft.grafting import graft_state, plan_layers
 from hpcgraft.models import create_model, list_models
 
 IMAGENET = ("resnet18", "resnet34", "resnet50")
-CIFAR = ("resnet20", "resnet32", "resnet56", "resnet110", "mobilenetv2", "vgg16_bn")
+CIFAR = ("resnet20", "resnet32", "resnet56", "resnet110", "mobilenetv2", "mobilenetv2_ref", "vgg16_bn")
 NORMS = (nn.BatchNorm2d,)
 LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -24,6 +24,7 @@ PARAMS = {
     "resnet56": (853_018, "0.85M"),
     "resnet110": (1_727_962, "1.7M"),
     "mobilenetv2": (2_236_682, "2.24M"),  # 1280-wide last conv, single linear head
+    "mobilenetv2_ref": (2_296_922, "2.30M"),  # the grafting paper's CIFAR MobileNetV2 (its authors' code)
     "vgg16_bn": (14_728_266, "14.7M"),  # conv layers with bias, single 512 -> 10 linear head
     "resnet18": (11_689_512, "11.7M"),
     "resnet34": (21_797_672, "21.8M"),
@@ -80,7 +81,7 @@ def test_forward_shape(name):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ("mobilenetv2", "vgg16_bn", "resnet18"))
+@pytest.mark.parametrize("name", ("mobilenetv2", "mobilenetv2_ref", "vgg16_bn", "resnet18"))
 def test_num_classes_and_channels(name):
     net = create_model(name, 7, in_channels=1)
     assert net(torch.randn(2, 1, 32, 32)).shape == (2, 7)
@@ -153,3 +154,18 @@ def test_graft_runs(name, level):
     else:
         assert [r.filters for r in report.layers] == [g.filters for g in plan]
     copy.deepcopy(small(name, 0)).load_state_dict(out)  # strict: every key and shape fits
+
+
+def test_reference_mobilenetv2_layout():
+    """The paper's variant: an expansion conv in every block, ReLU, 1x1 conv + BN shortcuts on the four
+    stride-1 blocks that change width; without those shortcut filters it has the paper's 17,088 filters."""
+    net = model("mobilenetv2_ref")
+    assert not any(isinstance(m, nn.ReLU6) for m in net.modules())
+    shapes = grouped_shapes("mobilenetv2_ref")
+    assert sum(s[1] == 1 and s[2:] == (3, 3) for s in shapes) == 17
+    assert sum(s[2:] == (1, 1) for s in shapes) == 17 + 17 + 4 + 1  # expansions, projections, shortcuts, last
+    state = net.state_dict()
+    shortcuts = [g for g in plan_layers(state) if ".shortcut." in g.anchor]
+    assert [g.filters for g in shortcuts] == [16, 24, 96, 320] and all(len(g.members) == 5 for g in shortcuts)
+    filters = sum(t.shape[0] for k, t in state.items() if t.dim() == 4)
+    assert filters - sum(g.filters for g in shortcuts) == 17_088

@@ -1,0 +1,448 @@
+"""Plots and a Markdown summary of finished (or running) runs: the evidence for or against grafting.
+
+    python -m hpcgraft.report RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.metrics`) and
+writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
+
+- ``accuracy.png``: test top-1 of every peer and of the ensemble per epoch, one panel per run;
+- ``invalid.png``: invalid filters (l1 norm below each threshold) per epoch, every run in the same
+  panel, so a baseline run given beside a grafted run shows the "before/after" of the papers;
+- ``<run>_alpha.png`` and ``<run>_entropy.png`` for grafted runs: heat maps (layer x graft point, one
+  panel per peer) of the coefficient alpha each layer kept of itself and of the layer's entropy h_self;
+- ``invalid_layers.png`` when the runs wrote checkpoints: invalid filters per conv layer of peer 0 in
+  each run's newest checkpoint, the runs side by side (before/after, given a baseline and a grafted run);
+- ``summary.md``: the runs, their best and final accuracies and invalid-filter counts and, when one run
+  is a baseline (graft.mode=none without cultivation), the side-by-side table the papers show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hpcgraft.analyze import DEFAULT_ENTROPY_BELOW, AnalyzeError, LayerStats, analyze_state, load_checkpoint_states
+from hpcgraft.config import Config, ConfigError, config_from_dict
+from hpcgraft.metrics import GRAFTS, METRICS, STATUS, read_jsonl
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported on; one line naming it and the fix."""
+
+
+# ------------------------------------------------------------------------------------------ loading
+@dataclass
+class Run:
+    """One run directory's config and logs, the last row kept where a resumed run logged an epoch twice."""
+
+    path: Path
+    cfg: Config
+    rows: dict[tuple[int, int], dict[str, Any]]  # (epoch, peer) -> metrics row
+    ensemble: dict[int, float]  # epoch -> ensemble accuracy
+    grafts: list[dict[str, Any]]  # graft.jsonl rows that carry a report (skipped rounds left out)
+    state: str = "unknown"
+    name: str = ""
+    filters: int | None = None  # conv filters of the model, the denominator of the invalid counts
+    peers: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.cfg.graft.mode == "none" and self.cfg.cultivate.lambda_ == 0
+
+    @property
+    def method(self) -> str:
+        """What the run did, in the papers' words."""
+        g, parts = self.cfg.graft, []
+        if g.mode == "peers":
+            parts.append(f"grafting ({g.level} level, {g.topology})")
+        elif g.mode in ("noise", "self"):
+            parts.append(f"grafting from {'noise' if g.mode == 'noise' else 'its own filters'} ({g.level} level)")
+        if self.cfg.cultivate.lambda_ > 0:
+            parts.append(f"cultivation (lambda={self.cfg.cultivate.lambda_:g}, T={self.cfg.cultivate.temperature:g})")
+        text = " + ".join(parts) or "baseline (independent peers)"
+        return text + (", dlr" if self.cfg.train.dlr and len(self.peers) > 1 else "")
+
+    def accuracy(self, peer: int) -> list[tuple[int, float]]:
+        return [(e, self.rows[e, peer]["test_acc"]) for e in self.epochs if (e, peer) in self.rows]
+
+    def final(self, peer: int, key: str = "test_acc") -> Any:
+        last = [self.rows[e, peer][key] for e in self.epochs if (e, peer) in self.rows]
+        return last[-1] if last else None
+
+    def best(self, peer: int) -> float | None:
+        accs = [a for _, a in self.accuracy(peer)]
+        return max(accs) if accs else None
+
+
+def load_run(path: str | Path) -> Run:
+    """A run directory written by ``python -m hpcgraft.train --out PATH``."""
+    p = Path(path)
+    if not (p / "config.yaml").is_file() or not (p / METRICS).is_file():
+        raise ReportError(f"{p} holds no config.yaml and {METRICS}; give the --out directory of a run "
+                          "(python -m hpcgraft.train --out RUN_DIR) that has finished at least one epoch")
+    try:
+        cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()) or {})
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise ReportError(f"{p / 'config.yaml'} cannot be read: {exc}") from None
+    rows: dict[tuple[int, int], dict[str, Any]] = {}
+    ensemble: dict[int, float] = {}
+    for row in read_jsonl(p / METRICS):
+        if row.get("peer") is None:
+            ensemble[row["epoch"]] = row["ensemble_acc"]
+        else:
+            rows[row["epoch"], row["peer"]] = row
+    grafts = [g for g in read_jsonl(p / GRAFTS) if g.get("layers")]
+    run = Run(p, cfg, rows, ensemble, grafts, state=_state(p))
+    run.peers = sorted({peer for _, peer in rows})
+    run.epochs = sorted({e for e, _ in rows})
+    run.filters = conv_filters(cfg)
+    return run
+
+
+def _state(p: Path) -> str:
+    f = p / STATUS
+    return json.loads(f.read_text()).get("state", "unknown") if f.is_file() else "unknown"
+
+
+def conv_filters(cfg: Config) -> int | None:
+    """Output filters of all conv layers of the run's model (None if the model cannot be built here)."""
+    from hpcgraft.grafting import filter_l1_norms
+    from hpcgraft.models import create_model
+
+    try:
+        model = create_model(cfg.model.name, cfg.model.num_classes or 10)
+    except (ValueError, TypeError):
+        return None
+    return sum(int(n.numel()) for n in filter_l1_norms(model.state_dict()).values())
+
+
+def layer_invalid(run: Run, thresholds: list[float]) -> tuple[str, list[LayerStats]] | None:
+    """Per-layer invalid filters of peer 0 in the run's newest checkpoint (None without checkpoints)."""
+    if not (run.path / "checkpoints").is_dir():
+        return None
+    try:
+        states = load_checkpoint_states(run.path, 0)
+    except AnalyzeError:
+        return None
+    label, state = next(iter(states.items()))
+    return label, analyze_state(state, thresholds, DEFAULT_ENTROPY_BELOW, run.cfg.graft.bins)
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Short unique names: the directory name, with as many parent directories as it takes."""
+    parts = [r.path.resolve().parts for r in runs]
+    depth = 1
+    while depth < max(len(p) for p in parts):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            break
+        depth += 1
+    for r, p in zip(runs, parts, strict=True):
+        r.name = "/".join(p[-depth:])
+
+
+# ------------------------------------------------------------------------------------------ numbers
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def results_table(runs: list[Run], thresholds: list[float]) -> list[str]:
+    """Per run and peer: best and final top-1 and the final invalid-filter counts; then the ensemble."""
+    inv = [f"invalid @{t:g}" for t in thresholds]
+    lines = ["| run | peer | best top-1 | final top-1 | " + " | ".join(inv) + " |",
+             "|---|---|---|---|" + "---|" * len(inv)]
+    for r in runs:
+        for p in r.peers:
+            counts = [_invalid(r, p, t) for t in thresholds]
+            lines.append(f"| {r.name} | {p} | {fmt(r.best(p))} | {fmt(r.final(p))} | " + " | ".join(counts) + " |")
+        ens = [r.ensemble[e] for e in r.epochs if e in r.ensemble]
+        if len(r.peers) > 1 and ens:
+            lines.append(f"| {r.name} | ensemble | {fmt(max(ens))} | {fmt(ens[-1])} |" + " |" * len(inv))
+    return lines
+
+
+def _invalid(run: Run, peer: int, t: float) -> str:
+    n = run.final(peer, f"invalid_{t:g}")
+    return "-" if n is None else f"{n}/{run.filters}" if run.filters else str(n)
+
+
+def comparison_table(baseline: Run, others: list[Run], thresholds: list[float]) -> list[str]:
+    """The papers' table: baseline beside each other run, differences to the baseline in brackets."""
+    runs = [baseline, *others]
+    peers = sorted({p for r in runs for p in r.peers})
+    rows: list[tuple[str, list[float | None], str]] = []
+    for p in peers:
+        rows.append((f"best top-1, peer {p}", [r.best(p) if p in r.peers else None for r in runs], ".2f"))
+    for p in peers:
+        rows.append((f"final top-1, peer {p}", [r.final(p) if p in r.peers else None for r in runs], ".2f"))
+    rows.append(("best top-1, mean of peers", [mean([r.best(p) for p in r.peers]) for r in runs], ".2f"))
+    rows.append(("final top-1, mean of peers", [mean([r.final(p) for p in r.peers]) for r in runs], ".2f"))
+    rows.append(("best top-1, ensemble", [max(r.ensemble.values()) if r.ensemble else None for r in runs], ".2f"))
+    rows.append(("final top-1, ensemble", [r.ensemble[max(r.ensemble)] if r.ensemble else None for r in runs],
+                 ".2f"))
+    head = "| | " + " | ".join(f"{r.name}: {r.method}" for r in runs) + " |"
+    lines = [head, "|---|" + "---|" * len(runs)]
+    for label, values, spec in rows:
+        cells = [fmt(values[0], spec)]
+        for v in values[1:]:
+            diff = f" ({v - values[0]:+.2f})" if v is not None and values[0] is not None else ""
+            cells.append(fmt(v, spec) + diff)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for t in thresholds:
+        for p in peers:
+            cells = [_invalid(r, p, t) if p in r.peers else "-" for r in runs]
+            lines.append(f"| invalid filters @{t:g}, peer {p} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ plots
+def _pyplot():  # noqa: ANN202 - the matplotlib.pyplot module
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy(runs: list[Run], path: Path) -> None:
+    plt = _pyplot()
+    cols = min(3, len(runs))
+    nrows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False, sharey=True)
+    for ax, r in zip(axes.flat, runs, strict=False):
+        for p in r.peers:
+            e, a = zip(*r.accuracy(p), strict=True)
+            ax.plot(e, a, lw=1.2, label=f"peer {p}")
+        if len(r.peers) > 1 and r.ensemble:
+            e = sorted(r.ensemble)
+            ax.plot(e, [r.ensemble[x] for x in e], "k--", lw=1.6, label="ensemble")
+        ax.set_title(f"{r.name}\n{r.method}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("test top-1 (%)")
+    for ax in list(axes.flat)[len(runs):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_invalid(runs: list[Run], thresholds: list[float], path: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(thresholds), figsize=(5.5 * len(thresholds), 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, t in zip(axes[0], thresholds, strict=True):
+        for i, r in enumerate(runs):
+            for j, p in enumerate(r.peers):
+                pts = [(e, r.rows[e, p].get(f"invalid_{t:g}")) for e in r.epochs if (e, p) in r.rows]
+                pts = [(e, n) for e, n in pts if n is not None]
+                if pts:
+                    e, n = zip(*pts, strict=True)
+                    ax.plot(e, n, styles[j % len(styles)], color=colors[i % len(colors)], lw=1.2,
+                            label=f"{r.name} peer {p}" + (" (baseline)" if r.is_baseline else ""))
+        total = {r.filters for r in runs}
+        of = f" of {total.pop()}" if len(total) == 1 and None not in total else ""
+        ax.set_title(f"filters with l1 norm < {t:g}{of}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("invalid filters")
+        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_layer_invalid(layers: dict[str, tuple[str, list[LayerStats]]], thresholds: list[float], path: Path
+                       ) -> None:
+    """Invalid filters per conv layer, one bar per run (peer 0, newest checkpoint), one panel per threshold."""
+    plt = _pyplot()
+    longest = max(len(stats) for _, stats in layers.values())
+    fig, axes = plt.subplots(len(thresholds), 1, figsize=(max(8.0, 0.22 * longest + 3), 3.2 * len(thresholds)),
+                             squeeze=False, sharex=True)
+    width = 0.8 / len(layers)
+    for ax, t in zip(axes[:, 0], thresholds, strict=True):
+        for i, (name, (label, stats)) in enumerate(layers.items()):
+            ax.bar([x + i * width for x in range(len(stats))], [st.invalid[f"{t:g}"] for st in stats], width,
+                   label=f"{name}: {label}")
+        ax.set_ylabel(f"l1 < {t:g}")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3, axis="y")
+    names = next(stats for _, stats in layers.values() if len(stats) == longest)
+    every = max(1, longest // 60)
+    axes[-1, 0].set_xticks(range(0, longest, every), [_short(st.name) for st in names[::every]], rotation=90,
+                           fontsize=6)
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 0].set_title("invalid filters per conv layer (peer 0, newest checkpoint)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def layer_table(layers: dict[str, tuple[str, list[LayerStats]]], thresholds: list[float]) -> list[str]:
+    """The layers that hold an invalid filter in any run, with each run's counts."""
+    names = list(layers)
+    by_run = {n: {st.name: st for st in stats} for n, (_, stats) in layers.items()}
+    order = list(dict.fromkeys(st.name for _, stats in layers.values() for st in stats))
+    head = "| layer | " + " | ".join(f"{n} @{t:g}" for t in thresholds for n in names) + " |"
+    lines = [head, "|---|" + "---|" * (len(names) * len(thresholds))]
+    for layer in order:
+        cells = [by_run[n][layer].invalid[f"{t:g}"] if layer in by_run[n] else None for t in thresholds for n in names]
+        if any(cells):
+            lines.append(f"| {layer} | " + " | ".join("-" if c is None else f"{c}/{by_run[n][layer].filters}"
+                                                     for c, n in zip(cells, names * len(thresholds), strict=True))
+                         + " |")
+    return lines if len(lines) > 2 else ["No conv layer holds an invalid filter in these checkpoints."]
+
+
+def graft_matrix(run: Run, peer: int, key: str) -> tuple[list[str], list[tuple[int, int]], list[list[float]]]:
+    """(layer names, (epoch, step) of every graft point, values[layer][point]) of one peer."""
+    rows = sorted((g for g in run.grafts if g["peer"] == peer), key=lambda g: g["step"])
+    if not rows:
+        return [], [], []
+    names = [layer["name"] for layer in rows[0]["layers"]]
+    values = [[float("nan")] * len(rows) for _ in names]
+    for j, g in enumerate(rows):
+        for i, layer in enumerate(g["layers"][: len(names)]):
+            values[i][j] = layer[key]
+    return names, [(g["epoch"], g["step"]) for g in rows], values
+
+
+def plot_graft_heatmap(run: Run, key: str, path: Path) -> bool:
+    """Heat map of ``alpha`` or ``h_self`` per layer (rows) and graft point (columns), one panel per peer."""
+    plt = _pyplot()
+    peers = sorted({g["peer"] for g in run.grafts})
+    if not peers:
+        return False
+    names = graft_matrix(run, peers[0], key)[0]
+    height = min(16.0, 1.8 + 0.16 * len(names))
+    fig, axes = plt.subplots(1, len(peers), figsize=(1.5 + 4.2 * len(peers), height), squeeze=False, sharey=True)
+    if key == "alpha":
+        a = run.cfg.graft.a
+        opts: dict[str, Any] = {"cmap": "RdBu_r", "vmin": 0.5 - a / 2, "vmax": 0.5 + a / 2}
+        label = "alpha (share a layer keeps of itself)"
+    else:
+        opts = {"cmap": "viridis"}
+        label = "entropy H of the layer's weights (nats)"
+    image = None
+    for ax, p in zip(axes[0], peers, strict=True):
+        _, points, values = graft_matrix(run, p, key)
+        image = ax.imshow(values, aspect="auto", interpolation="nearest", **opts)
+        ax.set_title(f"peer {p}", fontsize=10)
+        ax.set_xlabel("graft point (epoch)")
+        ticks = list(range(0, len(points), max(1, len(points) // 8)))
+        ax.set_xticks(ticks, [str(points[i][0]) for i in ticks], fontsize=8)
+    every = max(1, len(names) // 60)
+    axes[0][0].set_yticks(range(0, len(names), every), [_short(n) for n in names[::every]], fontsize=6)
+    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
+    fig.suptitle(f"{run.name}: {label}, {run.method}", fontsize=10, y=1.0 + 0.25 / height)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _short(name: str) -> str:
+    return name.removesuffix(".weight")
+
+
+def _file_name(run: Run) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
+
+
+# ------------------------------------------------------------------------------------------ the report
+def write_report(runs: list[Run], out: Path) -> Path:
+    """All plots and ``summary.md`` into ``out``; returns the summary's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    name_runs(runs)
+    thresholds = runs[0].cfg.log.thresholds
+    md = ["# hpcgraft report", "", "| run | method | model | data | peers | epochs | state |",
+          "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        done = f"{max(r.epochs) if r.epochs else 0}/{r.cfg.train.epochs}"
+        md.append(f"| {r.name} | {r.method} | {r.cfg.model.name} | {r.cfg.data.name} | {len(r.peers)} | {done} | "
+                  f"{r.state} |")
+    md += ["", "## Accuracy and invalid filters", "",
+           "Top-1 on the test set (%); invalid filters: conv filters whose l1 norm is below the threshold, "
+           "at the last epoch, out of all conv filters of the model.", "", *results_table(runs, thresholds)]
+    baselines = [r for r in runs if r.is_baseline]
+    others = [r for r in runs if not r.is_baseline]
+    md += ["", "## Baseline vs method", ""]
+    if baselines and others:
+        md += [f"As in the papers' tables; in brackets the difference to the baseline {baselines[0].name}.", "",
+               *comparison_table(baselines[0], others, thresholds)]
+    else:
+        md.append("Give a baseline run (graft.mode=none, no cultivation) and a run of the method together for "
+                  "the side-by-side table.")
+    plot_accuracy(runs, out / "accuracy.png")
+    plot_invalid(runs, thresholds, out / "invalid.png")
+    md += ["", "## Plots", "", "![test accuracy per epoch](accuracy.png)", "",
+           "![invalid filters per epoch](invalid.png)"]
+    layers = {r.name: found for r in runs if (found := layer_invalid(r, thresholds)) is not None}
+    md += ["", "## Invalid filters per layer", ""]
+    if layers:
+        plot_layer_invalid(layers, thresholds, out / "invalid_layers.png")
+        md += ["Peer 0 of each run's newest checkpoint (python -m hpcgraft.analyze RUN_DIR shows every layer and "
+               "peer); layers without an invalid filter are left out.", "", *layer_table(layers, thresholds), "",
+               "![invalid filters per layer](invalid_layers.png)"]
+    else:
+        md.append("The runs have no checkpoints (checkpoint.enabled=false), so there are no weights to count per "
+                  "layer; the per-epoch totals above come from metrics.jsonl.")
+    for r in runs:
+        if not r.grafts:
+            continue
+        base = _file_name(r)
+        alphas = [layer["alpha"] for g in r.grafts for layer in g["layers"]]
+        sources = sorted({g.get("source", "?") for g in r.grafts})
+        md += ["", f"### Grafting in {r.name}", "",
+               f"{len(r.grafts)} graft reports ({len({g['step'] for g in r.grafts})} graft points x "
+               f"{len({g['peer'] for g in r.grafts})} peers), sources {', '.join(sources)}, "
+               f"{r.grafts[0].get('level', '?')} level; alpha per layer: mean {fmt(mean(alphas), '.3f')}, "
+               f"min {fmt(min(alphas), '.3f')}, max {fmt(max(alphas), '.3f')}."]
+        for key, what in (("alpha", "alpha per layer and graft point"), ("h_self", "entropy per layer")):
+            if plot_graft_heatmap(r, key, out / f"{base}_{key}.png"):
+                md += ["", f"![{what}]({base}_{key}.png)"]
+    summary = out / "summary.md"
+    summary.write_text("\n".join(md) + "\n")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hpcgraft.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (--out of hpcgraft.train)")
+    ap.add_argument("--out", help="where to write the plots and summary.md (default: RUN_DIR/report of the first)")
+    args = ap.parse_args(argv)
+    try:
+        runs = [load_run(p) for p in args.runs]
+    except ReportError as exc:
+        print(f"hpcgraft.report: error: {exc}", file=sys.stderr)
+        return 2
+    empty = [r.path for r in runs if not r.epochs]
+    if empty:
+        print(f"hpcgraft.report: error: {empty[0]} has no finished epoch yet; wait for one", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else runs[0].path / "report"
+    summary = write_report(runs, out)
+    print(f"hpcgraft.report: wrote {summary} and {len(list(out.glob('*.png')))} plots in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
