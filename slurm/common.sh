@@ -1,0 +1,102 @@
+# Shared part of slurm/graft_*.sh; sourced by them after their variable block, never run on its own.
+#
+# Outside a job it submits the calling script with sbatch, the job shape taken from the variables;
+# inside a job it starts one MPI rank per task with srun and turns the training's exit status into
+# the job's fate: 0 finished, 75 (a checkpoint was written on SIGUSR1) requeue, anything else failed.
+
+hpcgraft_die() {
+    echo "$(basename "$HPCGRAFT_SCRIPT"): $*" >&2
+    exit 2
+}
+
+# Submit mode: `bash slurm/graft_X.sh key=value ...` -> sbatch <shape from the variables> slurm/graft_X.sh key=value ...
+hpcgraft_submit() {
+    command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
+    [ -f "$CONFIG" ] || hpcgraft_die "config $CONFIG not found (relative to $HPCGRAFT_ROOT); set CONFIG in the script or HPCGRAFT_CONFIG"
+    [ -x "$PYTHON" ] || hpcgraft_die "python $PYTHON not found; run 'make setup' or set HPCGRAFT_PYTHON"
+    local ranks=$GPUS_PER_NODE
+    [ "$GPUS_PER_NODE" -gt 0 ] 2>/dev/null || ranks=$TASKS_PER_NODE
+    [ "$ranks" -gt 0 ] 2>/dev/null || hpcgraft_die "GPUS_PER_NODE=$GPUS_PER_NODE and TASKS_PER_NODE=$TASKS_PER_NODE: need GPUs per node > 0, or 0 GPUs and TASKS_PER_NODE > 0 CPU ranks"
+    local lead limit
+    lead=$(sed -n 's/^#SBATCH --signal=B:USR1@//p' "$HPCGRAFT_SCRIPT" | head -n1)
+    case $TIME in
+    UNLIMITED | unlimited | INFINITE | infinite) limit=$((lead + 1)) ;;
+    *) limit=$(hpcgraft_seconds "$TIME") || hpcgraft_die "TIME=$TIME is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])" ;;
+    esac
+    [ "$limit" -gt "${lead:-0}" ] || hpcgraft_die "TIME=$TIME is not longer than the ${lead} s warning before the limit (#SBATCH --signal): every start would stop at once; ask for more time"
+    local opts=(--nodes="$NODES" --ntasks-per-node="$ranks" --cpus-per-task="$CPUS_PER_TASK" --time="$TIME")
+    [ "$GPUS_PER_NODE" -gt 0 ] && opts+=(--gpus-per-task=1)
+    [ -n "$PARTITION" ] && opts+=(--partition="$PARTITION")
+    [ -n "$ACCOUNT" ] && opts+=(--account="$ACCOUNT")
+    # shellcheck disable=SC2206 # word splitting is the point: extra sbatch options
+    opts+=(${HPCGRAFT_SBATCH_ARGS:-})
+    local out id
+    out=$(sbatch --parsable "${opts[@]}" "$HPCGRAFT_SCRIPT" "$@") || exit $?
+    id=${out%%;*}
+    echo "Submitted batch job $id"
+    echo "  $NODES node(s) x $ranks rank(s) ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $HPCGRAFT_ROOT/$(hpcgraft_job_name)-$id.out"
+    echo "  run dir: $(SLURM_JOB_ID=$id SLURM_JOB_NAME=$(hpcgraft_job_name) hpcgraft_run_dir)"
+}
+
+# SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds.
+hpcgraft_seconds() {
+    local t=$1 d=0 a b c
+    [[ $t =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] || return 1
+    if [[ $t == *-* ]]; then
+        d=${t%%-*}
+        IFS=: read -r a b c <<<"${t#*-}"
+        echo $((d * 86400 + 10#$a * 3600 + 10#${b:-0} * 60 + 10#${c:-0}))
+        return
+    fi
+    IFS=: read -r a b c <<<"$t"
+    if [ -n "$c" ]; then echo $((10#$a * 3600 + 10#$b * 60 + 10#$c)); else echo $((10#$a * 60 + 10#${b:-0})); fi
+}
+
+hpcgraft_job_name() { sed -n 's/^#SBATCH --job-name=//p' "$HPCGRAFT_SCRIPT" | head -n1; }
+
+hpcgraft_run_dir() { echo "${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}"; }
+
+# Job mode: one rank per task; USR1 (time limit near, or scancel --signal=USR1 --batch) is passed on to
+# every rank, which checkpoint at the same step and exit 75; then the job requeues itself and the
+# next start resumes from the checkpoint in the same run directory.
+hpcgraft_run() {
+    local run_dir srun_pid="" rc
+    run_dir=$(hpcgraft_run_dir)
+    trap 'echo "hpcgraft: $(date +%T) USR1: asking every rank to checkpoint and stop"; [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"' USR1
+    local cmd=("$PYTHON" -m hpcgraft.train --config "$CONFIG" --out "$run_dir")
+    [ -n "$DATA" ] && cmd+=("data.root=$DATA")
+    local srun_opts=(--mpi="$SRUN_MPI" --kill-on-bad-exit=0)
+    # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $HPCGRAFT_ROOT/$run_dir"
+    srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
+    srun_pid=$!
+    # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
+    while :; do
+        wait "$srun_pid" && rc=0 || rc=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+    case $rc in
+    0) echo "hpcgraft: $(date +%T) finished; metrics in $run_dir/metrics.jsonl" ;;
+    75)
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            echo "hpcgraft: $(date +%T) checkpoint written; job $SLURM_JOB_ID requeued, it resumes from $run_dir"
+            rc=0
+        else
+            echo "hpcgraft: $(date +%T) checkpoint written but the job could not be requeued; resubmit the same command to resume" >&2
+        fi
+        ;;
+    *) echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2 ;;
+    esac
+    exit "$rc"
+}
+
+hpcgraft_main() {
+    cd "$HPCGRAFT_ROOT" || hpcgraft_die "cannot enter $HPCGRAFT_ROOT"
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        hpcgraft_run "$@"
+    else
+        export HPCGRAFT_ROOT
+        hpcgraft_submit "$@"
+    fi
+}
