@@ -23,7 +23,7 @@ from typing import Any
 from mpi4py import MPI
 
 EXIT_FAILURE = 1
-EXIT_REQUEUE = 3  # a checkpoint was written on SIGUSR1/SIGTERM: requeue the job to continue
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was written on SIGUSR1/SIGTERM; requeue the job to continue
 
 
 @dataclass
@@ -48,6 +48,10 @@ class World:
     def is_peer_lead(self) -> bool:
         """Replica 0 of its peer: the rank that reports and writes for the peer."""
         return self.replica == 0
+
+
+class AgreedError(Exception):
+    """An error every rank has already agreed on: each rank exits cleanly, without an abort."""
 
 
 class LayoutError(ValueError):
@@ -96,7 +100,7 @@ def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
     the other ranks stop at once instead of waiting forever in their next collective."""
     try:
         yield
-    except SystemExit:
+    except (SystemExit, AgreedError):
         raise
     except KeyboardInterrupt:
         abort(comm, "interrupted")
@@ -185,3 +189,44 @@ def torch_threads(local_size: int) -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_size))
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM on any rank -> every rank sees ``poll() == True`` at the same step.
+
+    SLURM sends USR1 before a time limit (``--signal``) and TERM on preemption, to each rank at a
+    slightly different moment. A pipelined non-blocking MAX-allreduce of the local flag, started at one
+    step and completed at the next, makes all ranks agree on where to stop at no cost to the step.
+    """
+
+    def __init__(self, comm: MPI.Comm, signals: tuple[int, ...] = ()) -> None:
+        import signal as _signal
+
+        import numpy as np
+
+        self.comm = comm.Dup()
+        self.received: int | None = None
+        self._send = np.zeros(1, dtype=np.int32)
+        self._recv = np.zeros(1, dtype=np.int32)
+        self._req: MPI.Request | None = None
+        for sig in signals or (_signal.SIGUSR1, _signal.SIGTERM):
+            _signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def poll(self) -> bool:
+        """Collective: call once per step on every rank."""
+        if self._req is not None:
+            self._req.Wait()
+            self._req = None
+            if self._recv[0]:
+                return True
+        self._send[0] = 1 if self.received is not None else 0
+        self._req = self.comm.Iallreduce(self._send, self._recv, op=MPI.MAX)
+        return False
+
+    def close(self) -> None:
+        if self._req is not None:
+            self._req.Wait()
+            self._req = None

@@ -47,7 +47,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     nesterov: bool = False
     schedule: str = "cosine"  # cosine (per step) | step | constant
-    milestones: list[int] = field(default_factory=lambda: [60, 120, 160])
+    milestones: list[int] = field(default_factory=lambda: [60, 120, 180])
     gamma: float = 0.1
     warmup_epochs: int = 0
     dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2
@@ -78,6 +78,7 @@ class CultivateConfig:
 class DistConfig:
     replicas: int = 1  # data-parallel ranks per peer (Horovod when > 1)
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # CPU threads per rank; 0: the cores of the node divided by its ranks
     watchdog_s: float = 600.0  # a collective slower than this aborts the job
     channels_last: bool = False
     amp: bool = False  # bf16/fp16 autocast on GPU
@@ -179,10 +180,17 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if typ is float or text == "float":
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if typ is str or text.startswith("str"):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
         return str(value)
@@ -288,6 +296,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.cultivate.lambda_ >= 0, f"cultivate.lambda={cfg.cultivate.lambda_} must be >= 0 (0: off)")
     _check(cfg.cultivate.temperature > 0, f"cultivate.temperature={cfg.cultivate.temperature} must be > 0")
     _check(cfg.dist.replicas >= 1, f"dist.replicas={cfg.dist.replicas} must be >= 1")
+    _check(cfg.dist.threads >= 0, f"dist.threads={cfg.dist.threads} must be >= 0 (0: cores / ranks per node)")
     _check(cfg.dist.watchdog_s > 0, f"dist.watchdog_s={cfg.dist.watchdog_s} must be > 0 seconds")
     _check(cfg.checkpoint.interval >= 1, f"checkpoint.interval={cfg.checkpoint.interval} must be >= 1 epoch")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1")

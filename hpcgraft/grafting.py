@@ -281,3 +281,20 @@ def count_invalid_filters(state: State, thresholds: Sequence[float] = (0.1, 0.01
     allnorms = torch.cat(list(norms.values()))
     counts = torch.stack([(allnorms < t).sum() for t in thresholds]).tolist()
     return dict(zip(thresholds, counts, strict=True))
+
+
+# ------------------------------------------------------------------------- other information sources
+def noise_source(tensors: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """Gaussian noise with each tensor's own mean and standard deviation (the paper's "noise" source)."""
+    out = []
+    for t in tensors:
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        std, mean = torch.std_mean(t.detach().float()) if t.numel() > 1 else (torch.zeros(()), t.detach().float())
+        out.append(noise * std.to(t.dtype) + mean.to(t.dtype))
+    return out
+
+
+def self_source(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The network's own other filters: filter f of every layer receives filter f+1 of the same layer
+    (with its bias and BatchNorm channel), the paper's "internal" information source."""
+    return [t.detach().roll(-1, dims=0) if t.dim() else t.detach().clone() for t in tensors]

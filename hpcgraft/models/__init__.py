@@ -38,4 +38,4 @@ def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
 
 
 # Importing the architecture modules fills the registry.
-from hpcgraft.models import cifar_resnet, digits  # noqa: E402,F401
+from hpcgraft.models import cifar_resnet, digits, imagenet_resnet, mobilenetv2, vgg  # noqa: E402,F401

@@ -1,0 +1,42 @@
+"""Helpers for tests that start real processes (mpirun ranks, the training command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MPIRUN = str(BIN / "mpirun")
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PATH"] = str(BIN) + os.pathsep + e.get("PATH", "")
+    return e
+
+
+def mpirun(np: int, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``mpirun -np N python ARGS...`` with the test interpreter; output captured as text."""
+    cmd = [MPIRUN, "-np", str(np), sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=cwd or ROOT)
+
+
+def train(np: int, out: Path, *overrides: str, config: str = "configs/digits.yaml", restart: bool = False,
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    args = ["-m", "hpcgraft.train", "--config", str(ROOT / config), "--out", str(out), *overrides]
+    if restart:
+        args.insert(2, "--restart")
+    if np == 0:  # a plain process, no mpirun
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env(),
+                              cwd=ROOT)
+    return mpirun(np, *args, timeout=timeout)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
