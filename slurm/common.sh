@@ -9,11 +9,14 @@ hpcgraft_die() {
     exit 2
 }
 
+# A path from the variables as the job will see it: relative paths are relative to the repository root.
+hpcgraft_path() { case $1 in /*) echo "$1" ;; *) echo "$HPCGRAFT_ROOT/$1" ;; esac; }
+
 # Submit mode: `bash slurm/graft_X.sh key=value ...` -> sbatch <shape from the variables> slurm/graft_X.sh key=value ...
+# The log goes to the current directory, as with a plain sbatch.
 hpcgraft_submit() {
-    command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
-    [ -f "$CONFIG" ] || hpcgraft_die "config $CONFIG not found (relative to $HPCGRAFT_ROOT); set CONFIG in the script or HPCGRAFT_CONFIG"
-    [ -x "$PYTHON" ] || hpcgraft_die "python $PYTHON not found; run 'make setup' or set HPCGRAFT_PYTHON"
+    [ -f "$(hpcgraft_path "$CONFIG")" ] || hpcgraft_die "config $(hpcgraft_path "$CONFIG") not found; set CONFIG in the script or HPCGRAFT_CONFIG"
+    if [[ $PYTHON == */* ]]; then [ -x "$(hpcgraft_path "$PYTHON")" ]; else command -v "$PYTHON" >/dev/null; fi || hpcgraft_die "python $PYTHON not found; run 'make setup' or set HPCGRAFT_PYTHON"
     local ranks=$GPUS_PER_NODE
     [ "$GPUS_PER_NODE" -gt 0 ] 2>/dev/null || ranks=$TASKS_PER_NODE
     [ "$ranks" -gt 0 ] 2>/dev/null || hpcgraft_die "GPUS_PER_NODE=$GPUS_PER_NODE and TASKS_PER_NODE=$TASKS_PER_NODE: need GPUs per node > 0, or 0 GPUs and TASKS_PER_NODE > 0 CPU ranks"
@@ -24,6 +27,7 @@ hpcgraft_submit() {
     *) limit=$(hpcgraft_seconds "$TIME") || hpcgraft_die "TIME=$TIME is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])" ;;
     esac
     [ "$limit" -gt "${lead:-0}" ] || hpcgraft_die "TIME=$TIME is not longer than the ${lead} s warning before the limit (#SBATCH --signal): every start would stop at once; ask for more time"
+    command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
     local opts=(--nodes="$NODES" --ntasks-per-node="$ranks" --cpus-per-task="$CPUS_PER_TASK" --time="$TIME")
     [ "$GPUS_PER_NODE" -gt 0 ] && opts+=(--gpus-per-task=1)
     [ -n "$PARTITION" ] && opts+=(--partition="$PARTITION")
@@ -34,8 +38,8 @@ hpcgraft_submit() {
     out=$(sbatch --parsable "${opts[@]}" "$HPCGRAFT_SCRIPT" "$@") || exit $?
     id=${out%%;*}
     echo "Submitted batch job $id"
-    echo "  $NODES node(s) x $ranks rank(s) ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $HPCGRAFT_ROOT/$(hpcgraft_job_name)-$id.out"
-    echo "  run dir: $(SLURM_JOB_ID=$id SLURM_JOB_NAME=$(hpcgraft_job_name) hpcgraft_run_dir)"
+    echo "  $NODES node(s) x $ranks rank(s) ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $PWD/$(hpcgraft_job_name)-$id.out"
+    echo "  run dir: $(hpcgraft_path "$(SLURM_JOB_ID=$id SLURM_JOB_NAME=$(hpcgraft_job_name) hpcgraft_run_dir)")"
 }
 
 # SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds.
@@ -68,7 +72,9 @@ hpcgraft_run() {
     local srun_opts=(--mpi="$SRUN_MPI" --kill-on-bad-exit=0)
     # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $HPCGRAFT_ROOT/$run_dir"
+    # A requeued start after ranks were killed (preemption, a node failure) must not meet their MPI leftovers.
+    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_ROOT/slurm/clean_mpich_shm.sh"
+    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
     srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
     srun_pid=$!
     # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
@@ -92,11 +98,11 @@ hpcgraft_run() {
 }
 
 hpcgraft_main() {
-    cd "$HPCGRAFT_ROOT" || hpcgraft_die "cannot enter $HPCGRAFT_ROOT"
     if [ -n "${SLURM_JOB_ID:-}" ]; then
+        cd "$HPCGRAFT_ROOT" || hpcgraft_die "cannot enter $HPCGRAFT_ROOT"
         hpcgraft_run "$@"
     else
-        export HPCGRAFT_ROOT
+        export HPCGRAFT_ROOT  # the job runs a copy of the script and finds the repository through it
         hpcgraft_submit "$@"
     fi
 }

@@ -43,10 +43,11 @@ install() {
 }
 
 write_config() {
-    local host cpus mem
+    local host cpus mem first_job_id
     host=$(hostname)
     cpus=$(nproc)
     mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # leave the OS its share
+    first_job_id=$(($(date +%s) % 670000 * 100 + 1))  # a block of 100 ids per second of start, below 67108863
     mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
     chmod 700 "$dir/munge"
     cat >"$conf" <<EOF
@@ -77,6 +78,9 @@ MpiDefault=none
 JobCompType=jobcomp/none
 AccountingStorageType=accounting_storage/none
 JobRequeue=1
+# Job ids differ between restarts of this cluster: MPICH names its shared memory after "<job id>.<step>",
+# so a reused id would meet the files of a killed earlier job with that id.
+FirstJobId=$first_job_id
 # schedule pending (e.g. requeued) jobs within seconds instead of SLURM's default minute
 SchedulerParameters=sched_interval=2
 KillWait=30
