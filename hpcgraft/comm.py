@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
 import time
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from mpi4py import MPI
 
 EXIT_FAILURE = 1
@@ -191,6 +193,20 @@ def torch_threads(local_size: int) -> int:
     return max(1, cores // max(1, local_size))
 
 
+_stop_signal: int | None = None
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def catch_stop_signals() -> None:
+    """Record SIGUSR1/SIGTERM instead of dying; call first thing, so a signal during set-up is kept too."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
+
+
 class StopRequest:
     """SIGUSR1/SIGTERM on any rank -> every rank sees ``poll() == True`` at the same step.
 
@@ -199,21 +215,16 @@ class StopRequest:
     step and completed at the next, makes all ranks agree on where to stop at no cost to the step.
     """
 
-    def __init__(self, comm: MPI.Comm, signals: tuple[int, ...] = ()) -> None:
-        import signal as _signal
-
-        import numpy as np
-
+    def __init__(self, comm: MPI.Comm) -> None:
+        catch_stop_signals()
         self.comm = comm.Dup()
-        self.received: int | None = None
         self._send = np.zeros(1, dtype=np.int32)
         self._recv = np.zeros(1, dtype=np.int32)
         self._req: MPI.Request | None = None
-        for sig in signals or (_signal.SIGUSR1, _signal.SIGTERM):
-            _signal.signal(sig, self._handler)
 
-    def _handler(self, signum: int, frame: object) -> None:
-        self.received = signum
+    @property
+    def received(self) -> int | None:
+        return _stop_signal
 
     def poll(self) -> bool:
         """Collective: call once per step on every rank."""

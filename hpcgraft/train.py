@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of every rank; returns the process exit status."""
+    hcomm.catch_stop_signals()
     args = parse_args(argv)
     world_comm = MPI.COMM_WORLD
     try:
