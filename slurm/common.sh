@@ -85,8 +85,9 @@ hpcgraft_run() {
     case $rc in
     0) echo "hpcgraft: $(date +%T) finished; metrics in $run_dir/metrics.jsonl" ;;
     75)
+        # Said first: the requeue ends this shell at once.
+        echo "hpcgraft: $(date +%T) checkpoint written; requeueing job $SLURM_JOB_ID, the next start resumes from $run_dir"
         if scontrol requeue "$SLURM_JOB_ID"; then
-            echo "hpcgraft: $(date +%T) checkpoint written; job $SLURM_JOB_ID requeued, it resumes from $run_dir"
             rc=0
         else
             echo "hpcgraft: $(date +%T) checkpoint written but the job could not be requeued; resubmit the same command to resume" >&2

@@ -132,7 +132,7 @@ def test_killed_and_signalled_job_resumes_and_logs_every_epoch_once(slurm_cluste
     log = (tmp_path / f"graft-imagenet-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log
     assert "training failed with exit status 137; not requeued" in log and log.count("resuming") == 2, log
-    assert "requeued, it resumes" in log and "finished" in log, log
+    assert "checkpoint written; requeueing job" in log and "finished" in log, log
     _epochs_once(run, epochs)
 
 
@@ -194,6 +194,18 @@ def test_submit_says_when_slurm_is_unreachable(slurm_cluster, tmp_path, monkeypa
     monkeypatch.setenv("SLURM_CONF", str(conf))
     with pytest.raises(launch.LaunchError, match="SLURM is not reachable: 'sinfo .*check that slurmctld is up"):
         launch.submit(None, tmp_path / "run", executor="slurm", tasks_per_node=2)
+
+
+def test_submit_says_when_there_is_no_slurm(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, sinfo or srun
+    with pytest.raises(launch.LaunchError, match="SLURM is not available here .*--executor local"):
+        launch.submit(None, tmp_path / "run", executor="slurm", tasks_per_node=2)
+
+
+def test_command_line_reports_a_bad_request_in_one_line(slurm_cluster, tmp_path, capsys):
+    rc = launch.main(["--out", str(tmp_path / "run"), "--executor", "slurm", "--partition", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "hpcgraft.launch: error: partition 'nope' does not exist; sinfo lists: debug"
 
 
 def test_requeue_status_is_the_trainings():
