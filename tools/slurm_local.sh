@@ -25,7 +25,7 @@ export SLURM_CONF=$conf
 
 die() { echo "slurm_local: $*" >&2; exit 1; }
 
-pid_alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+pid_alive() { [ -s "$1" ] && ps -p "$(cat "$1")" >/dev/null 2>&1; }  # ps: works for any user
 
 daemons_alive() { pid_alive "$dir/munged.pid" && pid_alive "$dir/slurmctld.pid" && pid_alive "$dir/slurmd.pid"; }
 
@@ -49,7 +49,7 @@ write_config() {
     mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # leave the OS its share
     first_job_id=$(($(date +%s) % 670000 * 100 + 1))  # a block of 100 ids per second of start, below 67108863
     mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
-    chmod 700 "$dir/munge"
+    chmod 755 "$dir/munge"  # clients of any user reach the socket; the key itself is 0600
     cat >"$conf" <<EOF
 # Written by tools/slurm_local.sh: a one-node test cluster; delete with tools/slurm_local.sh stop.
 ClusterName=hpcgraft-local
