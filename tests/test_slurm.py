@@ -113,7 +113,7 @@ def test_killed_and_signalled_job_resumes_and_logs_every_epoch_once(slurm_cluste
     job is put back in the queue (preemption without grace): the restart cleans the dead ranks' MPI
     leftovers and resumes from the last checkpoint. Then the batch shell gets USR1 (as from
     --signal=B:USR1@T): the ranks checkpoint, the job requeues itself and resumes again."""
-    run, epochs = tmp_path / "run", 8
+    run, epochs = tmp_path / "run", 6  # killed after 2, signalled after 4
     e = env() | {"HPCGRAFT_ROOT": str(ROOT), "HPCGRAFT_CONFIG": "configs/digits.yaml", "HPCGRAFT_RUN_DIR": str(run)}
     r = subprocess.run(["sbatch", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20",
                         str(ROOT / "slurm/graft_imagenet.sh"), f"train.epochs={epochs}"],
@@ -159,7 +159,7 @@ def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_pat
     """Two tasks from Python form one MPI world under srun. USR1 to the tasks, what SLURM sends before the
     time limit, makes submitit count a time-out (a 10-minute job has always "timed out"), call
     GraftRun.checkpoint and requeue; the requeued job resumes and finishes."""
-    run, epochs = tmp_path / "run", 8
+    run, epochs = tmp_path / "run", 4
     job = launch.submit("configs/digits.yaml", run, [f"train.epochs={epochs}"], tasks_per_node=2,
                         executor="slurm", time_min=10, max_requeues=2)
     jobs.append(job.job_id)
