@@ -3,12 +3,13 @@
 One round, on every peer at the same moment:
   1. each peer computes the entropies of its own layers and shares them (one small ``allgather``,
      together with a flag saying whether its weights are finite);
-  2. the weights travel packed in one contiguous buffer per dtype: ``Sendrecv`` to the ring successor
-     (topology ``ring``), or one ``Allreduce`` of entropy-weighted weights (topology ``allreduce``);
+  2. the weights travel in one contiguous buffer per dtype (large CPU tensors from their own storage):
+     ``Sendrecv`` to the ring successor (topology ``ring``), or one ``Allreduce`` of entropy-weighted
+     weights (topology ``allreduce``);
   3. each peer mixes the source into its own tensors in place (:func:`hpcgraft.grafting.mix_`).
 
-No pickling and no per-tensor messages; buffers are allocated once. CUDA tensors are staged through
-pinned host memory unless the MPI library is CUDA-aware.
+No pickling and no per-tensor messages for small tensors; buffers are allocated once. CUDA tensors are
+staged through pinned host memory unless the MPI library is CUDA-aware.
 """
 
 from __future__ import annotations
@@ -43,49 +44,112 @@ def cuda_aware_mpi() -> bool:
     return os.environ.get("HPCGRAFT_CUDA_AWARE_MPI", "0") == "1"
 
 
+DIRECT_BYTES = 1 << 20  # CPU tensors at least this large travel in the ring from their own storage
+
+
 class PackedTensors:
-    """A fixed list of tensors and a contiguous buffer per dtype that holds them all, flattened."""
+    """A fixed list of tensors and, per dtype, a contiguous send and receive buffer with a slot for each.
+
+    The ring sends the small tensors packed into one message per dtype, and every large contiguous CPU
+    tensor straight from its own storage into its receive slot: packing a ResNet-50 costs about as much
+    as sending it, so this saves one copy of most of the bytes. The allreduce packs every slot.
+    """
 
     def __init__(self, tensors: Sequence[torch.Tensor], host_staging: bool) -> None:
-        self.tensors = list(tensors)
-        self.groups: dict[torch.dtype, list[int]] = {}
-        for i, t in enumerate(self.tensors):
-            self.groups.setdefault(t.dtype, []).append(i)
+        self.tensors = [t.detach() for t in tensors]
         device = self.tensors[0].device if self.tensors else torch.device("cpu")
         self.staging = host_staging and device.type == "cuda"
+        direct = {i for i, t in enumerate(self.tensors) if device.type == "cpu" and t.is_contiguous()
+                  and t.numel() * t.element_size() >= DIRECT_BYTES}
+        # per dtype: the packed (small) tensors first, so that they form one leading block to send
+        self.groups: dict[torch.dtype, list[int]] = {}
+        for i in sorted(range(len(self.tensors)), key=lambda i: i in direct):
+            self.groups.setdefault(self.tensors[i].dtype, []).append(i)
+        self.packed_numel = {dt: sum(self.tensors[i].numel() for i in idx if i not in direct)
+                             for dt, idx in self.groups.items()}
         sizes = {dt: sum(self.tensors[i].numel() for i in idx) for dt, idx in self.groups.items()}
         self.send = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
         self.recv = {dt: torch.empty(n, dtype=dt, device=device) for dt, n in sizes.items()}
         self.host_send = {dt: self._host(n, dt) for dt, n in sizes.items()} if self.staging else self.send
         self.host_recv = {dt: self._host(n, dt) for dt, n in sizes.items()} if self.staging else self.recv
         self.nbytes = sum(b.numel() * b.element_size() for b in self.send.values())
+        self.send_views, self.recv_views = self._views(self.send), self._views(self.recv)
+        small = [i for i in range(len(self.tensors)) if i not in direct]
+        self._small = ([self.tensors[i] for i in small], [self.send_views[i] for i in small])
+        self._large = [self.tensors[i] for i in sorted(direct)]
+        self._direct = [(_as_mpi(self.tensors[i]), _as_mpi(self.recv_views[i])) for i in sorted(direct)]
 
     @staticmethod
     def _host(n: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(n, dtype=dtype, pin_memory=torch.cuda.is_available())
 
-    def pack(self, scaled: Sequence[torch.Tensor] | None = None) -> None:
-        """Copy the tensors (or ``scaled`` stand-ins of the same shapes) into the send buffers."""
-        src = self.tensors if scaled is None else scaled
-        for dt, idx in self.groups.items():
-            torch.cat([src[i].reshape(-1) for i in idx], out=self.send[dt])
-            if self.staging:
-                self.host_send[dt].copy_(self.send[dt], non_blocking=True)
-        if self.staging:
-            torch.cuda.current_stream().synchronize()
-
-    def received(self, into_send: bool = False) -> list[torch.Tensor]:
-        """Views, shaped like the tensors, into the receive (or send) buffers."""
-        buffers = self.send if into_send else self.recv
-        if self.staging and not into_send:
-            for dt in self.groups:
-                self.recv[dt].copy_(self.host_recv[dt], non_blocking=True)
+    def _views(self, buffers: dict[torch.dtype, torch.Tensor]) -> list[torch.Tensor]:
         out: list[torch.Tensor | None] = [None] * len(self.tensors)
         for dt, idx in self.groups.items():
             views = buffers[dt].split([self.tensors[i].numel() for i in idx])
             for i, v in zip(idx, views, strict=True):
                 out[i] = v.view(self.tensors[i].shape)
         return out  # type: ignore[return-value]
+
+    def pack(self, weights: Sequence[torch.Tensor] | None = None) -> None:
+        """Copy every tensor into its send slot, multiplied by ``weights`` (broadcastable) if given."""
+        if weights is None:
+            torch._foreach_copy_(self.send_views, self.tensors)
+        else:  # one pass over the weights: multiply straight into the slot
+            for t, w, slot in zip(self.tensors, weights, self.send_views, strict=True):
+                torch.mul(t, w, out=slot)
+        self._to_host()
+
+    def clear(self) -> None:
+        """Zero the send buffers (a peer that contributes nothing to an allreduce)."""
+        for b in self.send.values():
+            b.zero_()
+        self._to_host()
+
+    def _to_host(self) -> None:
+        if self.staging:
+            for dt in self.groups:
+                self.host_send[dt].copy_(self.send[dt], non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+
+    def stage(self) -> None:
+        """Copy the small tensors into their send slots (where the ring sends them from)."""
+        if self._small[0]:
+            torch._foreach_copy_(self._small[1], self._small[0])
+
+    def all_finite(self) -> bool:
+        """Whether no tensor holds NaN/Inf. Stages the small tensors and checks them as a few contiguous
+        blocks: one reduction per tensor costs more than the check itself for a few hundred layers."""
+        self.stage()
+        return all_finite([self.send[dt][:n] for dt, n in self.packed_numel.items() if n] + self._large)
+
+    def sendrecv(self, comm: MPI.Comm, dest: int, source: int, tag: int = 7, staged: bool = False) -> None:
+        """The ring transfer: this peer's tensors to ``dest``, ``source``'s into the receive buffers.
+        ``staged``: :meth:`stage` (or :meth:`all_finite`) ran since the tensors last changed."""
+        if not staged:
+            self.stage()
+        self._to_host()
+        # all large messages in flight at once (one handshake each would stall on a busy node),
+        # matched in order under their own tag; the packed block goes meanwhile
+        reqs = [comm.Irecv(recv, source=source, tag=tag + 1) for _, recv in self._direct]
+        reqs += [comm.Isend(send, dest=dest, tag=tag + 1) for send, _ in self._direct]
+        for dt, n in self.packed_numel.items():
+            if n:
+                comm.Sendrecv((_as_mpi(self.host_send[dt][:n]), _MPI_TYPES[dt]), dest=dest, sendtag=tag,
+                              recvbuf=(_as_mpi(self.host_recv[dt][:n]), _MPI_TYPES[dt]), source=source, recvtag=tag)
+        MPI.Request.Waitall(reqs)
+
+    def allreduce(self, comm: MPI.Comm) -> None:
+        """Sum the send buffers of all ranks into the receive buffers."""
+        for send, recv in zip(self.mpi_buffers("send"), self.mpi_buffers("recv"), strict=True):
+            comm.Allreduce(send, recv, op=MPI.SUM)
+
+    def received(self, into_send: bool = False) -> list[torch.Tensor]:
+        """Views, shaped like the tensors, into the receive (or send) buffers."""
+        if self.staging and not into_send:
+            for dt in self.groups:
+                self.recv[dt].copy_(self.host_recv[dt], non_blocking=True)
+        return list(self.send_views if into_send else self.recv_views)
 
     def mpi_buffers(self, which: str) -> list[tuple[object, MPI.Datatype]]:
         bufs = self.host_send if which == "send" else self.host_recv
@@ -103,6 +167,12 @@ def _as_mpi(t: torch.Tensor) -> object:
     if t.dtype in (torch.float16, torch.bfloat16):
         return t.view(torch.int16).numpy()
     return t.numpy()
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether no tensor holds NaN or Inf: min and max of each (NaN propagates), one host sync."""
+    ends = [torch.stack(torch.aminmax(t)).double() for t in tensors if t.numel()]
+    return bool(torch.isfinite(torch.cat(ends)).all()) if ends else True
 
 
 class GraftExchange:
@@ -151,7 +221,7 @@ class GraftExchange:
         """One synchronous round; every peer of ``comm`` must call it at the same point."""
         guard = on_wait or (lambda what: contextlib.nullcontext())
         h_self = grafting.layer_entropies(self.state, self.plan, self.level, self.bins)
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in self.tensors]).all())
+        finite = self.packed.all_finite()  # also stages the ring's packed block
         if self.source_fn is not None:
             if not finite:
                 return self._nonfinite((self.peer,), "its own weights are not finite")
@@ -172,16 +242,14 @@ class GraftExchange:
     # -- topologies ---------------------------------------------------------------------------------
     def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
               guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> RoundResult:
-        self.packed.pack()
         succ, pred = (self.peer + 1) % self.peers, self.source_peer
         with guard("graft: ring Sendrecv"):
-            for send, recv in zip(self.packed.mpi_buffers("send"), self.packed.mpi_buffers("recv"), strict=True):
-                self.comm.Sendrecv(send, dest=succ, sendtag=7, recvbuf=recv, source=pred, recvtag=7)
+            self.packed.sendrecv(self.comm, succ, pred, staged=True)
         if self.peer in bad or pred in bad:
             return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
         h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
         result = self._mix(h_self, self.packed.received(), h_src)
-        result.bytes_sent = self.packed.nbytes
+        result.bytes_sent, result.nonfinite_peers = self.packed.nbytes, bad
         return result
 
     def _allreduce(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
@@ -192,14 +260,11 @@ class GraftExchange:
         weights = [h.to(torch.float64) + grafting.WEIGHT_EPS for h in h_self]
         member_w = grafting.per_member(self.plan, weights)
         if own_ok:
-            scaled = [t * grafting.broadcast_to_filters(w.to(t.dtype), t)
-                      for t, w in zip(self.tensors, member_w, strict=True)]
+            self.packed.pack([grafting.broadcast_to_filters(w.to(device=t.device, dtype=t.dtype), t)
+                              for t, w in zip(self.tensors, member_w, strict=True)])
         else:
-            scaled = [torch.zeros_like(t) for t in self.tensors]
-        self.packed.pack(scaled)
-        with guard("graft: Allreduce"):
-            for send, recv in zip(self.packed.mpi_buffers("send"), self.packed.mpi_buffers("recv"), strict=True):
-                self.comm.Allreduce(send, recv, op=MPI.SUM)
+            self.packed.clear()  # NaN * 0 is NaN: a non-finite peer sends zeros, not scaled weights
+        sent = self._reduce(guard)
         others = [j for j in range(self.peers) if j != self.peer and j not in bad]
         if not own_ok or not others:
             return self._nonfinite(bad, "no finite peer to graft from" if own_ok else "its own weights are not finite")
@@ -211,14 +276,19 @@ class GraftExchange:
                     for t, w in zip(source, grafting.per_member(self.plan, totals), strict=True)]
         torch._foreach_div_(source, divisors)
         result = self._mix(h_self, source, self._entropies_of(source))
-        result.bytes_sent = self.packed.nbytes
+        result.bytes_sent, result.nonfinite_peers = sent, bad
         return result
+
+    def _reduce(self, guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> int:
+        """Sum the packed send buffers of all peers into the receive buffers; returns the bytes sent."""
+        with guard("graft: Allreduce"):
+            self.packed.allreduce(self.comm)
+        return self.packed.nbytes
 
     # -- helpers -------------------------------------------------------------------------------------
     def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]
              ) -> RoundResult:
-        alphas = [grafting.coefficients(hs, ho, self.a, self.c, self.round_alpha) for hs, ho in
-                  zip(h_self, h_src, strict=True)]
+        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)
         grafting.mix_(self.tensors, sources, grafting.per_member(self.plan, alphas))
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level))
 

@@ -23,7 +23,7 @@ WEIGHT_EPS = 1e-6  # keeps entropy weights positive in the allreduce topology
 
 # --------------------------------------------------------------------------------------------- entropy
 def filter_entropies(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Histogram entropy of every row of ``x`` (F, N) at once: one aminmax, one binning pass.
+    """Histogram entropy of every row of ``x`` (F, N) at once: one min/max pass, one binning pass.
 
     Bins are equal-width over each row's [min, max] (the maximum falls in the last bin), entropies in
     nats, empty bins skipped; a constant row has entropy 0. Returns float32 (F,) on ``x``'s device.
@@ -34,11 +34,15 @@ def filter_entropies(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
     if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     f, n = x.shape
-    lo, hi = torch.aminmax(x, dim=1)
+    # amin/amax along rows are vectorised where aminmax(dim=1) is not; a single row reduces globally.
+    lo, hi = torch.aminmax(x) if f == 1 else (x.amin(1, keepdim=True), x.amax(1, keepdim=True))
     span = hi - lo
     scale = torch.where(span > 0, bins / span, torch.zeros_like(span))
-    idx = ((x - lo[:, None]) * scale[:, None]).to(torch.int64).clamp_(0, bins - 1)
-    idx += torch.arange(f, device=x.device)[:, None] * bins
+    pos = torch.sub(x, lo).mul_(scale)  # one temporary, reused in place
+    # int32 halves the traffic of the bin indices; clamp puts the maximum (and NaN) in a valid bin
+    idx = pos.to(torch.int32).clamp_(0, bins - 1)
+    if f > 1:
+        idx += torch.arange(0, f * bins, bins, dtype=torch.int32, device=x.device)[:, None]
     counts = torch.bincount(idx.view(-1), minlength=f * bins).view(f, bins)
     p = counts.to(torch.float32) / n
     return -torch.special.xlogy(p, p).sum(dim=1)
@@ -67,6 +71,17 @@ def coefficients(
     diff = h_self.to(torch.float64) - h_source.to(torch.float64)
     alpha = a / math.pi * torch.atan(c * diff) + 0.5
     return torch.round(alpha, decimals=2) if round_alpha else alpha
+
+
+def layer_coefficients(h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor], a: float = 0.4,
+                       c: float = 500.0, round_alpha: bool = False) -> list[torch.Tensor]:
+    """:func:`coefficients` of every layer (0-d or per filter) in one batched computation: a network
+    has hundreds of layers and one tiny tensor op per layer costs more than the arithmetic."""
+    if not h_self:
+        return []
+    flat = coefficients(torch.cat([h.reshape(-1) for h in h_self]), torch.cat([h.reshape(-1) for h in h_source]),
+                        a, c, round_alpha)
+    return [part.view(h.shape) for part, h in zip(flat.split([h.numel() for h in h_self]), h_self, strict=True)]
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -126,19 +141,33 @@ def plan_signature(plan: Sequence[LayerGroup], state: State) -> list[tuple[str, 
 
 
 # ----------------------------------------------------------------------------------------- entropies
+BATCH_NUMEL = 1 << 16  # anchors up to this size share one filter_entropies call with their equals
+
+
 def layer_entropies(state: State, plan: Sequence[LayerGroup], level: str = "layer", bins: int = 10
                     ) -> list[torch.Tensor]:
-    """One entropy per group (0-d) at layer level; one per output filter (F,) at filter level."""
+    """One entropy per group (0-d) at layer level; one per output filter (F,) at filter level.
+
+    Small anchors of the same shape are stacked and binned in one call (rows of the batch are whole
+    layers, or filters at filter level): a CIFAR ResNet has dozens of equal 3x3 convs, and per-call
+    overhead, not arithmetic, dominates their cost. The results are the same bits as one call each.
+    """
     if level not in ("layer", "filter"):
         raise ValueError(f"level must be 'layer' or 'filter', got {level!r}")
-    out = []
-    for g in plan:
+    out: list[torch.Tensor | None] = [None] * len(plan)
+    batches: dict[tuple, list[int]] = {}
+    for i, g in enumerate(plan):
         w = state[g.anchor]
-        if level == "filter" and g.per_filter:
-            out.append(filter_entropies(w.reshape(w.shape[0], -1), bins))
+        rows = w.shape[0] if level == "filter" and g.per_filter else 1
+        if w.numel() <= BATCH_NUMEL and w.numel():
+            batches.setdefault((rows, w.numel(), w.dtype, w.device, w.dim() > 0), []).append(i)
         else:
-            out.append(entropy_tensor(w, bins))
-    return out
+            out[i] = filter_entropies(w.reshape(rows, -1), bins) if rows > 1 else entropy_tensor(w, bins)
+    for (rows, _, _, _, _), idx in batches.items():
+        stacked = torch.cat([state[plan[i].anchor].reshape(rows, -1) for i in idx])
+        for i, h in zip(idx, filter_entropies(stacked, bins).split(rows), strict=True):
+            out[i] = h if rows > 1 else h.reshape(())
+    return out  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------ mixing
@@ -150,15 +179,26 @@ def broadcast_to_filters(alpha: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def mix_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor]) -> None:
-    """In place: target <- alpha * target + (1 - alpha) * source, one fused lerp over all tensors.
+    """In place: target <- alpha * target + (1 - alpha) * source, over all tensors in two fused passes.
 
-    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]``.
+    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]`` (members of a group share
+    one tensor object, converted once). Written as the papers' sum, not as a lerp, so that alpha = 1/2
+    gives exactly the mean, the same bits on both peers of a pair.
     """
     if not targets:
         return
-    weights = [broadcast_to_filters((1.0 - a).to(device=t.device, dtype=t.dtype), t) for t, a in zip(targets, alphas,
-                                                                                           strict=True)]
-    torch._foreach_lerp_(list(targets), list(sources), weights)
+    unique = list({id(a): a for a in alphas}.values())
+    complement = dict(zip((id(a) for a in unique), torch._foreach_add(torch._foreach_neg(unique), 1.0), strict=True))
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    keep, take = [], []
+    for t, a in zip(targets, alphas, strict=True):
+        key = (id(a), t.dtype, t.device)
+        if key not in cache:
+            cache[key] = (a.to(device=t.device, dtype=t.dtype), complement[id(a)].to(device=t.device, dtype=t.dtype))
+        keep.append(broadcast_to_filters(cache[key][0], t))
+        take.append(broadcast_to_filters(cache[key][1], t))
+    torch._foreach_mul_(list(targets), keep)
+    torch._foreach_addcmul_(list(targets), list(sources), take)
 
 
 def per_member(plan: Sequence[LayerGroup], alphas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -198,10 +238,16 @@ class GraftReport:
 def make_report(plan: Sequence[LayerGroup], h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor],
                 alphas: Sequence[torch.Tensor], level: str) -> GraftReport:
     """Per-layer entropies and coefficients; one host transfer for the whole network."""
-    stats = torch.stack([
-        torch.stack([hs.double().mean(), ho.double().mean(), al.mean(), al.min(), al.max()])
-        for hs, ho, al in zip(h_self, h_source, alphas, strict=True)
-    ]).cpu().tolist() if plan else []
+    if not plan:
+        stats = []
+    elif all(al.dim() == 0 for al in alphas):  # layer level: no reductions, three stacks
+        hs, ho, al = (torch.stack([x.reshape(()).to(torch.float64) for x in xs]) for xs in (h_self, h_source, alphas))
+        stats = torch.stack([hs, ho, al, al, al], dim=1).cpu().tolist()
+    else:
+        stats = torch.stack([
+            torch.stack([hs.double().mean(), ho.double().mean(), al.mean(), al.min(), al.max()])
+            for hs, ho, al in zip(h_self, h_source, alphas, strict=True)
+        ]).cpu().tolist()
     layers = [
         LayerReport(g.anchor, s[0], s[1], s[2], s[3], s[4], int(a.numel()))
         for g, s, a in zip(plan, stats, alphas, strict=True)
@@ -229,7 +275,7 @@ def graft_state(
     plan = plan_layers(self_state)
     h_self = layer_entropies(self_state, plan, level, bins)
     h_source = layer_entropies(source_state, plan, level, bins)
-    alphas = [coefficients(hs, ho, a, c, round_alpha) for hs, ho in zip(h_self, h_source, strict=True)]
+    alphas = layer_coefficients(h_self, h_source, a, c, round_alpha)
     out = {k: v.clone() for k, v in self_state.items()}
     keys = member_keys(plan)
     mix_([out[k] for k in keys], [source_state[k] for k in keys], per_member(plan, alphas))

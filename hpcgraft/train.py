@@ -27,6 +27,7 @@ from torch import nn
 
 from hpcgraft import comm as hcomm
 from hpcgraft import grafting, seeding
+from hpcgraft import replicas as hreplicas
 from hpcgraft.config import Config, ConfigError, config_from_dict, load_config
 from hpcgraft.cultivation import PeerLogits, distillation_loss, mean_of_others
 from hpcgraft.data import BatchLoader, DataError, build_datasets
@@ -141,6 +142,7 @@ class Peer:
     exchange: GraftExchange | None
     logits: PeerLogits | None
     watchdog: hcomm.Watchdog
+    replicas: hreplicas.ReplicaGroup | None = None  # the peer's other ranks, when it spans several (Horovod)
     progress: Progress = field(default_factory=Progress)
     graft_rows: list[dict[str, Any]] = field(default_factory=list)
 
@@ -160,6 +162,9 @@ def build_peer(cfg: Config, world: hcomm.World) -> Peer:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay, nesterov=cfg.train.nesterov)
+    group = hreplicas.ReplicaGroup(world) if world.replicas > 1 else None
+    if group is not None:
+        optimizer = group.wrap_optimizer(optimizer, model)
     cultivating = cfg.cultivate.lambda_ > 0
     # Peers draw their own data order, except while cultivating: distillation compares predictions
     # on the same images.
@@ -173,7 +178,7 @@ def build_peer(cfg: Config, world: hcomm.World) -> Peer:
     schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
     return Peer(cfg, world, device, model, optimizer, schedule, train_loader, test_loader, None,
                 PeerLogits(world.graft_comm) if cultivating else None,
-                hcomm.Watchdog(world.comm, cfg.dist.watchdog_s))
+                hcomm.Watchdog(world.comm, cfg.dist.watchdog_s), group)
 
 
 def make_exchange(peer: Peer) -> GraftExchange | None:
@@ -187,21 +192,22 @@ def make_exchange(peer: Peer) -> GraftExchange | None:
             return grafting.noise_source(tensors, gen)
     elif g.mode == "self":
         source_fn = grafting.self_source
-    return GraftExchange(peer.model.state_dict(), world.graft_comm, topology=g.topology, level=g.level, a=g.a,
-                         c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite,
-                         source_fn=source_fn)
+    options: dict[str, Any] = dict(topology=g.topology, level=g.level, a=g.a, c=g.c, bins=g.bins,
+                                   round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite)
+    if world.replicas > 1 and source_fn is None:  # each replica moves its share of the peer's weights
+        return hreplicas.ShardedGraftExchange(peer.model.state_dict(), world.graft_comm, world.peer_comm, **options)
+    return GraftExchange(peer.model.state_dict(), world.graft_comm, source_fn=source_fn, **options)
 
 
 def check_layout(cfg: Config, world: hcomm.World) -> None:
     if cfg.graft.mode == "peers" and world.peers < 2:
         raise ConfigError(
             f"grafting between peers needs at least 2 peers but this run has {world.peers}; start it with "
-            f"mpirun -np K (K >= 2{f' times dist.replicas={world.replicas}' if world.replicas > 1 else ''}) "
+            f"mpirun -np K (K >= 2{f' peers x dist.replicas={world.replicas}' if world.replicas > 1 else ''}) "
             "or set graft.mode=none"
         )
     if cfg.dist.replicas > 1:
-        raise ConfigError("dist.replicas > 1 needs the Horovod integration, which this build does not have yet; "
-                          "use dist.replicas=1")
+        hreplicas.require_horovod(cfg)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -224,6 +230,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
               f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
               f"device {peer.device}, run dir {run_dir}", world=world)
     agreed(comm, lambda: store.resume(peer))
+    if peer.replicas is not None:  # every replica starts (or resumes) from replica 0's state
+        peer.replicas.broadcast_state(peer.model, peer.optimizer)
     stop = hcomm.StopRequest(comm)
     header = True
     while peer.progress.epoch < t.epochs:
@@ -294,7 +302,7 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
                 target = mean_of_others(everyone, peer.world.peer, cfg.cultivate.temperature)
                 loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
                                                                         cfg.cultivate.temperature)
-        peer.optimizer.zero_grad(set_to_none=True)
+        peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
         peer.optimizer.step()
         loss_sum += loss.detach().double() * len(y)
@@ -302,6 +310,8 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
         prog.seen += len(y)
         prog.batch += 1
         prog.step += 1
+        if peer.replicas is not None:
+            peer.replicas.check_step(model, peer.optimizer, prog.step)
         if bar is not None:
             bar.update(1)
         if cfg.graft.mode != "none" and cfg.graft.interval_steps and prog.step % cfg.graft.interval_steps == 0:
@@ -311,6 +321,7 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
             break
     if bar is not None:
         bar.close()
+    sync_replicas(peer)
     prog.loss_sum += float(loss_sum)
     prog.correct += int(correct)
     prog.seconds += time.perf_counter() - started
@@ -327,11 +338,22 @@ def _progress_bar(peer: Peer):  # noqa: ANN202 - tqdm or None
                 desc=f"epoch {peer.progress.epoch + 1}/{peer.cfg.train.epochs}", file=sys.stderr)
 
 
+def sync_replicas(peer: Peer) -> None:
+    """A peer's replicas average their BatchNorm statistics (local between syncs) before anything reads
+    the peer as a whole: a graft, an evaluation, a checkpoint."""
+    if peer.replicas is not None:
+        peer.replicas.sync_buffers(peer.model, peer.progress.step)
+        peer.replicas.check_synced(peer.model, peer.optimizer, f"buffer sync at step {peer.progress.step}")
+
+
 def graft(peer: Peer) -> None:
     """One grafting round with the other peers; its report goes to graft.jsonl via rank 0."""
     assert peer.exchange is not None
+    sync_replicas(peer)
     result = peer.exchange.graft(on_wait=peer.watchdog.guard)
     prog, world = peer.progress, peer.world
+    if peer.replicas is not None:
+        peer.replicas.check_synced(peer.model, peer.optimizer, f"graft at step {prog.step}")
     epoch = prog.epoch if prog.batch == 0 else prog.epoch + 1  # at an epoch end, ``epoch`` is already counted
     row: dict[str, Any] = {"epoch": epoch, "step": prog.step, "peer": world.peer,
                            "source": _source_name(peer), "mode": peer.cfg.graft.mode}
