@@ -1,0 +1,370 @@
+"""Submit a grafting run from Python with submitit: to SLURM (one task = one MPI rank) or locally.
+
+    python -m hpcgraft.launch --config configs/cifar10_resnet32.yaml --out runs/c10 --nodes 2 --gpus-per-node 4 \\
+        [--partition P] [--time MIN] [--executor auto|local|slurm] [--wait] key=value ...
+
+On SLURM every task runs ``hpcgraft.train.main`` in its own process, started by ``srun --mpi=pmi2`` (or the
+site's PMI, ``--srun-mpi``), so the tasks form one MPI world through SLURM's PMI, exactly like ranks
+started by mpirun. The local executor runs one task that starts ``mpirun -np K``.
+
+Time limits and preemption: SLURM sends SIGUSR1 to every rank ``signal_delay_s`` before the limit. The
+training catches it, every rank checkpoints at the same step and ``main`` returns 75; the task then
+hands over to submitit's own requeue handler (the one it installed for SIGUSR1 before the training
+replaced it), which calls :meth:`GraftRun.checkpoint` and requeues the job, counting time-outs against
+``max_requeues``. The requeued job runs the same call, which resumes from the run directory's last
+checkpoint, so no epoch is lost or repeated. submitit's default preemption signal is SIGUSR2; jobs
+submitted here are told to use SIGUSR1 (``SUBMITIT_PREEMPT_SIGNAL``), the signal the training stops on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.helpers import DelayedSubmission, environment_variables
+
+from hpcgraft.config import ConfigError, load_config
+from hpcgraft.metrics import METRICS, epoch_table, read_jsonl
+
+PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
+# hpcgraft.comm.EXIT_REQUEUE, not imported: importing hpcgraft.comm starts MPI, which the submitting
+# process and the local executor's mpirun parent must not do.
+EXIT_REQUEUE = 75
+CLEAN_SHM = Path(__file__).resolve().parents[1] / "slurm" / "clean_mpich_shm.sh"
+EXECUTORS = ("auto", "local", "slurm")
+
+
+class LaunchError(RuntimeError):
+    """A submission that cannot work, reported as one line naming the problem and the fix."""
+
+
+# ------------------------------------------------------------------------------------------ the job
+@dataclasses.dataclass
+class GraftRun:
+    """The callable submitit runs in every task: one training rank, or (``mpirun_np`` > 0) an mpirun.
+
+    Checkpointable: its state is the run directory, so :meth:`checkpoint` resubmits the same call and
+    the training resumes from its own last checkpoint.
+    """
+
+    config: str | None
+    out: str
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    restart: bool = False
+    mpirun_np: int = 0  # 0: this task is a rank of a world formed by srun; K: start K ranks with mpirun
+
+    def argv(self) -> list[str]:
+        """Arguments of ``python -m hpcgraft.train``."""
+        args = ["--out", self.out, *(["--config", self.config] if self.config else [])]
+        return args + (["--restart"] if self.restart else []) + list(self.overrides)
+
+    def __call__(self) -> int:
+        requeue_handler = _submitit_requeue_handler()
+        rc = self._run_training()
+        if rc == EXIT_REQUEUE:
+            # Every rank wrote its checkpoint. MPI ends cleanly first: the requeue kills this step, and
+            # ranks killed inside MPI leave shared memory that the next start would trip over. Then rank 0
+            # asks submitit to requeue (it calls checkpoint(), requeues and exits); the other ranks leave
+            # without a result, as submitit's own do.
+            if not self.mpirun_np:
+                from mpi4py import MPI
+
+                MPI.Finalize()
+            if callable(requeue_handler):
+                signal.signal(signal.SIGUSR1, requeue_handler)
+                requeue_handler(signal.SIGUSR1, None)
+            sys.exit(EXIT_REQUEUE)
+        if rc != 0:
+            raise RuntimeError(f"hpcgraft.train exited with status {rc}; the reason is in this task's stderr")
+        return rc
+
+    def _run_training(self) -> int:
+        if not self.mpirun_np:
+            from hpcgraft.train import main
+
+            return main(self.argv())
+        mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+        if mpirun is None:
+            raise LaunchError("mpirun not found next to this python or on PATH; install the mpich wheel (make setup)")
+        cmd = [mpirun, "-np", str(self.mpirun_np), sys.executable, "-m", "hpcgraft.train", *self.argv()]
+        proc = subprocess.Popen(cmd)
+        # mpirun passes USR1/TERM on to the ranks, which checkpoint and exit 75.
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+        return proc.wait()
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """The same call without ``--restart``: the run directory holds everything needed to resume."""
+        return DelayedSubmission(dataclasses.replace(self, restart=False), *args, **kwargs)
+
+
+def _submitit_requeue_handler() -> Any:
+    """submitit's handler for its preemption signal, which must be the training's SIGUSR1."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None  # called directly, not by submitit
+    from submitit import JobEnvironment
+
+    if JobEnvironment._usr_sig() != signal.SIGUSR1:
+        raise LaunchError(f"submitit's preemption signal is SIG{JobEnvironment.USR_SIG}, but hpcgraft.train "
+                          f"checkpoints on SIGUSR1; submit with hpcgraft.launch or set SUBMITIT_PREEMPT_SIGNAL=USR1")
+    return signal.getsignal(signal.SIGUSR1)
+
+
+# ------------------------------------------------------------------------------------------ cluster checks
+@dataclasses.dataclass
+class Partition:
+    name: str
+    nodes: int
+    cpus: int  # per node, the largest node
+    gpus: int  # per node, the largest node
+    default: bool
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"'{' '.join(cmd)}' did not answer within 60 s; is slurmctld up?") from None
+    if r.returncode:
+        detail = (r.stderr or r.stdout).strip().splitlines()
+        why = detail[-1] if detail else f"exit status {r.returncode}"
+        raise LaunchError(f"SLURM is not reachable: '{' '.join(cmd)}' failed ({why}); "
+                          "check that slurmctld is up and SLURM_CONF points at its slurm.conf "
+                          "(a local test cluster: tools/slurm_local.sh start)")
+    return r.stdout
+
+
+def slurm_partitions() -> dict[str, Partition]:
+    """The partitions SLURM reports, with their node count and the CPUs and GPUs of their largest node."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        raise LaunchError("SLURM is not available here (no sbatch/sinfo on PATH); run on a login node, "
+                          "use --executor local, or start a local test cluster with tools/slurm_local.sh start")
+    parts: dict[str, Partition] = {}
+    seen: set[tuple[str, str]] = set()
+    for line in _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G"]).splitlines():
+        name, node, cpus, gres = line.strip().split("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        p = parts.setdefault(name, Partition(name, 0, 0, 0, default))
+        if (name, node) in seen:
+            continue
+        seen.add((name, node))
+        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,()]+)?:(\d+)", gres))
+        p.nodes, p.cpus, p.gpus = p.nodes + 1, max(p.cpus, int(cpus.rstrip("+"))), max(p.gpus, gpus)
+    return parts
+
+
+def check_slurm_request(partition: str | None, nodes: int, gpus_per_node: int, tasks_per_node: int,
+                        cpus_per_task: int) -> Partition:
+    """Fail now, with the reason, instead of leaving a job pending forever or rejected after a wait."""
+    parts = slurm_partitions()
+    if not parts:
+        raise LaunchError("SLURM reports no partitions (sinfo is empty); ask the administrators or check SLURM_CONF")
+    if partition is None:
+        defaults = [p for p in parts.values() if p.default]
+        if not defaults:
+            raise LaunchError(f"this cluster has no default partition; pass --partition (one of {', '.join(parts)})")
+        part = defaults[0]
+    elif partition not in parts:
+        raise LaunchError(f"partition '{partition}' does not exist; sinfo lists: {', '.join(sorted(parts))}")
+    else:
+        part = parts[partition]
+    if nodes > part.nodes:
+        raise LaunchError(f"--nodes {nodes}: partition '{part.name}' has {part.nodes} node(s)")
+    if gpus_per_node > part.gpus:
+        raise LaunchError(f"--gpus-per-node {gpus_per_node}: the nodes of partition '{part.name}' have at most "
+                          f"{part.gpus} GPU(s); ask for fewer, pick another --partition, or use --gpus-per-node 0 "
+                          "with --tasks-per-node for CPU ranks")
+    if tasks_per_node * cpus_per_task > part.cpus:
+        raise LaunchError(f"{tasks_per_node} task(s) x {cpus_per_task} CPU(s) per node: the nodes of partition "
+                          f"'{part.name}' have at most {part.cpus} CPUs; lower --tasks-per-node or --cpus-per-task")
+    return part
+
+
+# ------------------------------------------------------------------------------------------ submission
+def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *, nodes: int = 1,
+           gpus_per_node: int = 0, tasks_per_node: int | None = None, cpus_per_task: int = 1,
+           partition: str | None = None, account: str | None = None, time_min: int = 60,
+           executor: str = "auto", logs: str | Path | None = None, restart: bool = False,
+           signal_delay_s: int = 120, max_requeues: int = 20, srun_mpi: str = "pmi2") -> submitit.Job:
+    """Submit one grafting run: ``nodes`` x ranks per node, one rank per GPU (or ``tasks_per_node`` CPU
+    ranks with ``gpus_per_node=0``). Returns the submitit Job (``job.job_id``, ``job.paths.stdout``,
+    one sub-job per task); :func:`wait` waits for it.
+
+    The config and overrides are checked here, and on SLURM the request against the partition, so that a
+    mistake costs seconds rather than a queue wait. ``max_requeues`` bounds the time-outs submitit
+    requeues (preemptions do not count); ``signal_delay_s`` is how long before the time limit the ranks
+    are told to checkpoint.
+    """
+    if executor not in EXECUTORS:
+        raise LaunchError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
+    load_config(config, list(overrides))  # raises ConfigError naming the bad key
+    ranks = gpus_per_node if gpus_per_node > 0 else (tasks_per_node or 0)
+    if ranks < 1:
+        raise LaunchError("no ranks: give --gpus-per-node N (one rank per GPU) or --gpus-per-node 0 with "
+                          "--tasks-per-node N (CPU ranks)")
+    if tasks_per_node is not None and gpus_per_node > 0 and tasks_per_node != gpus_per_node:
+        raise LaunchError(f"--tasks-per-node {tasks_per_node} with --gpus-per-node {gpus_per_node}: GPU runs use one "
+                          "rank per GPU; leave --tasks-per-node out")
+    cluster = None if executor == "auto" else executor
+    if cluster is None and shutil.which("srun") is None:
+        cluster = "local"
+    if cluster != "local":
+        check_slurm_request(partition, nodes, gpus_per_node, ranks, cpus_per_task)
+    elif nodes != 1:
+        raise LaunchError(f"--nodes {nodes} with the local executor: it runs on this machine only (--nodes 1)")
+    out = str(Path(out).absolute())
+    folder = Path(logs).absolute() if logs else Path(out) / "submitit"
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, slurm_max_num_timeout=max_requeues,
+                               local_max_num_timeout=max_requeues)
+    if ex.cluster == "local":
+        run = GraftRun(config and str(Path(config).absolute()), out, list(overrides), restart, mpirun_np=ranks)
+        # submitit's local controller signals 30 s before the limit; signal_delay_s applies to SLURM.
+        ex.update_parameters(timeout_min=time_min, tasks_per_node=1, nodes=1, gpus_per_node=gpus_per_node,
+                             name=Path(out).name)
+    else:
+        run = GraftRun(config and str(Path(config).absolute()), out, list(overrides), restart)
+        ex.update_parameters(
+            timeout_min=time_min, nodes=nodes, tasks_per_node=ranks, cpus_per_task=cpus_per_task,
+            name=f"graft-{Path(out).name}", slurm_partition=partition, slurm_account=account,
+            slurm_srun_args=[f"--mpi={srun_mpi}", "--kill-on-bad-exit=0", f"--cpus-per-task={cpus_per_task}"],
+            slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}",
+                         *([f'[ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] && bash {shlex.quote(str(CLEAN_SHM))}']
+                           if CLEAN_SHM.exists() else [])],
+            slurm_additional_parameters={"signal": f"{PREEMPT_SIGNAL}@{signal_delay_s}", "requeue": True},
+            **({"slurm_gpus_per_task": 1} if gpus_per_node > 0 else {}),
+        )
+    # The local controller (and sbatch's exported environment) must use the training's stop signal.
+    with environment_variables(SUBMITIT_PREEMPT_SIGNAL=PREEMPT_SIGNAL):
+        return ex.submit(run)
+
+
+def _slurm_state(job_id: str) -> str | None:
+    """The job's state while SLURM still lists it (no accounting database needed), else None."""
+    r = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    state = r.stdout.strip()
+    return state or None
+
+
+def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0) -> list[Any]:
+    """Wait until the run is over (through its requeues) and return the tasks' results.
+
+    submitit's own wait asks ``sacct``, which clusters without an accounting database lack; a SLURM job is
+    also over here once ``squeue`` no longer lists it. Raises :class:`LaunchError` if a task failed or
+    ``timeout_s`` passed (the job keeps running then).
+    """
+    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    if isinstance(job, submitit.SlurmJob):
+        # Over when SLURM no longer lists the job: results are written before the ranks leave MPI, and a
+        # job cancelled in that moment would leave MPI's shared memory behind. A job gone without
+        # results gets a grace period, as results can lag on shared filesystems.
+        gone_since = None
+        while True:
+            if _slurm_state(job.job_id) is None:
+                gone_since = gone_since or time.monotonic()
+                if all(t.paths.result_pickle.exists() for t in tasks) or time.monotonic() - gone_since > 15:
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                raise LaunchError(f"job {job.job_id} still runs after {timeout_s:g} s; see {job.paths.stderr}")
+            time.sleep(poll_s)
+    elif deadline is not None:
+        while not job.done():
+            if time.monotonic() > deadline:
+                raise LaunchError(f"job {job.job_id} still runs after {timeout_s:g} s; see {job.paths.stderr}")
+            time.sleep(poll_s)
+    results = []
+    for t in tasks:
+        if not t.paths.result_pickle.exists() and isinstance(job, submitit.SlurmJob):
+            raise LaunchError(f"job {job.job_id} task {t.task_id} ended without a result (killed, cancelled or out "
+                              f"of requeues); see {t.paths.stderr}")
+        try:
+            results.append(t.result())
+        except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as exc:
+            last = str(exc).strip().splitlines()
+            raise LaunchError(f"job {job.job_id} task {t.task_id} failed: {last[-1] if last else exc}; "
+                              f"see {t.paths.stderr}") from None
+    return results
+
+
+def final_metrics(out: str | Path) -> str:
+    """The last epoch's rows of RUN_DIR/metrics.jsonl as the training prints them."""
+    rows = read_jsonl(Path(out) / METRICS)
+    if not rows:
+        return f"{Path(out) / METRICS}: no metrics yet"
+    last = rows[-1]["epoch"]
+    peers = [r for r in rows if r["epoch"] == last and r.get("peer") is not None]
+    ensemble = next((r["ensemble_acc"] for r in rows if r["epoch"] == last and r.get("peer") is None), None)
+    cfg = load_config(Path(out) / "config.yaml")
+    return epoch_table(peers, ensemble, cfg.train.epochs, cfg.log.thresholds, header=True)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m hpcgraft.launch",
+        description="Submit a grafting run with submitit: to SLURM (one MPI rank per GPU, formed by srun) "
+                    "or to this machine (mpirun).",
+        epilog="Overrides: dotted config keys for hpcgraft.train, e.g. train.epochs=3 graft.level=filter",
+    )
+    p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
+    p.add_argument("--out", required=True, help="run directory; a requeued or resubmitted job resumes it")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU; 0: CPU ranks (--tasks-per-node)")
+    p.add_argument("--tasks-per-node", type=int, help="CPU ranks per node when --gpus-per-node is 0 (default 2)")
+    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit per start in minutes (default 60)")
+    p.add_argument("--signal-delay", type=int, default=120, metavar="S",
+                   help="seconds before the time limit at which the ranks checkpoint and the job requeues")
+    p.add_argument("--max-requeues", type=int, default=20, help="time-outs after which the job is not requeued")
+    p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi= value: pmi2 (MPICH wheel) or the site's pmix")
+    p.add_argument("--executor", choices=EXECUTORS, default="auto", help="auto: SLURM where srun exists, else local")
+    p.add_argument("--logs", help="submitit's folder for job files and logs (default: RUN_DIR/submitit)")
+    p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end and print its final metrics")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: submit, print where things are, optionally wait; 0 on success, 2 on a bad request."""
+    a = parse_args(argv)
+    tasks_per_node = a.tasks_per_node if a.gpus_per_node > 0 or a.tasks_per_node else 2
+    try:
+        job = submit(a.config, a.out, a.overrides, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
+                     tasks_per_node=tasks_per_node, cpus_per_task=a.cpus_per_task, partition=a.partition,
+                     account=a.account, time_min=a.time, executor=a.executor, logs=a.logs, restart=a.restart,
+                     signal_delay_s=a.signal_delay, max_requeues=a.max_requeues, srun_mpi=a.srun_mpi)
+    except (LaunchError, ConfigError) as exc:
+        print(f"hpcgraft.launch: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job.job_id} ({type(job).__name__}, {job.num_tasks} task(s)); "
+          f"run dir {Path(a.out).absolute()}")
+    print(f"  logs: {job.paths.stdout}")
+    if not a.wait:
+        return 0
+    try:
+        wait(job)
+    except LaunchError as exc:
+        print(f"hpcgraft.launch: error: {exc}", file=sys.stderr)
+        return 1
+    print(final_metrics(a.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+#!/bin/bash
+# Run inside a restarted (requeued) job, before its MPI step: removes the shared-memory files that
+# MPICH ranks of an earlier start of this job left in /dev/shm when they were killed instead of exiting.
+#
+# Why: MPICH names its node-local shared memory after a hash of the PMI key-value-space name, which
+# under srun is "<job id>.<step id>". A requeued job keeps its id and numbers its steps from 0 again, so
+# its ranks open the dead start's files, read stale messages and fail in MPI_Init or hang there. Only
+# those exact names are removed (FNV-1a of "<job id>.0" and "<job id>.1": the training step is step 0,
+# or step 1 after the cleanup step this script runs on multi-node restarts), on every node of the job.
+# Other MPIs do not create these files; then this does nothing.
+set -u
+[ -n "${SLURM_JOB_ID:-}" ] || { echo "clean_mpich_shm.sh: run it inside a SLURM job" >&2; exit 2; }
+
+fnv1a() {
+    local s=$1 h=2166136261 i c
+    for ((i = 0; i < ${#s}; i++)); do
+        printf -v c '%d' "'${s:i:1}"
+        h=$(((h ^ c) * 16777619 & 0xffffffff))
+    done
+    printf '%x' "$h"
+}
+
+patterns=""
+for step in 0 1; do
+    h=$(fnv1a "$SLURM_JOB_ID.$step")
+    patterns+=" /dev/shm/mpich_shm_${h}_* /dev/shm/mpich_vci_${h}_*"
+done
+if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ]; then
+    srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 --cpus-per-task=1 \
+        bash -c "rm -f $patterns"
+else
+    # shellcheck disable=SC2086 # the patterns are globs
+    rm -f $patterns
+fi

@@ -1,0 +1,109 @@
+# Shared part of slurm/graft_*.sh; sourced by them after their variable block, never run on its own.
+#
+# Outside a job it submits the calling script with sbatch, the job shape taken from the variables;
+# inside a job it starts one MPI rank per task with srun and turns the training's exit status into
+# the job's fate: 0 finished, 75 (a checkpoint was written on SIGUSR1) requeue, anything else failed.
+
+hpcgraft_die() {
+    echo "$(basename "$HPCGRAFT_SCRIPT"): $*" >&2
+    exit 2
+}
+
+# A path from the variables as the job will see it: relative paths are relative to the repository root.
+hpcgraft_path() { case $1 in /*) echo "$1" ;; *) echo "$HPCGRAFT_ROOT/$1" ;; esac; }
+
+# Submit mode: `bash slurm/graft_X.sh key=value ...` -> sbatch <shape from the variables> slurm/graft_X.sh key=value ...
+# The log goes to the current directory, as with a plain sbatch.
+hpcgraft_submit() {
+    [ -f "$(hpcgraft_path "$CONFIG")" ] || hpcgraft_die "config $(hpcgraft_path "$CONFIG") not found; set CONFIG in the script or HPCGRAFT_CONFIG"
+    if [[ $PYTHON == */* ]]; then [ -x "$(hpcgraft_path "$PYTHON")" ]; else command -v "$PYTHON" >/dev/null; fi || hpcgraft_die "python $PYTHON not found; run 'make setup' or set HPCGRAFT_PYTHON"
+    local ranks=$GPUS_PER_NODE
+    [ "$GPUS_PER_NODE" -gt 0 ] 2>/dev/null || ranks=$TASKS_PER_NODE
+    [ "$ranks" -gt 0 ] 2>/dev/null || hpcgraft_die "GPUS_PER_NODE=$GPUS_PER_NODE and TASKS_PER_NODE=$TASKS_PER_NODE: need GPUs per node > 0, or 0 GPUs and TASKS_PER_NODE > 0 CPU ranks"
+    local lead limit
+    lead=$(sed -n 's/^#SBATCH --signal=B:USR1@//p' "$HPCGRAFT_SCRIPT" | head -n1)
+    case $TIME in
+    UNLIMITED | unlimited | INFINITE | infinite) limit=$((lead + 1)) ;;
+    *) limit=$(hpcgraft_seconds "$TIME") || hpcgraft_die "TIME=$TIME is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])" ;;
+    esac
+    [ "$limit" -gt "${lead:-0}" ] || hpcgraft_die "TIME=$TIME is not longer than the ${lead} s warning before the limit (#SBATCH --signal): every start would stop at once; ask for more time"
+    command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
+    local opts=(--nodes="$NODES" --ntasks-per-node="$ranks" --cpus-per-task="$CPUS_PER_TASK" --time="$TIME")
+    [ "$GPUS_PER_NODE" -gt 0 ] && opts+=(--gpus-per-task=1)
+    [ -n "$PARTITION" ] && opts+=(--partition="$PARTITION")
+    [ -n "$ACCOUNT" ] && opts+=(--account="$ACCOUNT")
+    # shellcheck disable=SC2206 # word splitting is the point: extra sbatch options
+    opts+=(${HPCGRAFT_SBATCH_ARGS:-})
+    local out id
+    out=$(sbatch --parsable "${opts[@]}" "$HPCGRAFT_SCRIPT" "$@") || exit $?
+    id=${out%%;*}
+    echo "Submitted batch job $id"
+    echo "  $NODES node(s) x $ranks rank(s) ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $PWD/$(hpcgraft_job_name)-$id.out"
+    echo "  run dir: $(hpcgraft_path "$(SLURM_JOB_ID=$id SLURM_JOB_NAME=$(hpcgraft_job_name) hpcgraft_run_dir)")"
+}
+
+# SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds.
+hpcgraft_seconds() {
+    local t=$1 d=0 a b c
+    [[ $t =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] || return 1
+    if [[ $t == *-* ]]; then
+        d=${t%%-*}
+        IFS=: read -r a b c <<<"${t#*-}"
+        echo $((d * 86400 + 10#$a * 3600 + 10#${b:-0} * 60 + 10#${c:-0}))
+        return
+    fi
+    IFS=: read -r a b c <<<"$t"
+    if [ -n "$c" ]; then echo $((10#$a * 3600 + 10#$b * 60 + 10#$c)); else echo $((10#$a * 60 + 10#${b:-0})); fi
+}
+
+hpcgraft_job_name() { sed -n 's/^#SBATCH --job-name=//p' "$HPCGRAFT_SCRIPT" | head -n1; }
+
+hpcgraft_run_dir() { echo "${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}"; }
+
+# Job mode: one rank per task; USR1 (time limit near, or scancel --signal=USR1 --batch) is passed on to
+# every rank, which checkpoint at the same step and exit 75; then the job requeues itself and the
+# next start resumes from the checkpoint in the same run directory.
+hpcgraft_run() {
+    local run_dir srun_pid="" rc
+    run_dir=$(hpcgraft_run_dir)
+    trap 'echo "hpcgraft: $(date +%T) USR1: asking every rank to checkpoint and stop"; [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"' USR1
+    local cmd=("$PYTHON" -m hpcgraft.train --config "$CONFIG" --out "$run_dir")
+    [ -n "$DATA" ] && cmd+=("data.root=$DATA")
+    local srun_opts=(--mpi="$SRUN_MPI" --kill-on-bad-exit=0)
+    # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05
+    [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    # A requeued start after ranks were killed (preemption, a node failure) must not meet their MPI leftovers.
+    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_ROOT/slurm/clean_mpich_shm.sh"
+    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
+    srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
+    srun_pid=$!
+    # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
+    while :; do
+        wait "$srun_pid" && rc=0 || rc=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+    case $rc in
+    0) echo "hpcgraft: $(date +%T) finished; metrics in $run_dir/metrics.jsonl" ;;
+    75)
+        # Said first: the requeue ends this shell at once.
+        echo "hpcgraft: $(date +%T) checkpoint written; requeueing job $SLURM_JOB_ID, the next start resumes from $run_dir"
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            rc=0
+        else
+            echo "hpcgraft: $(date +%T) checkpoint written but the job could not be requeued; resubmit the same command to resume" >&2
+        fi
+        ;;
+    *) echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2 ;;
+    esac
+    exit "$rc"
+}
+
+hpcgraft_main() {
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        cd "$HPCGRAFT_ROOT" || hpcgraft_die "cannot enter $HPCGRAFT_ROOT"
+        hpcgraft_run "$@"
+    else
+        export HPCGRAFT_ROOT  # the job runs a copy of the script and finds the repository through it
+        hpcgraft_submit "$@"
+    fi
+}

@@ -1,0 +1,49 @@
+"""Shared fixtures: the local one-node SLURM cluster (tools/slurm_local.sh) for tests marked ``slurm``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
+
+
+def _slurm_local(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SLURM_LOCAL), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[Path]:
+    """A running one-node SLURM cluster; yields its slurm.conf and exports SLURM_CONF for the session.
+
+    Reuses a cluster that is already up (and leaves it up); starts one otherwise (installing slurm-wlm
+    and munge with apt-get when needed) and stops it at the end. Skips only where SLURM cannot run here.
+    """
+    env = dict(os.environ)
+    conf = Path(env.get("HPCGRAFT_SLURM_DIR", "/tmp/hpcgraft-slurm")) / "slurm.conf"
+    started = False
+    if _slurm_local("status", env=env).returncode != 0:
+        if os.geteuid() != 0:
+            pytest.skip("the local SLURM cluster needs root (tools/slurm_local.sh start installs and runs slurmd)")
+        if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+            pytest.skip("SLURM is not installed and there is no apt-get to install slurm-wlm and munge")
+        r = _slurm_local("start", env=env)
+        assert r.returncode == 0, f"tools/slurm_local.sh start failed:\n{r.stdout}\n{r.stderr}"
+        started = True
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(conf)
+    try:
+        yield conf
+    finally:
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        if started:
+            _slurm_local("stop", env=env)
