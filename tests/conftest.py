@@ -47,3 +47,15 @@ def slurm_cluster() -> Iterator[Path]:
             os.environ["SLURM_CONF"] = old
         if started:
             _slurm_local("stop", env=env)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """In-process tests run small tensors, for which a second thread costs more than it brings (and far
+    more on a loaded machine); ranks started by the tests choose their own threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
