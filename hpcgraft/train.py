@@ -11,7 +11,9 @@ report and checkpoint. SIGUSR1/SIGTERM stop every rank at the same step after a 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -28,10 +30,11 @@ from torch import nn
 from hpcgraft import comm as hcomm
 from hpcgraft import grafting, seeding
 from hpcgraft import replicas as hreplicas
+from hpcgraft.checkpoint import CheckpointError
 from hpcgraft.config import Config, ConfigError, config_from_dict, load_config
 from hpcgraft.cultivation import PeerLogits, distillation_loss, mean_of_others
 from hpcgraft.data import BatchLoader, DataError, build_datasets
-from hpcgraft.exchange import GraftExchange
+from hpcgraft.exchange import GraftExchange, NonFiniteWeightsError
 from hpcgraft.metrics import GRAFTS, METRICS, RunLog, epoch_table
 from hpcgraft.models import create_model
 from hpcgraft.schedule import LRSchedule
@@ -41,6 +44,11 @@ EXIT_USAGE = 2
 
 class SetupError(hcomm.AgreedError):
     """A problem found while setting up, already agreed on by every rank: one line, exit status 2."""
+
+
+class RunError(hcomm.AgreedError):
+    """A failure every rank found at the same point of training (NaN weights with graft.on_nonfinite=stop):
+    one line, exit status 1, and no abort, since no rank is left waiting."""
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -66,15 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with hcomm.abort_on_error(world_comm):
             return run(args, world_comm)
-    except SetupError as exc:
+    except (SetupError, RunError) as exc:
         if world_comm.Get_rank() == 0:
             print(f"hpcgraft: error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        return EXIT_USAGE if isinstance(exc, SetupError) else hcomm.EXIT_FAILURE
 
 
 # ------------------------------------------------------------------------------------------ setup stages
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DataError, hcomm.LayoutError, hcomm.PeerMismatchError, FileNotFoundError,
+    ConfigError, DataError, hcomm.LayoutError, hcomm.PeerMismatchError, FileNotFoundError, CheckpointError,
 )
 
 
@@ -235,6 +243,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
               f"{'' if cfg.graft.mode == 'none' else f'/{cfg.graft.topology}/{cfg.graft.level}'}, "
               f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
               f"device {peer.device}, run dir {run_dir}", world=world)
+    # Launchers report a dead rank by pid and host only (MPICH: "BAD TERMINATION ... PID 1234 RUNNING AT node7").
+    pids = comm.allgather(f"{os.getpid()}@{MPI.Get_processor_name()}")
+    hcomm.log(f"hpcgraft: rank pids: {' '.join(f'{r}={p}' for r, p in enumerate(pids))}", world=world)
     agreed(comm, lambda: store.resume(peer))
     if peer.replicas is not None:  # every replica starts (or resumes) from replica 0's state
         peer.replicas.broadcast_state(peer.model, peer.optimizer)
@@ -245,6 +256,9 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             peer.progress.start_epoch()
         stopped = train_one_epoch(peer, stop)
         if stopped:
+            if log:  # grafts of the running epoch so far (graft.interval_steps), before the checkpoint covers them
+                log.append(GRAFTS, peer.graft_rows)
+            peer.graft_rows = []
             store.save(peer, final=False)
             stop.close()
             hcomm.log(f"hpcgraft: stopped by signal at epoch {peer.progress.epoch + 1}, step {peer.progress.step}; "
@@ -286,7 +300,8 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
     """Train until the epoch ends (False) or a stop was requested (True, mid-epoch)."""
     cfg, prog, model = peer.cfg, peer.progress, peer.model
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=peer.device)
+    # Continues the epoch's sum (rather than adding a new one to it), so a resumed epoch sums bit for bit alike.
+    loss_sum = torch.tensor(prog.loss_sum, dtype=torch.float64, device=peer.device)
     correct = torch.zeros((), dtype=torch.int64, device=peer.device)
     started = time.perf_counter()
     bar = _progress_bar(peer)
@@ -318,20 +333,47 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
         prog.step += 1
         if peer.replicas is not None:
             peer.replicas.check_step(model, peer.optimizer, prog.step)
+        inject_fault(peer)
         if bar is not None:
             bar.update(1)
         if cfg.graft.mode != "none" and cfg.graft.interval_steps and prog.step % cfg.graft.interval_steps == 0:
             graft(peer)
-        if stop.poll():
-            stopped = True
+        with peer.watchdog.guard("training step: Iallreduce of the stop flag"):
+            stopped = stop.poll()
+        if stopped:
             break
     if bar is not None:
         bar.close()
     sync_replicas(peer)
-    prog.loss_sum += float(loss_sum)
+    prog.loss_sum = float(loss_sum)
     prog.correct += int(correct)
     prog.seconds += time.perf_counter() - started
     return stopped
+
+
+# Test hook: HPCGRAFT_INJECT="RANK:STEP:WHAT[,...]" makes world rank RANK, right after optimizer step STEP,
+# raise an exception (WHAT=raise), stall (sleep), fill its first weight tensor with NaN (nan) or send itself
+# SIGUSR1 or SIGTERM (usr1, term). tests/test_resume.py causes failures at an exact point with it; unset, it
+# does nothing.
+_INJECT = os.environ.get("HPCGRAFT_INJECT", "")
+
+
+def inject_fault(peer: Peer) -> None:
+    for item in filter(None, _INJECT.split(",")):
+        rank, step, what = item.split(":")
+        if int(rank) != peer.world.rank or int(step) != peer.progress.step:
+            continue
+        if what == "raise":
+            raise RuntimeError(f"injected failure at step {step} (HPCGRAFT_INJECT)")
+        if what == "sleep":
+            time.sleep(3600)
+        elif what == "nan":
+            with torch.no_grad():
+                next(peer.model.parameters()).fill_(float("nan"))
+        elif what in ("usr1", "term"):
+            os.kill(os.getpid(), signal.SIGUSR1 if what == "usr1" else signal.SIGTERM)
+        else:
+            raise ValueError(f"HPCGRAFT_INJECT: unknown fault {what!r}; use raise, sleep, nan, usr1 or term")
 
 
 def _progress_bar(peer: Peer):  # noqa: ANN202 - tqdm or None
@@ -356,8 +398,11 @@ def graft(peer: Peer) -> None:
     """One grafting round with the other peers; its report goes to graft.jsonl via rank 0."""
     assert peer.exchange is not None
     sync_replicas(peer)
-    result = peer.exchange.graft(on_wait=peer.watchdog.guard)
     prog, world = peer.progress, peer.world
+    try:
+        result = peer.exchange.graft(on_wait=peer.watchdog.guard)
+    except NonFiniteWeightsError as exc:  # raised on every rank alike, after the same allgather
+        raise RunError(f"grafting at step {prog.step}: {exc}") from None
     if peer.replicas is not None:
         peer.replicas.check_synced(peer.model, peer.optimizer, f"graft at step {prog.step}")
     epoch = prog.epoch if prog.batch == 0 else prog.epoch + 1  # at an epoch end, ``epoch`` is already counted
@@ -470,8 +515,8 @@ class RunStore:
         if self.world.is_root:
             RunLog(self.dir).truncate_after(peer.progress.epoch, peer.progress.step)
         prog = peer.progress
-        hcomm.log(f"hpcgraft: resuming {self.dir} from {info.path.name} (epoch {prog.epoch}"
-                  f"{f', batch {prog.batch}' if prog.batch else ''}, step {prog.step})", world=self.world)
+        where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
+        hcomm.log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
 
     def save(self, peer: Peer, *, final: bool, metric: float | None = None) -> None:
         if self.manager is None:

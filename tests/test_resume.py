@@ -1,0 +1,294 @@
+"""Runs that survive: exact resume after stops, kill -9, damaged checkpoints, failures, NaN weights and the
+run-directory rules, all through the real training command under mpirun (digits, 2 epochs of 22 steps).
+
+HPCGRAFT_INJECT (a test hook in hpcgraft/train.py) places a signal, an exception, a stall or NaN weights
+right after a given optimizer step of a given rank, so these runs fail exactly where a test needs them to.
+"""
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from hpcgraft.checkpoint import read_tree
+from tests._util import MPIRUN, ROOT, env, jsonl, train
+
+STEPS = 22  # optimizer steps per digits epoch at batch size 64
+FAST = ("train.epochs=2", "log.progress=off", "dist.threads=1")
+REQUEUE = 75
+GRAFTING = ("graft.mode=peers",)  # at every epoch end but the last
+STEPWISE = ("graft.mode=peers", "graft.interval_steps=10")  # at steps 10, 20, 30 and 40
+BASELINE = ("graft.mode=none",)
+
+
+@contextlib.contextmanager
+def injected(faults: str):
+    """Set HPCGRAFT_INJECT for the runs started inside (tests/_util.env copies os.environ)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HPCGRAFT_INJECT", faults)
+        yield
+
+
+def start(np_: int, out: Path, *overrides: str) -> subprocess.Popen:
+    """The training command in the background, its output in files beside the run directory."""
+    cmd = [MPIRUN, "-np", str(np_), sys.executable, "-m", "hpcgraft.train", "--config",
+           str(ROOT / "configs/digits.yaml"), "--out", str(out), *overrides]
+    with open(f"{out}.stdout", "w") as o, open(f"{out}.stderr", "w") as e:
+        return subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env(), cwd=ROOT)
+
+
+def wait_for_checkpoint(job: subprocess.Popen, out: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((out / "checkpoints").glob("step-*/MANIFEST.json")):
+        assert job.poll() is None, Path(f"{out}.stderr").read_text()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+
+
+def checkpoints(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*/MANIFEST.json"))
+
+
+def lines(stderr: str, prefix: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith(prefix)]
+
+
+def status(out: Path) -> dict:
+    return json.loads((out / "status.json").read_text())
+
+
+def final_trees(out: Path) -> list[dict]:
+    """Every peer's tree in the newest checkpoint (weights, momentum, progress, RNG), minus timings."""
+    trees = []
+    for path in sorted((out / "checkpoints" / f"step-{max(checkpoints(out)):09d}").glob("peer-*.h5")):
+        with h5py.File(path, "r") as f:
+            tree = read_tree(f)
+        tree["progress"].pop("seconds")
+        trees.append(tree)
+    return trees
+
+
+def assert_identical(a, b, path: str = "") -> None:
+    """Bit for bit: tensors by dtype, shape and value, everything else by ==."""
+    assert type(a) is type(b), path
+    if isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{path}/{i}")
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for key in a:
+            assert_identical(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), path
+    else:
+        assert a == b, path
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    """Same final checkpoint and the same metrics and graft reports, each epoch exactly once."""
+    assert max(checkpoints(run)) == max(checkpoints(reference))
+    assert_identical(final_trees(run), final_trees(reference))
+
+    def untimed(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+    assert untimed(jsonl(run / "metrics.jsonl")) == untimed(jsonl(reference / "metrics.jsonl"))
+    assert jsonl(run / "graft.jsonl") == jsonl(reference / "graft.jsonl")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Uninterrupted runs, one per (peers, config), made when a test first asks for one."""
+    runs: dict[tuple[int, tuple[str, ...]], Path] = {}
+
+    def get(k: int, cfg: tuple[str, ...]) -> Path:
+        if (k, cfg) not in runs:
+            out = tmp_path_factory.mktemp(f"reference-{k}") / "run"
+            r = train(k, out, *FAST, *cfg)
+            assert r.returncode == 0, r.stderr
+            rows = jsonl(out / "metrics.jsonl")
+            assert [(row["epoch"], row["peer"]) for row in rows] == [(e, p) for e in (1, 2) for p in [*range(k), None]]
+            grafts = [(g["step"], g["peer"]) for g in jsonl(out / "graft.jsonl")]
+            assert len(set(grafts)) == len(grafts)
+            runs[k, cfg] = out
+        return runs[k, cfg]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------------ stop and resume
+def stop_with_hook(out: Path, k: int, cfg: tuple[str, ...], stop_at: int, sig: str = "usr1") -> None:
+    """SIGUSR1 (or SIGTERM) to the last rank right after step ``stop_at - 1``: every rank stops after step
+    ``stop_at`` (the flag is agreed on one step later), writes a checkpoint and exits 75."""
+    with injected(f"{k - 1}:{stop_at - 1}:{sig}"):
+        r = train(k, out, *FAST, *cfg)
+    assert r.returncode == REQUEUE, r.stderr
+    assert f"stopped by signal at epoch {(stop_at - 1) // STEPS + 1}, step {stop_at}; checkpoint written, " \
+           f"exit {REQUEUE}" in r.stderr
+    assert status(out) == {"state": "stopped", "epoch": (stop_at - 1) // STEPS, "step": stop_at}
+    assert checkpoints(out)[-1] == stop_at
+
+
+def resume_and_compare(out: Path, reference: Path, k: int, cfg: tuple[str, ...], from_step: int) -> str:
+    """Re-run the same command: it says where it resumes in one line and ends as the reference did."""
+    r = train(k, out, *FAST, *cfg)
+    assert r.returncode == 0, r.stderr
+    [line] = lines(r.stderr, "hpcgraft: resuming")
+    assert f"from step-{from_step:09d}" in line, line
+    assert status(out)["state"] == "finished"
+    assert_same_run(out, reference)
+    return r.stderr
+
+
+def test_grafting_stopped_at_an_epoch_end_resumes_exactly(tmp_path, reference):
+    """Stopped after the last step of epoch 1, before its evaluation (3 peers, grafting every 10 steps: the
+    reports of the grafts before the stop are written with its checkpoint)."""
+    out = tmp_path / "run"
+    stop_with_hook(out, 3, STEPWISE, STEPS)
+    assert sorted({g["step"] for g in jsonl(out / "graft.jsonl")}) == [10, 20]
+    resume_and_compare(out, reference(3, STEPWISE), 3, STEPWISE, STEPS)
+
+
+def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path, reference):
+    """What a scheduler does before a time limit: signal the launcher. MPICH's mpiexec forwards SIGUSR1
+    (and SIGTERM) to every rank; the stop lands a few steps into epoch 2, after the first graft."""
+    out = tmp_path / "run"
+    job = start(2, out, *FAST, *GRAFTING)
+    wait_for_checkpoint(job, out)
+    job.send_signal(signal.SIGUSR1)
+    signalled = time.monotonic()
+    assert job.wait(timeout=300) == REQUEUE, Path(f"{out}.stderr").read_text()
+    print(f"job exited {REQUEUE} {time.monotonic() - signalled:.2f} s after SIGUSR1 to mpirun")
+    state = status(out)
+    assert state["state"] == "stopped" and STEPS < state["step"] <= 2 * STEPS
+    assert checkpoints(out) == [STEPS, state["step"]]
+    resume_and_compare(out, reference(2, GRAFTING), 2, GRAFTING, state["step"])
+
+
+def test_baseline_stopped_mid_epoch_resumes_exactly_and_only_with_its_rank_count(tmp_path, reference):
+    """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (3 peers)."""
+    out = tmp_path / "run"
+    stop_with_hook(out, 3, BASELINE, STEPS + 11, sig="term")
+    wrong = train(0, out, *FAST, *BASELINE)  # one plain process for a checkpoint of 3 peers
+    assert wrong.returncode == 2, wrong.stderr
+    [line] = lines(wrong.stderr, "hpcgraft: error:")
+    assert "has 3 peers; start with mpirun -np 3 to resume it" in line and "Traceback" not in wrong.stderr
+    resume_and_compare(out, reference(3, BASELINE), 3, BASELINE, STEPS + 11)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
+    """The stop checkpoint (mid-epoch 2) is truncated: the resume reports it in one line, goes back to the
+    end of epoch 1 and still ends exactly as the uninterrupted run (baseline, 2 peers)."""
+    out = tmp_path / "run"
+    stop_with_hook(out, 2, BASELINE, STEPS + 11)
+    newest = out / "checkpoints" / f"step-{STEPS + 11:09d}" / "peer-001.h5"
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+    err = resume_and_compare(out, reference(2, BASELINE), 2, BASELINE, STEPS)
+    [damaged] = lines(err, "hpcgraft: checkpoint")
+    assert damaged.startswith(f"hpcgraft: checkpoint step-{STEPS + 11:09d} is damaged (peer-001.h5")
+    assert damaged.endswith(f"falling back to step-{STEPS:09d}")
+
+
+# ------------------------------------------------------------------------------------------ failures
+def test_kill_9_of_one_rank_ends_the_job_and_resume_finishes_the_run(tmp_path, reference):
+    out = tmp_path / "run"
+    job = start(2, out, *FAST, *GRAFTING)
+    wait_for_checkpoint(job, out)
+    pids = dict(re.findall(r"(\d+)=(\d+)@", lines(Path(f"{out}.stderr").read_text(), "hpcgraft: rank pids:")[0]))
+    os.kill(int(pids["1"]), signal.SIGKILL)
+    killed = time.monotonic()
+    job.wait(timeout=30)  # the issue's bound: a job that hangs fails here
+    print(f"job ended {time.monotonic() - killed:.2f} s after kill -9 of rank 1")
+    assert job.returncode != 0
+    # MPICH names the dead process by pid (on stdout); the run's "rank pids" line says which rank that is.
+    said = Path(f"{out}.stdout").read_text()
+    assert f"PID {pids['1']} RUNNING AT" in said and "Killed (signal 9)" in said
+    resume_and_compare(out, reference(2, GRAFTING), 2, GRAFTING, checkpoints(out)[-1])
+
+
+def test_an_exception_in_one_rank_aborts_the_job_naming_it(tmp_path, reference):
+    """Started with --restart over a finished run, which it replaces."""
+    out = tmp_path / "run"
+    shutil.copytree(reference(2, GRAFTING), out)
+    with injected("1:3:raise"):
+        r = train(2, out, *FAST, *GRAFTING, restart=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" in r.stderr and "RuntimeError: injected failure at step 3" in r.stderr
+    assert "hpcgraft: rank 1: failed with RuntimeError: injected failure at step 3 (HPCGRAFT_INJECT)" in r.stderr
+    assert "MPI_Abort(MPI_COMM_WORLD, 1) - process 1" in r.stderr
+    assert not (out / "metrics.jsonl").exists() and not checkpoints(out)  # --restart cleared the old run
+
+
+def test_watchdog_aborts_a_collective_stuck_on_a_stalled_rank(tmp_path):
+    with injected("1:3:sleep"):
+        r = train(2, tmp_path / "run", *FAST, "dist.watchdog_s=5", timeout=120)
+    assert r.returncode != 0
+    assert "hpcgraft: rank 0: watchdog: 'training step: Iallreduce of the stop flag' took longer than " \
+           "dist.watchdog_s=5 s; a peer is lost or stuck, aborting the job" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ NaN weights
+def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(tmp_path):
+    """Peer 1's weights turn NaN in epoch 2; the grafts at the end of epoch 2 are skipped for both peers and
+    the run goes on. With checkpoint.keep=1, the newest checkpoint stays and so does each peer's best."""
+    out = tmp_path / "run"
+    with injected(f"1:{STEPS + 8}:nan"):
+        r = train(2, out, *FAST, "train.epochs=3", "checkpoint.keep=1")
+    assert r.returncode == 0, r.stderr
+    grafts = {(g["epoch"], g["peer"]): g for g in jsonl(out / "graft.jsonl")}
+    assert sorted(grafts) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all("skipped" not in grafts[1, p] for p in (0, 1))
+    for p in (0, 1):
+        assert grafts[2, p]["skipped"] == "peer 1 holds NaN/Inf weights" and grafts[2, p]["nonfinite_peers"] == [1]
+        assert f"hpcgraft: peer {p} skipped grafting at step {2 * STEPS}: peer 1 holds NaN/Inf weights" in r.stderr
+    peer0, peer1 = final_trees(out)
+    assert all(torch.isfinite(t).all() for t in peer0["model"].values())  # never grafted from peer 1
+    assert not torch.isfinite(peer1["model"]["conv1.weight"]).all()
+
+    rows = [row for row in jsonl(out / "metrics.jsonl") if row["peer"] is not None]
+    best = {max((row["test_acc"], row["step"]) for row in rows if row["peer"] == p)[1] for p in (0, 1)}
+    assert STEPS in best  # peer 1 was best before its weights broke: kept beyond checkpoint.keep=1
+    assert checkpoints(out) == sorted(best | {3 * STEPS})
+
+
+def test_nan_weights_stop_the_run_with_one_line_when_configured(tmp_path):
+    with injected("1:3:nan"):
+        r = train(2, tmp_path / "run", *FAST, "graft.on_nonfinite=stop", "graft.interval_steps=5", timeout=120)
+    assert r.returncode == 1, r.stderr
+    [line] = lines(r.stderr, "hpcgraft: error:")
+    assert line == "hpcgraft: error: grafting at step 5: peer(s) [1] hold NaN/Inf weights; " \
+                   "set graft.on_nonfinite=skip to continue without them"
+    assert "Traceback" not in r.stderr and "Abort" not in r.stderr
+
+
+# ------------------------------------------------------------------------------------------ run directory
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [(None, "holds a finished run (2 epochs); pass --restart to start over or use another --out"),
+     ("train.lr=0.2", "holds a run with train.lr=0.1, not 0.2; resume it with the same config")],
+    ids=["finished", "other-config"],
+)
+def test_a_finished_run_or_another_config_is_a_one_line_error(reference, override, message):
+    run = reference(2, BASELINE)
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    r = train(0, run, *FAST, *BASELINE, *([override] if override else []))  # one process is enough
+    assert r.returncode == 2, r.stderr
+    [line] = lines(r.stderr, "hpcgraft: error:")
+    assert f"{run} {message}" in line and "Traceback" not in r.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the run is untouched
+
