@@ -1,10 +1,10 @@
 """Benchmark of the grafting exchange (issue 7): bytes per second of hpcgraft's ring and allreduce
-transfers for a ResNet-50-sized state, against raw MPI operations on the same number of bytes.
+transfers for a ResNet-50 state, against raw MPI operations on the same number of bytes.
 
     .venv/bin/python tools/bench_exchange.py [--ranks 2 3 4] [--repeats 7]
 
-For each K it starts `mpirun -np K` of itself. Each rank holds a ResNet-50-sized state (25.6 M float32
-values, 97.7 MiB) and measures, all ranks starting together after a barrier:
+For each K it starts `mpirun -np K` of itself. Each rank holds a ResNet-50 state (25.6 M float32 values,
+97.7 MiB) and measures, all ranks starting together after a barrier:
   ring       GraftExchange's transfer (PackedTensors.sendrecv: small tensors packed, large ones straight
              from their storage) vs one raw Sendrecv of a preallocated buffer of the same bytes;
   allreduce  the allreduce topology's transfer (entropy-weighted packing + Allreduce) vs one raw
@@ -104,7 +104,7 @@ def run(k: int, repeats: int) -> dict:
 def table(results: list[dict]) -> str:
     cores = len(os.sched_getaffinity(0))
     gbs = lambda n, t: n / t / 1e9  # noqa: E731
-    lines = [f"ResNet-50-sized state, {results[0]['bytes'] / 2**20:.1f} MiB per rank, {cores} cores, "
+    lines = [f"ResNet-50 state, {results[0]['bytes'] / 2**20:.1f} MiB per rank, {cores} cores, "
              "1 torch thread per rank; times in ms (median per rank; slowest rank), GB/s = state bytes / time",
              "",
              f"{'K':>2} {'operation':<10} {'ours (slowest)':>15} {'raw (slowest)':>14} {'ours GB/s':>10} "
