@@ -1,14 +1,15 @@
 """Benchmark of the grafting exchange (issue 7): bytes per second of hpcgraft's ring and allreduce
-transfers for a ResNet-50-sized state, against raw MPI operations on the same number of bytes.
+transfers for a ResNet-50 state, against raw MPI operations on the same number of bytes.
 
-    .venv/bin/python tools/bench_exchange.py [--ranks 2 3 4] [--repeats 7]
+    .venv/bin/python tools/bench_exchange.py [--ranks 2 3 4] [--repeats 15]
 
-For each K it starts `mpirun -np K` of itself. Each rank holds a ResNet-50-sized state (25.6 M float32
-values, 97.7 MiB) and measures, all ranks starting together after a barrier:
+For each K it starts `mpirun -np K` of itself. Each rank holds a ResNet-50 state (25.6 M float32 values,
+97.7 MiB) and measures, all ranks starting together after a barrier:
   ring       GraftExchange's transfer (PackedTensors.sendrecv: small tensors packed, large ones straight
              from their storage) vs one raw Sendrecv of a preallocated buffer of the same bytes;
   allreduce  the allreduce topology's transfer (entropy-weighted packing + Allreduce) vs one raw
-             Allreduce (SUM) of a preallocated float32 buffer of the same size;
+             Allreduce (SUM) of a preallocated float32 buffer of the same size; "its call" is the
+             Allreduce call alone on hpcgraft's buffers (the rest is the weighting pass over the state);
   round      a whole GraftExchange.graft() of each topology (entropies, mixing and all), for scale.
 Figures: median per rank; "slowest" is the maximum over ranks (what a synchronous round waits for).
 GB/s = bytes of the state / time: what each rank sends (and receives) per second.
@@ -57,7 +58,7 @@ def worker(repeats: int) -> None:
     raw_send = np.ones(nbytes // 4, dtype=np.float32)
     raw_recv = np.zeros_like(raw_send)
 
-    def timed(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    def timed(fns: dict[str, Callable[[], object]], repeats: int = repeats) -> dict[str, float]:
         """Median seconds of each; the functions take turns (alternating order) after a barrier, so that
         a change in the machine's load hits ours and raw alike."""
         times: dict[str, list[float]] = {k: [] for k in fns}
@@ -81,12 +82,17 @@ def worker(repeats: int) -> None:
         allred.packed.pack(weights)
         allred.packed.allreduce(comm)
 
+    def allreduce_call() -> None:  # the MPI call alone, on the buffers packed last
+        allred.packed.allreduce(comm)
+
     def allreduce_raw() -> None:
         comm.Allreduce(raw_send, raw_recv)
 
     mine = {**timed({"ring_ours": ring_ours, "ring_raw": ring_raw}),
             **timed({"allreduce_ours": allreduce_ours, "allreduce_raw": allreduce_raw}),
-            **timed({"round_ring": ring.graft, "round_allreduce": allred.graft})}
+            **{k.replace("raw", "call_raw"): v for k, v in
+               timed({"allreduce_call": allreduce_call, "allreduce_raw": allreduce_raw}).items()},
+            **timed({"round_ring": ring.graft, "round_allreduce": allred.graft}, max(3, repeats // 3))}
     per_rank = comm.gather(mine)
     if rank == 0:
         print(json.dumps({"ranks": size, "bytes": nbytes, "per_rank": per_rank}), flush=True)
@@ -104,16 +110,17 @@ def run(k: int, repeats: int) -> dict:
 def table(results: list[dict]) -> str:
     cores = len(os.sched_getaffinity(0))
     gbs = lambda n, t: n / t / 1e9  # noqa: E731
-    lines = [f"ResNet-50-sized state, {results[0]['bytes'] / 2**20:.1f} MiB per rank, {cores} cores, "
+    lines = [f"ResNet-50 state, {results[0]['bytes'] / 2**20:.1f} MiB per rank, {cores} cores, "
              "1 torch thread per rank; times in ms (median per rank; slowest rank), GB/s = state bytes / time",
              "",
              f"{'K':>2} {'operation':<10} {'ours (slowest)':>15} {'raw (slowest)':>14} {'ours GB/s':>10} "
              f"{'raw GB/s':>9} {'ours/raw':>9}  per rank ours | raw"]
     for res in results:
         k, n, ranks = res["ranks"], res["bytes"], res["per_rank"]
-        for op in ("ring", "allreduce"):
-            ours = [r[f"{op}_ours"] for r in ranks]
-            raw = [r[f"{op}_raw"] for r in ranks]
+        for op, key, raw_key in (("ring", "ring_ours", "ring_raw"), ("allreduce", "allreduce_ours", "allreduce_raw"),
+                                 ("  its call", "allreduce_call", "allreduce_call_raw")):
+            ours = [r[key] for r in ranks]
+            raw = [r[raw_key] for r in ranks]
             detail = " ".join(f"{t * 1e3:.0f}" for t in ours) + " | " + " ".join(f"{t * 1e3:.0f}" for t in raw)
             lines.append(f"{k:>2} {op:<10} {max(ours) * 1e3:15.1f} {max(raw) * 1e3:14.1f} {gbs(n, max(ours)):10.2f} "
                          f"{gbs(n, max(raw)):9.2f} {max(ours) / max(raw):9.2f}  {detail}")
@@ -129,7 +136,7 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3, 4])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="of each transfer (whole rounds: a third)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the raw figures here")
     args = parser.parse_args(argv)
