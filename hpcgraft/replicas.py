@@ -238,8 +238,7 @@ class ShardedGraftExchange(GraftExchange):
         if self.peer in bad or pred in bad:
             return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
         h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
-        alphas = [grafting.coefficients(hs, ho, self.a, self.c, self.round_alpha)
-                  for hs, ho in zip(h_self, h_src, strict=True)]
+        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)  # as _mix does
         member = grafting.per_member(self.plan, alphas)
         self.packed.received()  # staged: brings the received share to the device
         send, recv = self.packed.send, self.packed.recv
@@ -254,7 +253,7 @@ class ShardedGraftExchange(GraftExchange):
                 send[dt].copy_(self.packed.host_send[dt])
         torch._foreach_copy_(self.tensors, self.packed.received(into_send=True))
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level),
-                           bytes_sent=self.share_nbytes)
+                           nonfinite_peers=bad, bytes_sent=self.share_nbytes)
 
     def _stage_share_to_host(self) -> None:
         """Make this replica's mixed share readable by MPI: copied to the host buffers (staging), or at
