@@ -230,7 +230,7 @@ class ShardedGraftExchange(GraftExchange):
 
     def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
               guard: Guard) -> RoundResult:
-        self.packed.pack()
+        self._pack_share()
         succ, pred = (self.peer + 1) % self.peers, self.source_peer
         with guard("graft: ring Sendrecv"):  # of this replica's share
             for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
@@ -255,9 +255,16 @@ class ShardedGraftExchange(GraftExchange):
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level),
                            nonfinite_peers=bad, bytes_sent=self.share_nbytes)
 
+    def _pack_share(self) -> None:
+        """Copy this replica's share of the tensors (and only that) into the send buffers."""
+        send = self.packed.send
+        torch._foreach_copy_([send[dt][a:b] for _, dt, a, b, _ in self.pieces],
+                             [self.tensors[i].reshape(-1)[start:start + b - a] for i, _, a, b, start in self.pieces])
+        self._stage_share_to_host()
+
     def _stage_share_to_host(self) -> None:
-        """Make this replica's mixed share readable by MPI: copied to the host buffers (staging), or at
-        least finished on the GPU (CUDA-aware MPI reads device memory directly)."""
+        """Make this replica's share of the send buffers readable by MPI: copied to the host buffers
+        (staging), or at least finished on the GPU (CUDA-aware MPI reads device memory directly)."""
         if self.packed.staging:
             for dt in self.packed.groups:
                 lo, hi = self.bounds[dt][self.replica]
