@@ -230,7 +230,7 @@ class ShardedGraftExchange(GraftExchange):
 
     def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
               guard: Guard) -> RoundResult:
-        self.packed.pack()
+        self._pack_share()
         succ, pred = (self.peer + 1) % self.peers, self.source_peer
         with guard("graft: ring Sendrecv"):  # of this replica's share
             for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
@@ -238,8 +238,7 @@ class ShardedGraftExchange(GraftExchange):
         if self.peer in bad or pred in bad:
             return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
         h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
-        alphas = [grafting.coefficients(hs, ho, self.a, self.c, self.round_alpha)
-                  for hs, ho in zip(h_self, h_src, strict=True)]
+        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)  # as _mix does
         member = grafting.per_member(self.plan, alphas)
         self.packed.received()  # staged: brings the received share to the device
         send, recv = self.packed.send, self.packed.recv
@@ -254,11 +253,18 @@ class ShardedGraftExchange(GraftExchange):
                 send[dt].copy_(self.packed.host_send[dt])
         torch._foreach_copy_(self.tensors, self.packed.received(into_send=True))
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level),
-                           bytes_sent=self.share_nbytes)
+                           nonfinite_peers=bad, bytes_sent=self.share_nbytes)
+
+    def _pack_share(self) -> None:
+        """Copy this replica's share of the tensors (and only that) into the send buffers."""
+        send = self.packed.send
+        torch._foreach_copy_([send[dt][a:b] for _, dt, a, b, _ in self.pieces],
+                             [self.tensors[i].reshape(-1)[start:start + b - a] for i, _, a, b, start in self.pieces])
+        self._stage_share_to_host()
 
     def _stage_share_to_host(self) -> None:
-        """Make this replica's mixed share readable by MPI: copied to the host buffers (staging), or at
-        least finished on the GPU (CUDA-aware MPI reads device memory directly)."""
+        """Make this replica's share of the send buffers readable by MPI: copied to the host buffers
+        (staging), or at least finished on the GPU (CUDA-aware MPI reads device memory directly)."""
         if self.packed.staging:
             for dt in self.packed.groups:
                 lo, hi = self.bounds[dt][self.replica]
