@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -35,7 +36,9 @@ needs_horovod = pytest.mark.skipif(not _horovod_importable(),
 
 
 def _check_lines(stderr: str, what: str) -> list[str]:
-    return [line for line in stderr.splitlines() if "HPCGRAFT_CHECK_REPLICAS" in line and f"after {what}" in line]
+    # Ranks share stderr, so two messages can land on one line: split at each message's rank prefix.
+    messages = re.findall(r"\[rank \d+\] hpcgraft: HPCGRAFT_CHECK_REPLICAS: [^\[\n]*", stderr)
+    return [m for m in messages if f"after {what}" in m]
 
 
 HYBRID = ("train.epochs=3", "log.progress=off", "dist.replicas=2", "graft.interval_steps=10")
