@@ -207,13 +207,6 @@ def test_mean_of_others_excludes_the_peer_itself(peers):
 SMALL = {"vgg16_bn": {"width": 16}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def trained_a_little(name: str, seed: int) -> torch.nn.Module:
     """A model after one SGD step in train mode, so its BatchNorm statistics are its own."""
