@@ -35,7 +35,7 @@ from hpcgraft.config import Config, ConfigError, config_from_dict, load_config
 from hpcgraft.cultivation import PeerLogits, distillation_loss, mean_of_others
 from hpcgraft.data import BatchLoader, DataError, build_datasets
 from hpcgraft.exchange import GraftExchange, NonFiniteWeightsError
-from hpcgraft.metrics import GRAFTS, METRICS, RunLog, epoch_table
+from hpcgraft.metrics import GRAFTS, METRICS, RunLog, epoch_table, read_jsonl
 from hpcgraft.models import create_model
 from hpcgraft.schedule import LRSchedule
 
@@ -521,9 +521,27 @@ class RunStore:
     def save(self, peer: Peer, *, final: bool, metric: float | None = None) -> None:
         if self.manager is None:
             return
-        run_tree = {"config": _yaml(self.cfg), "versions": _versions()} if self.world.is_root else None
+        run_tree = None
+        if self.world.is_root:
+            run_tree = {"config": _yaml(self.cfg), "versions": _versions(), "grafts": _graft_history(self.dir)}
         with peer.watchdog.guard("checkpoint: save"):
             self.manager.save(peer.progress.step, peer.progress.epoch, peer_tree(peer), run_tree, metric=metric)
+
+
+def _graft_history(run_dir: Path) -> dict[str, Any]:
+    """Alpha per layer per graft point and peer, as arrays (rows of graft.jsonl; NaN where a peer skipped)."""
+    rows = read_jsonl(run_dir / GRAFTS)
+    done = [r for r in rows if "layers" in r]
+    if not done:
+        return {}
+    layers = [layer["name"] for layer in done[0]["layers"]]
+    alpha = np.full((len(rows), len(layers)), np.nan)
+    for i, r in enumerate(rows):
+        if "layers" in r:
+            alpha[i] = [layer["alpha"] for layer in r["layers"]]
+    return {"layers": layers, "alpha": alpha, "step": np.array([r["step"] for r in rows], dtype=np.int64),
+            "epoch": np.array([r["epoch"] for r in rows], dtype=np.int64),
+            "peer": np.array([r["peer"] for r in rows], dtype=np.int64)}
 
 
 def _clear_run(run_dir: Path) -> None:

@@ -48,5 +48,5 @@ WRAP
     mv "$work"/out/horovod-*.whl "$wheel_dir"/
 fi
 "$venv/bin/pip" install -q --no-deps "$wheel_dir"/horovod-*.whl
-"$venv/bin/pip" install -q cloudpickle psutil packaging
+"$venv/bin/pip" install -q cloudpickle psutil packaging pyyaml cffi
 "$venv/bin/python" -c 'import horovod, horovod.torch as hvd; print("horovod:", horovod.__version__, "mpi built:", hvd.mpi_built(), "gloo built:", hvd.gloo_built())'
