@@ -259,7 +259,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             if log:  # grafts of the running epoch so far (graft.interval_steps), before the checkpoint covers them
                 log.append(GRAFTS, peer.graft_rows)
             peer.graft_rows = []
-            store.save(peer, final=False)
+            store.save(peer)
             stop.close()
             hcomm.log(f"hpcgraft: stopped by signal at epoch {peer.progress.epoch + 1}, step {peer.progress.step}; "
                       f"checkpoint written, exit {hcomm.EXIT_REQUEUE} (re-run the same command to resume)",
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
             header = False
         peer.graft_rows = []
         if last or peer.progress.epoch % cfg.checkpoint.interval == 0:
-            store.save(peer, final=last, metric=row["test_acc"])
+            store.save(peer, metric=row["test_acc"])
     stop.close()
     if log:
         log.status(state="finished", epoch=peer.progress.epoch, step=peer.progress.step)
@@ -518,7 +518,7 @@ class RunStore:
         where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
         hcomm.log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
 
-    def save(self, peer: Peer, *, final: bool, metric: float | None = None) -> None:
+    def save(self, peer: Peer, *, metric: float | None = None) -> None:
         if self.manager is None:
             return
         run_tree = None
