@@ -10,6 +10,11 @@ report and checkpoint. SIGUSR1/SIGTERM stop every rank at the same step after a 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before MPI and torch are imported: under a launcher, become the rank's supervisor
+    from hpcgraft.supervise import supervise_module
+
+    supervise_module("hpcgraft.train")
+
 import argparse
 import os
 import random
@@ -235,6 +240,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
     peer.exchange = make_exchange(peer)
     run_dir = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'digits'}")
     store = agreed(comm, lambda: RunStore(run_dir, cfg, peer, restart=args.restart))
+    store.record_config()  # after the agreement above: no rank is still reading the old config
     log = RunLog(run_dir) if world.is_root else None
 
     t = cfg.train
@@ -243,7 +249,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> int:
               f"{'' if cfg.graft.mode == 'none' else f'/{cfg.graft.topology}/{cfg.graft.level}'}, "
               f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
               f"device {peer.device}, run dir {run_dir}", world=world)
-    # Launchers report a dead rank by pid and host only (MPICH: "BAD TERMINATION ... PID 1234 RUNNING AT node7").
+    # Launchers and the kernel name processes by pid and host only (MPICH's report, dmesg's OOM lines).
     pids = comm.allgather(f"{os.getpid()}@{MPI.Get_processor_name()}")
     hcomm.log(f"hpcgraft: rank pids: {' '.join(f'{r}={p}' for r, p in enumerate(pids))}", world=world)
     agreed(comm, lambda: store.resume(peer))
@@ -498,9 +504,12 @@ class RunStore:
             self.manager = CheckpointManager(run_dir, self.world.comm, peer=self.world.peer, peers=self.world.peers,
                                              writer=self.world.is_peer_lead, keep=cfg.checkpoint.keep,
                                              keep_best=cfg.checkpoint.keep_best)
+
+    def record_config(self) -> None:
+        """Write the run's config.yaml; called once every rank has checked the old one (see ``__init__``)."""
         if self.world.is_root:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            cfg.dump(saved)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.dump(self.dir / "config.yaml")
 
     def resume(self, peer: Peer) -> None:
         info = self.manager.latest() if self.manager else None

@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Does hpcgraft's training loop cost anything over a bare PyTorch loop?
+
+One process, side by side: the loop of ``hpcgraft.train`` (``train_one_epoch`` of a peer built by
+``build_peer``: schedule, device transfer, autocast/channels-last switches, metric sums on the device,
+the stop-signal Iallreduce, fault hook) against the loop a user would write (forward, cross-entropy,
+zero_grad, backward, SGD step), with the same model and initial weights, batch, optimizer settings and
+threads. Three variants per model:
+
+- bare: the plain loop over batches already in memory (the floor);
+- hpcgraft (same batches): hpcgraft's loop fed the very same batches: the loop's own overhead;
+- hpcgraft (its loader): hpcgraft's loop with its own in-memory loader (gather, random crop and flip,
+  normalise every batch), i.e. what a run pays end to end.
+
+Runs alternate (bare, hpcgraft, ...) so a slow moment of a shared machine hits both alike; the figure is
+the median over rounds of the per-round ratio of throughputs (bare time / hpcgraft time). Target: >= 0.97.
+
+    .venv/bin/python tools/bench_train.py [--rounds 5] [--threads 1] [--models resnet32,digits_resnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import write_cifar10  # noqa: E402
+
+from hpcgraft import comm as hcomm  # noqa: E402
+from hpcgraft.config import load_config  # noqa: E402
+from hpcgraft.train import build_peer, train_one_epoch  # noqa: E402
+
+# model -> (config, batch size, steps per timed run); the paper's CIFAR batch and the digits config's batch.
+CASES = {
+    "resnet32": ("configs/cifar10_resnet32.yaml", 128, 4),
+    "digits_resnet": ("configs/digits.yaml", 64, 60),
+}
+
+
+class SameBatches:
+    """A loader that yields the given batches (the loop's interface: ``epoch()`` and ``len()``)."""
+
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start: int = 0):  # noqa: ANN201 - an iterator of batches
+        return iter(self.batches[start:])
+
+
+def bare_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
+    model.train()
+    for x, y in batches:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def measure(name: str, data_root: Path, rounds: int, threads: int) -> dict[str, float]:
+    config, batch, steps = CASES[name]
+    overrides = [f"data.batch_size={batch}", f"dist.threads={threads}", "dist.device=cpu", "graft.mode=none",
+                 "checkpoint.enabled=false"]
+    if "cifar" in config:
+        overrides.append(f"data.root={data_root}")
+    cfg = load_config(config, overrides)
+    world = hcomm.init_world(1)
+    peer = build_peer(cfg, world)
+    stop = hcomm.StopRequest(world.comm)
+    own_loader = peer.train_loader
+    # The same batches for everyone, drawn once from hpcgraft's loader (augmented as in training).
+    batches = [b for _, b in zip(range(steps), own_loader.epoch(0), strict=False)]
+    same = SameBatches(batches)
+    model = copy.deepcopy(peer.model)
+    t = cfg.train
+    opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                          nesterov=t.nesterov)
+
+    def hpcgraft_run(loader) -> None:  # noqa: ANN001
+        peer.train_loader = loader
+        peer.progress.start_epoch()
+        train_one_epoch(peer, stop)
+
+    class OwnSteps:  # hpcgraft's own loader, cut to the same number of steps
+        def __len__(self) -> int:
+            return steps
+
+        def epoch(self, epoch: int, start: int = 0):  # noqa: ANN202
+            return (b for _, b in zip(range(steps - start), own_loader.epoch(epoch, start=start), strict=False))
+
+    variants = {
+        "bare": lambda: bare_loop(model, opt, batches),
+        "hpcgraft (same batches)": lambda: hpcgraft_run(same),
+        "hpcgraft (its loader)": lambda: hpcgraft_run(OwnSteps()),
+    }
+    for run in variants.values():  # warm-up: allocator, kernels, first Iallreduce
+        run()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(rounds):
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
+        for key in order:
+            t0 = time.perf_counter()
+            variants[key]()
+            times[key].append(time.perf_counter() - t0)
+    stop.close()
+    imgs = steps * batch
+    result = {f"{k} img/s": imgs / statistics.median(v) for k, v in times.items()}
+    for k in list(variants)[1:]:
+        result[f"{k} ratio"] = statistics.median(b / h for b, h in zip(times["bare"], times[k], strict=True))
+    result["batch"], result["steps"] = batch, steps
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed runs per variant (default 5)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core rates)")
+    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    args = parser.parse_args()
+    os.chdir(Path(__file__).resolve().parent.parent)  # the configs are relative to the repository
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}; median of {args.rounds} alternating rounds")
+    header = (f"{'model':<14} {'batch':>5} {'steps':>5} | {'bare img/s':>10} {'same batches':>12} "
+              f"{'ratio':>6} | {'its loader':>10} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    with tempfile.TemporaryDirectory(prefix="hpcgraft-bench-") as tmp:
+        write_cifar10(Path(tmp) / "cifar-10-batches-py", per_file=1000)
+        for name in args.models.split(","):
+            r = measure(name, Path(tmp), args.rounds, args.threads)
+            print(f"{name:<14} {r['batch']:>5} {r['steps']:>5} | {r['bare img/s']:>10.1f} "
+                  f"{r['hpcgraft (same batches) img/s']:>12.1f} {r['hpcgraft (same batches) ratio']:>6.3f} | "
+                  f"{r['hpcgraft (its loader) img/s']:>10.1f} {r['hpcgraft (its loader) ratio']:>6.3f}", flush=True)
+    print("ratio: bare time / hpcgraft time per round (1.0 = no overhead; target >= 0.97)")
+
+
+if __name__ == "__main__":
+    main()
