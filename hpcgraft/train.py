@@ -405,15 +405,17 @@ def graft(peer: Peer) -> None:
     assert peer.exchange is not None
     sync_replicas(peer)
     prog, world = peer.progress, peer.world
+    started = time.perf_counter()
     try:
         result = peer.exchange.graft(on_wait=peer.watchdog.guard)
     except NonFiniteWeightsError as exc:  # raised on every rank alike, after the same allgather
         raise RunError(f"grafting at step {prog.step}: {exc}") from None
+    seconds = time.perf_counter() - started  # the whole round, waiting for slower peers included
     if peer.replicas is not None:
         peer.replicas.check_synced(peer.model, peer.optimizer, f"graft at step {prog.step}")
     epoch = prog.epoch if prog.batch == 0 else prog.epoch + 1  # at an epoch end, ``epoch`` is already counted
     row: dict[str, Any] = {"epoch": epoch, "step": prog.step, "peer": world.peer,
-                           "source": _source_name(peer), "mode": peer.cfg.graft.mode}
+                           "source": _source_name(peer), "mode": peer.cfg.graft.mode, "seconds": seconds}
     if result.report is None:
         row.update(skipped=result.skipped_reason, nonfinite_peers=list(result.nonfinite_peers))
         hcomm.log(f"hpcgraft: peer {world.peer} skipped grafting at step {prog.step}: {result.skipped_reason}",

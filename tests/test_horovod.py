@@ -19,6 +19,7 @@ import h5py
 import pytest
 import torch
 
+from hpcgraft.supervise import CHILD_MARK
 from tests._util import MPIRUN, ROOT, env, jsonl, mpirun, train
 
 FAST = ("train.epochs=2", "log.progress=off", "checkpoint.enabled=false")
@@ -90,14 +91,17 @@ def test_replicas_stay_identical_through_steps_and_grafts(hybrid_run):
 
 
 def _rank_pids(run: Path) -> list[int]:
-    """The training ranks of a run (python processes whose command line names its run directory)."""
+    """The training ranks of a run: python processes whose command line names its run directory, and not
+    their supervisors (hpcgraft.supervise marks the ranks it starts in their environment)."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             argv = cmdline.read_bytes().split(b"\0")
+            environ = (cmdline.parent / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if "python" in Path(argv[0].decode()).name and str(run).encode() in argv:
+        if "python" in Path(argv[0].decode()).name and str(run).encode() in argv and \
+                f"{CHILD_MARK}=1".encode() in environ:
             pids.append(int(cmdline.parent.name))
     return pids
 

@@ -61,6 +61,7 @@ def test_digits_run_writes_metrics_reports_and_table(tmp_path):
     assert sorted((g["epoch"], g["peer"], g["source"]) for g in grafts) == [(1, 0, "peer 1"), (1, 1, "peer 0")]
     layer = grafts[0]["layers"][0]
     assert layer["name"] == "conv1.weight" and {"h_self", "h_source", "alpha"} <= set(layer)
+    assert all(0 < g["seconds"] < 60 for g in grafts)  # the round's wall time
     assert (out / "config.yaml").exists()
     assert "train_loss" in r.stdout and "ens" in r.stdout  # the table
 
