@@ -16,6 +16,7 @@ if __name__ == "__main__":  # before MPI and torch are imported: under a launche
     supervise_module("hpcgraft.train")
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -320,7 +321,7 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
         y = y.to(peer.device, non_blocking=True)
         if cfg.dist.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(peer.device.type, dtype=torch.bfloat16, enabled=cfg.dist.amp and x.is_cuda):
+        with autocast(peer, x):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
             if peer.logits is not None:
@@ -332,7 +333,7 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
         peer.optimizer.step()
-        loss_sum += loss.detach().double() * len(y)
+        loss_sum.add_(loss.detach(), alpha=len(y))  # in float64, on the device: no sync
         correct += (logits.detach().argmax(1) == y).sum()
         prog.seen += len(y)
         prog.batch += 1
@@ -355,6 +356,14 @@ def train_one_epoch(peer: Peer, stop: hcomm.StopRequest) -> bool:
     prog.correct += int(correct)
     prog.seconds += time.perf_counter() - started
     return stopped
+
+
+def autocast(peer: Peer, x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU with ``dist.amp``; otherwise no context at all (even a disabled one costs
+    microseconds per step)."""
+    if peer.cfg.dist.amp and x.is_cuda:
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # Test hook: HPCGRAFT_INJECT="RANK:STEP:WHAT[,...]" makes world rank RANK, right after optimizer step STEP,
@@ -448,7 +457,7 @@ def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
         x = x.to(peer.device, non_blocking=True)
         if peer.cfg.dist.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(peer.device.type, dtype=torch.bfloat16, enabled=peer.cfg.dist.amp and x.is_cuda):
+        with autocast(peer, x):
             probs.append(F.softmax(model(x).float(), dim=1).cpu())
         labels.append(y)
     p = torch.cat(probs) if probs else torch.zeros(0, 1)
