@@ -11,12 +11,13 @@ import difflib
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+from hpcgraft import atomic
 
 
 class ConfigError(ValueError):
@@ -124,10 +125,7 @@ class Config:
 
     def dump(self, path: str | Path) -> None:
         """Write as YAML, atomically: a reader sees the old file or the new one, never a part."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
 
 _RENAMED = {"lambda_": "lambda"}

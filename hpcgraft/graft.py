@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcgraft import atomic
 from hpcgraft.grafting import GraftReport, graft_state
 
 STATE_KEYS = ("state_dict", "model", "net")  # where common checkpoint layouts keep the weights
@@ -122,12 +122,7 @@ def format_table(report: GraftReport) -> str:
 def _save_atomic(obj: object, path: Path, write: Any) -> None:
     """Write under a temporary name, then rename: an interrupted run leaves no half-written output."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic.replace(path, lambda tmp: write(obj, tmp))
 
 
 # ------------------------------------------------------------------------------------------- main

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+
+from hpcgraft import atomic
 
 METRICS, GRAFTS, STATUS = "metrics.jsonl", "graft.jsonl", "status.json"
 
@@ -25,9 +26,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
     rows = [r for r in read_jsonl(path) if keep(r)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 class RunLog:
@@ -51,9 +50,7 @@ class RunLog:
             f.flush()
 
     def status(self, **fields: Any) -> None:
-        tmp = self.dir / (STATUS + ".tmp")
-        tmp.write_text(json.dumps(fields, indent=1) + "\n")
-        os.replace(tmp, self.dir / STATUS)
+        atomic.write_text(self.dir / STATUS, json.dumps(fields, indent=1) + "\n")
 
     def read_status(self) -> dict[str, Any]:
         p = self.dir / STATUS

@@ -490,7 +490,7 @@ class RunStore:
 
     def __init__(self, run_dir: Path, cfg: Config, peer: Peer, *, restart: bool) -> None:
         self.dir, self.cfg, self.world = run_dir, cfg, peer.world
-        saved = run_dir / "config.yaml"
+        self.config_path = saved = run_dir / "config.yaml"
         if restart and self.world.is_root:
             _clear_run(run_dir)
         self.world.comm.Barrier()
@@ -520,7 +520,7 @@ class RunStore:
         """Write the run's config.yaml; called once every rank has checked the old one (see ``__init__``)."""
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.cfg.dump(self.dir / "config.yaml")
+            self.cfg.dump(self.config_path)
 
     def resume(self, peer: Peer) -> None:
         info = self.manager.latest() if self.manager else None

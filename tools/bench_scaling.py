@@ -34,13 +34,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import write_cifar10  # noqa: E402
 
-from hpcgraft.config import load_config  # noqa: E402
+from hpcgraft.config import Config, load_config  # noqa: E402
 from hpcgraft.models import create_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"resnet32": "cifar10_resnet32", "resnet56": "cifar10_resnet56", "resnet110": "cifar10_resnet110",
            "mobilenetv2": "cifar10_mobilenetv2", "vgg16": "cifar10_vgg16"}
 EPOCH_STEPS = 50000 // 128  # a CIFAR-10 epoch at the paper's batch (incomplete last batch dropped)
+
+
+def paper_config(name: str) -> Config:
+    return load_config(ROOT / "configs" / f"{CONFIGS[name]}.yaml")
 
 
 def mpirun() -> str:
@@ -62,7 +66,7 @@ def rounds_main(models: list[str], repeats: int, out: str) -> None:
     torch.set_num_threads(1)
     result = {}
     for name in models:
-        cfg = load_config(ROOT / "configs" / f"{CONFIGS[name]}.yaml")
+        cfg = paper_config(name)
         g = cfg.graft
         torch.manual_seed(100 + rank)
         state = create_model(cfg.model.name, 10).state_dict()
@@ -82,7 +86,7 @@ def rounds_main(models: list[str], repeats: int, out: str) -> None:
 
 def step_seconds(name: str, steps: int = 2) -> float:
     """One training step (forward, backward, SGD) of the config's model at batch 128, one thread."""
-    model = create_model(load_config(ROOT / "configs" / f"{CONFIGS[name]}.yaml").model.name, 10)
+    model = create_model(paper_config(name).model.name, 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     x, y = torch.randn(128, 3, 32, 32), torch.randint(0, 10, (128,))
 
@@ -113,7 +117,7 @@ def graft_share(models: list[str], peers: list[int], repeats: int, tmp: Path) ->
     print(head)
     print("-" * len(head))
     for name in models:
-        level = load_config(ROOT / "configs" / f"{CONFIGS[name]}.yaml").graft.level
+        level = paper_config(name).graft.level
         cells = "".join(f" {rounds[k][name] * 1e3:>13.1f} {100 * rounds[k][name] / epoch[name]:>6.3f}% "
                         f"{100 * rounds[k][name]:>12.2f} |" for k in peers)
         print(f"{CONFIGS[name]:<20} {level:<6} {epoch[name]:>11.0f} |{cells}", flush=True)
@@ -147,7 +151,7 @@ def scaling(peers: list[int], tmp: Path, steps: int) -> None:
         threads = max(1, len(os.sched_getaffinity(0)) // k)
         print(f"{k:>2} {threads:>12} {statistics.mean(rates):>14.1f} {sum(rates):>11.1f} {round_s:>13.3f} "
               f"{100 * round_s / (epoch_s * EPOCH_STEPS / steps):>12.3f}%", flush=True)
-    print("round / epoch: the graft round against a full 391-step epoch at the measured rate")
+    print(f"round / epoch: the graft round against a full {EPOCH_STEPS}-step epoch at the measured rate")
 
 
 def main() -> None:
