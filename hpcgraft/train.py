@@ -40,6 +40,7 @@ from hpcgraft.checkpoint import CheckpointError
 from hpcgraft.config import Config, ConfigError, config_from_dict, load_config
 from hpcgraft.cultivation import PeerLogits, distillation_loss, mean_of_others
 from hpcgraft.data import BatchLoader, DataError, build_datasets
+from hpcgraft.data.memory import InMemoryImages
 from hpcgraft.exchange import GraftExchange, NonFiniteWeightsError
 from hpcgraft.metrics import GRAFTS, METRICS, RunLog, epoch_table, read_jsonl
 from hpcgraft.models import create_model
@@ -184,6 +185,11 @@ def build_peer(cfg: Config, world: hcomm.World) -> Peer:
     # on the same images.
     stream = 0 if cultivating else world.peer
     pin = device.type == "cuda"
+    if pin and cfg.data.workers == 0:  # in-memory sets build their batches on the GPU (workers cannot)
+        for dataset in (train_set, test_set):
+            if isinstance(dataset, InMemoryImages):
+                dataset.to(device)
+        pin = False
     train_loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, stream=stream,
                                replica=world.replica, replicas=world.replicas, augment=cfg.data.augment,
                                workers=cfg.data.workers, pin_memory=pin)
@@ -459,7 +465,7 @@ def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(peer, x):
             probs.append(F.softmax(model(x).float(), dim=1).cpu())
-        labels.append(y)
+        labels.append(y.cpu())
     p = torch.cat(probs) if probs else torch.zeros(0, 1)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     own_correct = int((p.argmax(1) == y).sum())

@@ -14,6 +14,10 @@ Side by side, on 2 ranks of this machine, for resnet56 (CIFAR) and resnet50 (Ima
       are replaced by a barrier and not counted; files sit in the page cache (its best case).
 Also: the entropy of all layers, ours against the per-bin loop, one thread.
 Every figure is the median of the repeats on each rank, then the slowest rank.
+
+``--device cuda``: the states live on the GPU (each rank on the same or its own GPU), the round stages
+its buffers through pinned host memory as a run does, the raw Sendrecv moves host buffers (the floor
+for an MPI that is not CUDA-aware), and every timing waits for the device to finish.
 """
 
 from __future__ import annotations
@@ -109,16 +113,24 @@ def paused() -> Iterator[None]:
     Clock.excluded += time.perf_counter() - t
 
 
+def sync() -> None:
+    """Wait for the GPU (when there is one): its work is asynchronous, and a timing must include it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fns: dict[str, Callable[[], object]], comm: MPI.Comm, repeats: int) -> dict[str, float]:
     """Median seconds of each function, minus paused time. The functions take turns (in alternating
     order) so that a change in the machine's load hits all of them alike; all ranks start together."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(repeats):
         for key in list(fns)[:: 1 if i % 2 else -1]:
+            sync()
             comm.Barrier()
             Clock.excluded = 0.0
             t = time.perf_counter()
             fns[key]()
+            sync()
             times[key].append(time.perf_counter() - t - Clock.excluded)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -128,9 +140,9 @@ def slowest(comm: MPI.Comm, value: float) -> float:
 
 
 # --------------------------------------------------------------------------------------- benchmark
-def bench_model(name: str, comm: MPI.Comm, repeats: int, folder: Path) -> dict[str, float]:
+def bench_model(name: str, comm: MPI.Comm, repeats: int, folder: Path, device: torch.device) -> dict[str, float]:
     rank = comm.Get_rank()
-    state = MODELS[name](1000 + rank)
+    state = {k: v.to(device) for k, v in MODELS[name](1000 + rank).items()}
     plan = grafting.plan_layers(state)
     ex = GraftExchange(state, comm, topology="ring", level="layer")
     succ, pred = (rank + 1) % comm.Get_size(), (rank - 1) % comm.Get_size()
@@ -160,7 +172,7 @@ def bench_model(name: str, comm: MPI.Comm, repeats: int, folder: Path) -> dict[s
         torch.set_num_threads(1)
         r.update(timed({"h_ours": lambda: grafting.layer_entropies(state, plan),
                         "h_loop": lambda: loop_entropies(state, plan)}, MPI.COMM_SELF, few))
-        ours = torch.stack(grafting.layer_entropies(state, plan)).double()
+        ours = torch.stack(grafting.layer_entropies(state, plan)).double().cpu()
         r["h_maxdiff"] = float((ours - torch.tensor(loop_entropies(state, plan), dtype=torch.float64)).abs().max())
         torch.set_num_threads(threads)
     idle_barrier(comm)
@@ -232,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--json", help="also write the figures here")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU of the local rank")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
     if comm.Get_size() == 1:
@@ -240,10 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_graft: runs on {RANKS} ranks, got {comm.Get_size()}", file=sys.stderr)
         return 2
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.Get_size()))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", comm.Get_rank() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        if comm.Get_rank() == 0:
+            print(f"bench_graft: states on {torch.cuda.get_device_name(device)} "
+                  f"({torch.cuda.device_count()} GPU(s) for {comm.Get_size()} ranks)", flush=True)
     folder = Path(tempfile.mkdtemp(prefix="bench_graft_")) if comm.Get_rank() == 0 else None
     folder = Path(comm.bcast(str(folder)))
     try:
-        results = {name: bench_model(name, comm, args.repeats, folder) for name in args.models}
+        results = {name: bench_model(name, comm, args.repeats, folder, device) for name in args.models}
     finally:
         comm.Barrier()
         if comm.Get_rank() == 0:

@@ -15,7 +15,12 @@ threads. Three variants per model:
 Runs alternate (bare, hpcgraft, ...) so a slow moment of a shared machine hits both alike; the figure is
 the median over rounds of the per-round ratio of throughputs (bare time / hpcgraft time). Target: >= 0.97.
 
+On a GPU (``--device cuda``) both loops move every batch from pinned host memory to the device, the
+clock stops only after the device is done, and ``--amp`` runs both under bf16 autocast. ``resnet50``
+trains on ImageNet-shaped synthetic batches (224 px; no reader, so no "its loader" column).
+
     .venv/bin/python tools/bench_train.py [--rounds 5] [--threads 1] [--models resnet32,digits_resnet]
+    python tools/bench_train.py --device cuda --amp on,off --models resnet32,resnet50
 """
 
 from __future__ import annotations
@@ -46,7 +51,11 @@ CASES = {
     "resnet32": ("configs/cifar10_resnet32.yaml", 128, 4),
     "digits_resnet": ("configs/digits.yaml", 64, 60),
     "linear": ("configs/digits.yaml", 64, 400),
+    "resnet50": ("configs/digits.yaml", 64, 10),  # the model swapped in, on synthetic 3x224x224 batches
 }
+SYNTHETIC = {"resnet50": (3, 224, 1000)}  # channels, pixels, classes of the batches made up for the model
+PIXELS = 0  # --pixels: smaller synthetic images for a dry run on the CPU
+GPU_STEPS = {"resnet32": 40, "digits_resnet": 200, "linear": 400, "resnet50": 20}  # enough to time a GPU
 
 
 class SameBatches:
@@ -62,33 +71,52 @@ class SameBatches:
         return iter(self.batches[start:])
 
 
-def bare_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list) -> None:
+def bare_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list, device: torch.device,
+              amp: bool) -> None:
     model.train()
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops on the CPU
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
 
 
-def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[str]) -> dict[str, float]:
+def synthetic_batches(name: str, batch: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    channels, pixels, classes = SYNTHETIC[name]
+    pixels = PIXELS or pixels
+    gen = torch.Generator().manual_seed(0)
+    pin = torch.cuda.is_available()
+    return [(torch.randn(batch, channels, pixels, pixels, generator=gen).pin_memory() if pin else
+             torch.randn(batch, channels, pixels, pixels, generator=gen),
+             torch.randint(0, classes, (batch,), generator=gen)) for _ in range(steps)]
+
+
+def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[str], device: str = "cpu",
+            amp: bool = False) -> dict[str, float]:
     config, batch, steps = CASES[name]
-    overrides = [f"data.batch_size={batch}", f"dist.threads={threads}", "dist.device=cpu", "graft.mode=none",
-                 "checkpoint.enabled=false", *extra]
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        steps = GPU_STEPS[name]
+    overrides = [f"data.batch_size={batch}", f"dist.threads={threads}", f"dist.device={dev.type}",
+                 "graft.mode=none", "checkpoint.enabled=false", f"dist.amp={str(amp).lower()}", *extra]
     if "cifar" in config:
         overrides.append(f"data.root={data_root}")
+    if name in SYNTHETIC:
+        overrides += [f"model.name={name}", f"model.num_classes={SYNTHETIC[name][2]}"]
     cfg = load_config(config, overrides)
     world = hcomm.init_world(1)
     peer = build_peer(cfg, world)
     if name == "linear":
-        peer.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+        peer.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).to(dev)
         peer.optimizer = torch.optim.SGD(peer.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
     stop = hcomm.StopRequest(world.comm)
-    own_loader = peer.train_loader
+    own_loader = None if name in SYNTHETIC else peer.train_loader
     # The same batches for everyone, drawn once from hpcgraft's loader (augmented as in training).
-    batches = list(itertools.islice(itertools.chain.from_iterable(own_loader.epoch(e) for e in itertools.count()),
-                                    steps))
+    batches = synthetic_batches(name, batch, steps) if own_loader is None else list(itertools.islice(
+        itertools.chain.from_iterable(own_loader.epoch(e) for e in itertools.count()), steps))
     same = SameBatches(batches)
     model = copy.deepcopy(peer.model)
     t = cfg.train
@@ -109,18 +137,23 @@ def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[s
             return itertools.islice(every, steps - start)
 
     variants = {
-        "bare": lambda: bare_loop(model, opt, batches),
+        "bare": lambda: bare_loop(model, opt, batches, dev, amp and dev.type == "cuda"),
         "hpcgraft (same batches)": lambda: hpcgraft_run(same),
         "hpcgraft (its loader)": lambda: hpcgraft_run(OwnSteps()),
     }
-    for run in variants.values():  # warm-up: allocator, kernels, first Iallreduce
+    if own_loader is None:
+        del variants["hpcgraft (its loader)"]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for run in variants.values():  # warm-up: allocator, kernels (cuDNN's choice too), first Iallreduce
         run()
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for key in order:
+            sync()
             t0 = time.perf_counter()
             variants[key]()
+            sync()
             times[key].append(time.perf_counter() - t0)
     stop.close()
     imgs = steps * batch
@@ -141,24 +174,39 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for hpcgraft's side, e.g. data.prefetch=0")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--amp", default="off", help="bf16 autocast on the GPU: off (default), on, or on,off")
+    parser.add_argument("--steps", type=int, help="steps per timed run (default: per model and device)")
+    parser.add_argument("--batch", type=int, help="batch size (default: per model)")
+    parser.add_argument("--pixels", type=int, default=0, help="size of the synthetic images (default 224)")
     args = parser.parse_args()
+    global PIXELS
+    PIXELS = args.pixels
+    for name, (config, batch, steps) in list(CASES.items()):  # a dry run (tools/gpu_check.sh --cpu) shrinks them
+        CASES[name] = (config, args.batch or batch, args.steps or steps)
+        GPU_STEPS[name] = args.steps or GPU_STEPS[name]
     os.chdir(Path(__file__).resolve().parent.parent)  # the configs are relative to the repository
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} cores, "
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{os.cpu_count()} cores"
+    print(f"torch {torch.__version__}, {args.device} ({device}), {args.threads} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}; median of {args.rounds} alternating rounds"
           f"{'; ' + ' '.join(args.set) if args.set else ''}")
-    header = (f"{'model':<14} {'batch':>5} {'steps':>5} | {'bare img/s':>10} {'same batches':>12} "
+    header = (f"{'model':<14} {'amp':>3} {'batch':>5} {'steps':>5} | {'bare img/s':>10} {'same batches':>12} "
               f"{'ratio':>6} {'+us/step':>8} | {'its loader':>10} {'ratio':>6} {'+us/step':>8}")
     print(header)
     print("-" * len(header))
+    cell = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="hpcgraft-bench-") as tmp:
         write_cifar10(Path(tmp) / "cifar-10-batches-py", per_file=1000)
         for name in args.models.split(","):
-            r = measure(name, Path(tmp), args.rounds, args.threads, args.set)
-            print(f"{name:<14} {r['batch']:>5} {r['steps']:>5} | {r['bare img/s']:>10.1f} "
-                  f"{r['hpcgraft (same batches) img/s']:>12.1f} {r['hpcgraft (same batches) ratio']:>6.3f} "
-                  f"{r['hpcgraft (same batches) us/step']:>8.0f} | {r['hpcgraft (its loader) img/s']:>10.1f} "
-                  f"{r['hpcgraft (its loader) ratio']:>6.3f} {r['hpcgraft (its loader) us/step']:>8.0f}", flush=True)
+            for amp in args.amp.split(","):
+                r = measure(name, Path(tmp), args.rounds, args.threads, args.set, args.device, amp == "on")
+                print(f"{name:<14} {amp:>3} {r['batch']:>5} {r['steps']:>5} | {r['bare img/s']:>10.1f} "
+                      f"{r['hpcgraft (same batches) img/s']:>12.1f} {r['hpcgraft (same batches) ratio']:>6.3f} "
+                      f"{r['hpcgraft (same batches) us/step']:>8.0f} | "
+                      f"{cell(r, 'hpcgraft (its loader) img/s', '>10.1f'):>10} "
+                      f"{cell(r, 'hpcgraft (its loader) ratio', '>6.3f'):>6} "
+                      f"{cell(r, 'hpcgraft (its loader) us/step', '>8.0f'):>8}", flush=True)
     print("ratio: bare time / hpcgraft time per round (1.0 = no overhead; target >= 0.97); +us/step: hpcgraft's "
           "extra time per step (medians over rounds)")
 

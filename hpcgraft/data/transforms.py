@@ -21,15 +21,16 @@ def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Te
         return x
     n, c, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
-    ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
+    # drawn on the generator's (CPU) side whatever the images' device, so every device crops alike
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device, non_blocking=True)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen).to(x.device, non_blocking=True)
     # Two gathers (rows, then columns) pick the same pixels as one 4-d advanced index, 1.6-1.8x faster.
-    rows = (oy[:, None] + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
-    cols = (ox[:, None] + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+    rows = (oy[:, None] + torch.arange(h, device=x.device)).view(n, 1, h, 1).expand(n, c, h, w + 2 * padding)
+    cols = (ox[:, None] + torch.arange(w, device=x.device)).view(n, 1, 1, w).expand(n, c, h, w)
     return padded.gather(2, rows).gather(3, cols)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Mirror a random half of the images left-right."""
-    flip = torch.rand(x.shape[0], generator=gen) < 0.5
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device, non_blocking=True)
     return torch.where(flip[:, None, None, None], x.flip(3), x)
