@@ -36,13 +36,13 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from mpi4py import MPI
 
-    from hpcgraft import comm as hcomm
-    from hpcgraft.exchange import GraftExchange
+    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.dist.replicas import ShardedGraftExchange
+    from hpcgraft.dist.world import init_world, torch_threads
     from hpcgraft.models import create_model
-    from hpcgraft.replicas import ShardedGraftExchange
 
-    world = hcomm.init_world(args.replicas, MPI.COMM_WORLD)
-    torch.set_num_threads(hcomm.torch_threads(world.local_size))
+    world = init_world(args.replicas, MPI.COMM_WORLD)
+    torch.set_num_threads(torch_threads(world.local_size))
     torch.manual_seed(world.peer)  # replicas of a peer hold the same weights
     state = create_model("resnet50", 1000).state_dict()
     options = dict(topology=args.topology, level=args.level)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from hpcgraft.data.memory import InMemoryImages
+from hpcgraft.errors import DataError
 
 # Per-channel statistics of the CIFAR training sets, the values every CIFAR recipe uses.
 _STATS = {
@@ -23,10 +24,6 @@ _LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
-
-
-class DataError(ValueError):
-    """Missing or malformed data on disk, reported as one line with the fix."""
 
 
 def _find_dir(name: str, root: str | None) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcgraft.checkpoint import read_tree
+from hpcgraft.storage.tree import read_tree
 from tests._util import MPIRUN, ROOT, env, jsonl, train
 
 STEPS = 22  # optimizer steps per digits epoch at batch size 64

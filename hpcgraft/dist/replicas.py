@@ -26,29 +26,40 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from typing import TYPE_CHECKING, Protocol
+
 import torch
-from mpi4py import MPI
 from torch import nn
 
-from hpcgraft import comm as hcomm
-from hpcgraft import grafting
-from hpcgraft.config import Config, ConfigError
-from hpcgraft.exchange import GraftExchange, RoundResult
+from hpcgraft.dist import mpi
+from hpcgraft.dist.exchange import GraftExchange, RoundResult
+from hpcgraft.dist.world import World, log
+from hpcgraft.errors import ConfigError, ReplicaMismatchError
+from hpcgraft.method import grafting
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 CHECK_ENV = "HPCGRAFT_CHECK_REPLICAS"  # =1: assert after every step and graft that replicas are identical
 INSTALL_HINT = "bash tools/build_horovod.sh .venv (part of make setup)"
 
 Guard = Callable[[str], contextlib.AbstractContextManager[None]]
+SourceFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
-class ReplicaMismatchError(RuntimeError):
-    """Replicas of one peer hold different weights (a bug; only checked with HPCGRAFT_CHECK_REPLICAS=1)."""
+class DistOptions(Protocol):
+    """The ``dist`` section of a run's config, as far as replicas read it (the dist layer never imports
+    the config module)."""
+
+    replicas: int
+    device: str
+    channels_last: bool
 
 
-def require_horovod(cfg: Config) -> None:
+def require_horovod(dist: DistOptions) -> None:
     """Horovod with PyTorch and MPI support (and NCCL on GPUs) must be importable, and the config one it
     can train; otherwise one line naming the fix."""
-    replicas = cfg.dist.replicas
+    replicas = dist.replicas
     try:
         import horovod.torch as hvd
     except ImportError as exc:
@@ -61,12 +72,12 @@ def require_horovod(cfg: Config) -> None:
             f"dist.replicas={replicas} needs Horovod built with MPI (HOROVOD_WITH_MPI=1), and this one is not; "
             f"rebuild it with {INSTALL_HINT}"
         )
-    if cfg.dist.device != "cpu" and torch.cuda.is_available() and not hvd.nccl_built():
+    if dist.device != "cpu" and torch.cuda.is_available() and not hvd.nccl_built():
         raise ConfigError(
             f"dist.replicas={replicas} on GPUs needs Horovod built with NCCL, and this one is not; rebuild it with "
             "HOROVOD_GPU_OPERATIONS=NCCL bash tools/build_horovod.sh .venv (see the README), or set dist.device=cpu"
         )
-    if cfg.dist.channels_last:
+    if dist.channels_last:
         raise ConfigError(
             f"dist.channels_last=true does not work with dist.replicas={replicas}: Horovod 0.28.1 reduces only "
             "contiguous tensors (horovod issue 3491); set dist.channels_last=false"
@@ -92,7 +103,7 @@ class ReplicaGroup:
     ``srun`` starts everything; every peer's replicas form one process set, declared on every rank.
     """
 
-    def __init__(self, world: hcomm.World) -> None:
+    def __init__(self, world: World) -> None:
         import horovod.torch as hvd
 
         self.hvd, self.world = hvd, world
@@ -155,7 +166,7 @@ class ReplicaGroup:
         """After a graft or a buffer sync: the whole state identical on every replica."""
         if self.checking:
             self._check(list(model.state_dict().values()) + _optimizer_tensors(optimizer), what)
-            hcomm.log(f"hpcgraft: {CHECK_ENV}: peer {self.world.peer}: {self.world.replicas} replicas identical "
+            log(f"hpcgraft: {CHECK_ENV}: peer {self.world.peer}: {self.world.replicas} replicas identical "
                       f"after {what} ({self.steps_checked} steps checked)", world=self.world,
                       all_ranks=self.world.is_peer_lead)
 
@@ -164,6 +175,44 @@ class ReplicaGroup:
         if len(set(digests)) != 1:
             raise ReplicaMismatchError(f"replicas of peer {self.world.peer} differ after {what}: "
                                        f"digests {[d[:12] for d in digests]}")
+
+
+    def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, **options: Any) -> GraftExchange:
+        """The peer's grafting exchange: sharded over the replicas between peers, whole for other sources."""
+        if source_fn is None:  # each replica moves its share of the peer's weights
+            return ShardedGraftExchange(state, self.world.graft_comm, self.world.peer_comm, **options)
+        return GraftExchange(state, self.world.graft_comm, source_fn=source_fn, **options)
+
+
+class SingleReplica:
+    """A peer of one rank: nothing to average, broadcast or compare. It answers the same calls as
+    :class:`ReplicaGroup`, so the training loop reads the same whatever the layout."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
+        return optimizer
+
+    def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def sync_buffers(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def check_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        pass
+
+    def check_synced(self, model: nn.Module, optimizer: torch.optim.Optimizer, what: str) -> None:
+        pass
+
+    def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, **options: Any) -> GraftExchange:
+        return GraftExchange(state, self.world.graft_comm, source_fn=source_fn, **options)
+
+
+def replica_group(world: World) -> ReplicaGroup | SingleReplica:
+    """This rank's peer: a Horovod process set when it spans several ranks, else a no-op group."""
+    return ReplicaGroup(world) if world.replicas > 1 else SingleReplica(world)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -226,7 +275,7 @@ class ShardedGraftExchange(GraftExchange):
             requests = [self.peer_comm.Ibcast([buf[lo:hi], mpitype], root=owner)
                         for (buf, mpitype), dt in zip(self.packed.mpi_buffers(which), self.packed.groups, strict=True)
                         for owner, (lo, hi) in enumerate(self.bounds[dt])]
-            MPI.Request.Waitall(requests)
+            mpi().Request.Waitall(requests)
 
     def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
               guard: Guard) -> RoundResult:
@@ -275,7 +324,7 @@ class ShardedGraftExchange(GraftExchange):
     def _reduce(self, guard: Guard) -> int:
         with guard("graft: Allreduce"):  # of this replica's share
             for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
-                self.comm.Allreduce(send, recv, op=MPI.SUM)
+                self.comm.Allreduce(send, recv, op=mpi().SUM)
         self._gather_shares("recv", guard)
         return self.share_nbytes
 

@@ -2,8 +2,9 @@ import math
 
 import pytest
 
-from hpcgraft.config import ConfigError, config_from_dict, load_config, parse_override
-from hpcgraft.schedule import LRSchedule, peer_base_lr
+from hpcgraft.config import config_from_dict, load_config, parse_override
+from hpcgraft.errors import ConfigError
+from hpcgraft.method.schedule import LRSchedule, peer_base_lr
 from tests._util import ROOT
 
 

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from hpcgraft.data import BatchLoader, DataError, build_datasets
-from hpcgraft.data.imagenet import MEAN, STD, pack_imagenet
+from hpcgraft.data.imagenet import MEAN, STD
+from hpcgraft.data.pack import pack_imagenet
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SIZE = 28  # evaluation resizes to round(28 * 256 / 224) = 32, so array mode packs at 32
 CLASSES = ["n01", "n02", "n03"]
 SHAPES = [(40, 30), (23, 57), (64, 64), (90, 45)]  # (width, height): portrait, landscape, square

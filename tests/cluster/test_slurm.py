@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hpcgraft import launch
-from hpcgraft.config import ConfigError
+from hpcgraft.errors import ConfigError
 from tests._util import ROOT, env, jsonl
 
 pytestmark = pytest.mark.slurm
@@ -209,7 +209,7 @@ def test_command_line_reports_a_bad_request_in_one_line(slurm_cluster, tmp_path,
 
 
 def test_requeue_status_is_the_trainings():
-    from hpcgraft.comm import EXIT_REQUEUE
+    from hpcgraft.errors import EXIT_REQUEUE
 
     assert launch.EXIT_REQUEUE == EXIT_REQUEUE
 

@@ -1,6 +1,6 @@
 """Peers of several ranks (peers x replicas) with real mpirun ranks and real Horovod, on the digits data.
 
-Run as a script under mpirun (``python tests/test_horovod.py graft-check``) this file is also the rank
+Run as a script under mpirun (``python tests/cluster/test_horovod.py graft-check``) this file is also the rank
 program of :func:`test_sharded_graft_is_the_unsharded_graft`.
 """
 
@@ -152,7 +152,7 @@ def test_stop_and_resume_with_replicas_continues_the_same_run(hybrid_run, tmp_pa
 @pytest.mark.horovod
 @needs_horovod
 def test_sharded_graft_is_the_unsharded_graft():
-    r = mpirun(4, str(ROOT / "tests" / "test_horovod.py"), "graft-check")
+    r = mpirun(4, str(ROOT / "tests" / "cluster" / "test_horovod.py"), "graft-check")
     assert r.returncode == 0, r.stdout + r.stderr
     for case in ("ring/layer", "ring/filter", "allreduce/layer"):
         assert f"graft-check {case}: ok" in r.stdout, r.stdout + r.stderr
@@ -210,21 +210,23 @@ def graft_check() -> None:
     with the sharded exchange, and compare with graft_state and with the unsharded exchange."""
     import torch
 
-    from hpcgraft import comm as hcomm
-    from hpcgraft import grafting
-    from hpcgraft import train as htrain
     from hpcgraft.config import load_config
-    from hpcgraft.exchange import GraftExchange
+    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.dist.failure import StopRequest
+    from hpcgraft.dist.world import init_world
+    from hpcgraft.method import grafting
+    from hpcgraft.training import loop as htrain
+    from hpcgraft.training.peer import build_peer, make_exchange
 
     cfg = load_config(str(ROOT / "configs/digits.yaml"), ["dist.replicas=2", "dist.threads=1"])
-    world = hcomm.init_world(cfg.dist.replicas)
+    world = init_world(cfg.dist.replicas)
     assert world.peers == 2, "run with mpirun -np 4"
-    peer = htrain.build_peer(cfg, world)
+    peer = build_peer(cfg, world)
     peer.replicas.broadcast_state(peer.model, peer.optimizer)
-    stop = hcomm.StopRequest(world.comm)
+    stop = StopRequest(world.comm)
     for topology, level in (("ring", "layer"), ("ring", "filter"), ("allreduce", "layer")):
         cfg.graft.topology, cfg.graft.level = topology, level
-        peer.exchange = htrain.make_exchange(peer)
+        peer.exchange = make_exchange(peer)
         assert type(peer.exchange).__name__ == "ShardedGraftExchange"
         peer.progress.start_epoch()
         htrain.train_one_epoch(peer, stop)  # real steps; ends with the replicas' buffer sync

@@ -16,7 +16,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcgraft.checkpoint import CheckpointError, CheckpointInfo, CheckpointManager, main, read_tree, write_tree
+from hpcgraft.checkpoint import main
+from hpcgraft.errors import CheckpointError
+from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
+from hpcgraft.storage.tree import read_tree, write_tree
 from tests._util import env, mpirun
 
 CKPT = "checkpoints"
@@ -276,7 +279,8 @@ import json, sys
 from pathlib import Path
 import torch
 from mpi4py import MPI
-from hpcgraft.checkpoint import CheckpointError, CheckpointManager
+from hpcgraft.errors import CheckpointError
+from hpcgraft.storage.checkpoints import CheckpointManager
 
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()

@@ -18,10 +18,12 @@ import pytest
 import torch
 from torch import nn
 
-from hpcgraft import grafting
+from hpcgraft.method import grafting
+from tests._util import env
+from tests.reference import entropy_weighted_mean
 
 pytestmark = pytest.mark.mpi
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NAN_PEER = 1  # the peer whose weights hold a NaN in the non-finite scenarios
 
 
@@ -90,8 +92,9 @@ def run_ranks(out_dir: Path) -> None:
     """Every scenario on every rank; pre/post states and the round's result go to ``out_dir``."""
     from mpi4py import MPI
 
-    from hpcgraft.comm import abort_on_error
-    from hpcgraft.exchange import GraftExchange, NonFiniteWeightsError
+    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.dist.failure import abort_on_error
+    from hpcgraft.errors import NonFiniteWeightsError
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -126,7 +129,7 @@ def world(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"exchange_np{k}")
     mpirun = Path(sys.executable).parent / "mpirun"
     proc = subprocess.run([str(mpirun), "-np", str(k), sys.executable, __file__, str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     def load(name: str) -> tuple[list[dict], list[dict], list[dict]]:
@@ -180,7 +183,7 @@ def test_allreduce_grafts_the_entropy_weighted_mean_of_the_others(world, name):
     sc = BY_NAME[name]
     for r in range(k):
         received = torch.load(Path(results[r]["dir"]) / f"source{r}.pt", weights_only=True)
-        mean = grafting.entropy_weighted_mean(pre, r, level=sc.level)
+        mean = entropy_weighted_mean(pre, r, level=sc.level)
         assert_close_state(received, {key: mean[key] for key in received}, tol=1e-6)
         source = {**pre[r], **received}
         want, report = grafting.graft_state(pre[r], source, level=sc.level, a=sc.a)
@@ -228,7 +231,7 @@ def test_a_peer_holding_nan_is_skipped(world, topology):
         else:  # every finite peer grafts the mean of the other finite peers
             finite = [j for j in range(k) if j != NAN_PEER]
             affected = r == NAN_PEER or len(finite) < 2
-            source = grafting.entropy_weighted_mean([pre[j] for j in finite], finite.index(r)) if not affected else None
+            source = entropy_weighted_mean([pre[j] for j in finite], finite.index(r)) if not affected else None
         if affected:
             assert results[r]["report"] is None and results[r]["skipped"], r
             assert_same_bits(post[r], pre[r])  # untouched, the NaN peer included
@@ -256,7 +259,7 @@ def test_a_peer_holding_nan_stops_every_peer(world, topology):
 def test_packing_mixed_dtypes_round_trips():
     """PackedTensors on its own: one buffer per dtype, views shaped like the tensors, the large ones
     outside the packed block; packing and weighting keep every value."""
-    from hpcgraft.exchange import DIRECT_BYTES, PackedTensors
+    from hpcgraft.dist.exchange import DIRECT_BYTES, PackedTensors
 
     state = make_state(BY_NAME["ring-mixed"], 0)
     tensors = [t for t in state.values() if t.is_floating_point()]

@@ -19,15 +19,18 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from functools import cache
+from typing import TYPE_CHECKING
+
 import torch
-from mpi4py import MPI
 
-from hpcgraft import grafting
-from hpcgraft.grafting import GraftReport, LayerGroup
+from hpcgraft.dist import mpi
+from hpcgraft.errors import NonFiniteWeightsError
+from hpcgraft.method import grafting
+from hpcgraft.method.grafting import GraftReport, LayerGroup
 
-
-class NonFiniteWeightsError(RuntimeError):
-    """A peer's weights hold NaN or Inf and the run is configured to stop on it."""
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 
 @dataclass
@@ -135,14 +138,14 @@ class PackedTensors:
         reqs += [comm.Isend(send, dest=dest, tag=tag + 1) for send, _ in self._direct]
         for dt, n in self.packed_numel.items():
             if n:
-                comm.Sendrecv((_as_mpi(self.host_send[dt][:n]), _MPI_TYPES[dt]), dest=dest, sendtag=tag,
-                              recvbuf=(_as_mpi(self.host_recv[dt][:n]), _MPI_TYPES[dt]), source=source, recvtag=tag)
-        MPI.Request.Waitall(reqs)
+                comm.Sendrecv((_as_mpi(self.host_send[dt][:n]), mpi_type(dt)), dest=dest, sendtag=tag,
+                              recvbuf=(_as_mpi(self.host_recv[dt][:n]), mpi_type(dt)), source=source, recvtag=tag)
+        mpi().Request.Waitall(reqs)
 
     def allreduce(self, comm: MPI.Comm) -> None:
         """Sum the send buffers of all ranks into the receive buffers."""
         for send, recv in zip(self.mpi_buffers("send"), self.mpi_buffers("recv"), strict=True):
-            comm.Allreduce(send, recv, op=MPI.SUM)
+            comm.Allreduce(send, recv, op=mpi().SUM)
 
     def received(self, into_send: bool = False) -> list[torch.Tensor]:
         """Views, shaped like the tensors, into the receive (or send) buffers."""
@@ -153,11 +156,15 @@ class PackedTensors:
 
     def mpi_buffers(self, which: str) -> list[tuple[object, MPI.Datatype]]:
         bufs = self.host_send if which == "send" else self.host_recv
-        return [(_as_mpi(bufs[dt]), _MPI_TYPES[dt]) for dt in self.groups]
+        return [(_as_mpi(bufs[dt]), mpi_type(dt)) for dt in self.groups]
 
 
-_MPI_TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE, torch.float16: MPI.SHORT,
-              torch.bfloat16: MPI.SHORT}
+@cache
+def mpi_type(dtype: torch.dtype) -> MPI.Datatype:
+    """The MPI datatype that carries ``dtype`` (half precisions travel as their 16 bits)."""
+    MPI = mpi()
+    return {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE, torch.float16: MPI.SHORT,
+            torch.bfloat16: MPI.SHORT}[dtype]
 
 
 def _as_mpi(t: torch.Tensor) -> object:

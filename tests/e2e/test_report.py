@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from hpcgraft import analyze, report
-from hpcgraft.analyze import analyze_state, totals
-from hpcgraft.grafting import count_invalid_filters
+from hpcgraft.method.grafting import count_invalid_filters
+from hpcgraft.method.validity import analyze_state, totals
 from hpcgraft.models import create_model
 from hpcgraft.report import graft_matrix, load_run
 from tests._util import ROOT, env, jsonl, train

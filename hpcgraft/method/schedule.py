@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import bisect
 import math
+from typing import TYPE_CHECKING
 
-from hpcgraft.config import TrainConfig
+if TYPE_CHECKING:
+    from hpcgraft.config import TrainConfig
 
 
 def peer_base_lr(lr: float, peer: int, peers: int, dlr: bool) -> float:

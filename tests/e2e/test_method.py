@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from hpcgraft.config import load_config
-from hpcgraft.cultivation import distillation_loss, mean_of_others
 from hpcgraft.data import list_datasets
-from hpcgraft.grafting import graft_state
+from hpcgraft.method.cultivation import distillation_loss, mean_of_others
+from hpcgraft.method.grafting import graft_state
 from hpcgraft.models import create_model, list_models
 from tests._util import ROOT, jsonl, mpirun, train
 
@@ -47,10 +47,10 @@ def check_alphas(grafts: list[dict]) -> None:
 # ------------------------------------------------------------------------------------------ cultivation
 SAMPLER = """
 from mpi4py import MPI
-from hpcgraft import comm
+from hpcgraft.dist.world import init_world
 from hpcgraft.config import load_config
-from hpcgraft.train import build_peer
-world = comm.init_world(1, MPI.COMM_WORLD)
+from hpcgraft.training.peer import build_peer
+world = init_world(1, MPI.COMM_WORLD)
 for lam in (1, 0):
     peer = build_peer(load_config(None, [f"cultivate.lambda={lam}", "graft.mode=none"]), world)
     x, y = next(iter(peer.train_loader.epoch(0)))

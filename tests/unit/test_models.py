@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcgraft.grafting import graft_state, plan_layers
+from hpcgraft.method.grafting import graft_state, plan_layers
 from hpcgraft.models import create_model, list_models
 
 IMAGENET = ("resnet18", "resnet34", "resnet50")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from hpcgraft import atomic
+from hpcgraft.storage import atomic
 
 METRICS, GRAFTS, STATUS = "metrics.jsonl", "graft.jsonl", "status.json"
 
@@ -57,7 +57,8 @@ class RunLog:
         return json.loads(p.read_text()) if p.exists() else {}
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str = ".2f") -> str:
+    """A number as the tables show it; missing (None or NaN) as "-"."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return format(value, spec)
@@ -74,11 +75,11 @@ def epoch_table(rows: list[dict[str, Any]], ensemble_acc: float, epochs: int, th
         lines.append(" ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         cells = [
-            f"{r['epoch']}/{epochs}", str(r["peer"]), _fmt(r["lr"], ".4g"), _fmt(r["train_loss"], ".4f"),
-            _fmt(r["train_acc"], ".2f"), _fmt(r["test_acc"], ".2f"), "", _fmt(r["alpha_mean"], ".3f"),
-            *[str(r[f"invalid_{t:g}"]) for t in thresholds], _fmt(r["seconds"], ".1f"),
+            f"{r['epoch']}/{epochs}", str(r["peer"]), fmt(r["lr"], ".4g"), fmt(r["train_loss"], ".4f"),
+            fmt(r["train_acc"], ".2f"), fmt(r["test_acc"], ".2f"), "", fmt(r["alpha_mean"], ".3f"),
+            *[str(r[f"invalid_{t:g}"]) for t in thresholds], fmt(r["seconds"], ".1f"),
         ]
         lines.append(" ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
-    ens = ["", "ens", "", "", "", "", _fmt(ensemble_acc, ".2f"), "", *["" for _ in thresholds], ""]
+    ens = ["", "ens", "", "", "", "", fmt(ensemble_acc, ".2f"), "", *["" for _ in thresholds], ""]
     lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)))
     return "\n".join(lines)
