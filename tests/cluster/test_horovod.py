@@ -158,50 +158,19 @@ def test_sharded_graft_is_the_unsharded_graft():
         assert f"graft-check {case}: ok" in r.stdout, r.stdout + r.stderr
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize(
-    ("np", "overrides", "message"),
-    [
-        (3, ("dist.replicas=2",), "3 ranks cannot form peers of dist.replicas=2 ranks each; start a multiple of 2 "
-                                  "ranks (mpirun -np 4) or change dist.replicas"),
-        (2, ("dist.replicas=2",), "grafting between peers needs at least 2 peers but this run has 1; start it with "
-                                  "mpirun -np K (K >= 2 peers x dist.replicas=2) or set graft.mode=none"),
-        pytest.param(4, ("dist.replicas=2", "dist.channels_last=true"),
-                     "dist.channels_last=true does not work with dist.replicas=2: Horovod 0.28.1 reduces only "
-                     "contiguous tensors (horovod issue 3491); set dist.channels_last=false", marks=needs_horovod),
-    ],
-)
-def test_layout_errors_are_one_line(tmp_path, np, overrides, message):
-    r = train(np, tmp_path / "run", *FAST, *overrides)
-    assert r.returncode == 2, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("hpcgraft: error:")]
-    assert len(errors) == 1 and message in errors[0], r.stderr
-    assert "Traceback" not in r.stderr
+@pytest.mark.horovod
+@needs_horovod
+def test_channels_last_with_replicas_is_one_line():
+    """Decided before any MPI work: checked in process, with the real Horovod. (The other layout errors
+    are in tests/unit/test_setup_errors.py.)"""
+    from hpcgraft.config import load_config
+    from hpcgraft.dist.replicas import require_horovod
+    from hpcgraft.errors import ConfigError
 
-
-def _train_without_horovod(tmp_path, np: int, *overrides: str) -> subprocess.CompletedProcess:
-    """The training command in ranks where ``import horovod`` fails, as on a machine without it."""
-    code = ("import sys; sys.modules['horovod'] = None; from hpcgraft.train import main; "
-            "rc = main(sys.argv[1:]); assert 'horovod.torch' not in sys.modules; sys.exit(rc)")
-    return mpirun(np, "-c", code, "--config", str(ROOT / "configs/digits.yaml"), "--out", str(tmp_path / "run"),
-                  *FAST, *overrides)
-
-
-@pytest.mark.mpi
-def test_missing_horovod_is_one_line_naming_the_install(tmp_path):
-    r = _train_without_horovod(tmp_path, 4, "dist.replicas=2")
-    assert r.returncode == 2, r.stderr
-    errors = [line for line in r.stderr.splitlines() if line.startswith("hpcgraft: error:")]
-    assert len(errors) == 1, r.stderr
-    assert "dist.replicas=2 needs Horovod, but 'import horovod.torch' failed" in errors[0]
-    assert "install it with bash tools/build_horovod.sh .venv" in errors[0] and "dist.replicas=1" in errors[0]
-
-
-@pytest.mark.mpi
-def test_one_rank_per_peer_needs_no_horovod(tmp_path):
-    r = _train_without_horovod(tmp_path, 2, "train.epochs=1")
-    assert r.returncode == 0, r.stderr
-    assert len([row for row in jsonl(tmp_path / "run" / "metrics.jsonl") if row["peer"] is not None]) == 2
+    with pytest.raises(ConfigError, match=re.escape(
+            "dist.channels_last=true does not work with dist.replicas=2: Horovod 0.28.1 reduces only "
+            "contiguous tensors (horovod issue 3491); set dist.channels_last=false")):
+        require_horovod(load_config(None, ["dist.replicas=2", "dist.channels_last=true"]).dist)
 
 
 # ---------------------------------------------------------------------------------------- rank program

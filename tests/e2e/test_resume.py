@@ -21,15 +21,20 @@ import numpy as np
 import pytest
 import torch
 
+from hpcgraft import train as train_command
+from hpcgraft.errors import EXIT_REQUEUE
 from hpcgraft.storage.tree import read_tree
 from tests._util import MPIRUN, ROOT, env, jsonl, train
+from tests.e2e.conftest import RUNS
+
+pytestmark = pytest.mark.mpi
 
 STEPS = 22  # optimizer steps per digits epoch at batch size 64
-FAST = ("train.epochs=2", "log.progress=off", "dist.threads=1")
-REQUEUE = 75
-GRAFTING = ("graft.mode=peers",)  # at every epoch end but the last
-STEPWISE = ("graft.mode=peers", "graft.interval_steps=10")  # at steps 10, 20, 30 and 40
-BASELINE = ("graft.mode=none",)
+REQUEUE = EXIT_REQUEUE
+# The uninterrupted references (tests/e2e/conftest.py) and the overrides a test's own runs repeat exactly
+GRAFTING = "graft2"  # at every epoch end but the last
+STEPWISE = "stepwise3"  # 3 peers, at steps 10, 20, 30 and 40
+BASELINE2, BASELINE3 = "base2", "base3"
 
 
 @contextlib.contextmanager
@@ -110,32 +115,34 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert untimed(jsonl(run / "graft.jsonl")) == untimed(jsonl(reference / "graft.jsonl"))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Uninterrupted runs, one per (peers, config), made when a test first asks for one."""
-    runs: dict[tuple[int, tuple[str, ...]], Path] = {}
+@pytest.fixture
+def reference(e2e_run):
+    """``reference(name)``: the uninterrupted run ``name``, checked to log each epoch and graft once."""
 
-    def get(k: int, cfg: tuple[str, ...]) -> Path:
-        if (k, cfg) not in runs:
-            out = tmp_path_factory.mktemp(f"reference-{k}") / "run"
-            r = train(k, out, *FAST, *cfg)
-            assert r.returncode == 0, r.stderr
-            rows = jsonl(out / "metrics.jsonl")
-            assert [(row["epoch"], row["peer"]) for row in rows] == [(e, p) for e in (1, 2) for p in [*range(k), None]]
-            grafts = [(g["step"], g["peer"]) for g in jsonl(out / "graft.jsonl")]
-            assert len(set(grafts)) == len(grafts)
-            runs[k, cfg] = out
-        return runs[k, cfg]
+    def get(name: str) -> Path:
+        run = e2e_run(name)
+        k = RUNS[name].ranks
+        assert [(row["epoch"], row["peer"]) for row in run.metrics()] == [
+            (e, p) for e in (1, 2) for p in [*range(k), None]]
+        grafts = [(g["step"], g["peer"]) for g in run.grafts()]
+        assert len(set(grafts)) == len(grafts)
+        return run.out
 
     return get
 
 
+def again(name: str, out: Path, **kw) -> subprocess.CompletedProcess:
+    """The command of the reference run ``name`` (same ranks and overrides), on another directory."""
+    return train(RUNS[name].ranks, out, *RUNS[name].overrides, **kw)
+
+
 # ------------------------------------------------------------------------------------------ stop and resume
-def stop_with_hook(out: Path, k: int, cfg: tuple[str, ...], stop_at: int, sig: str = "usr1") -> None:
+def stop_with_hook(out: Path, name: str, stop_at: int, sig: str = "usr1") -> None:
     """SIGUSR1 (or SIGTERM) to the last rank right after step ``stop_at - 1``: every rank stops after step
     ``stop_at`` (the flag is agreed on one step later), writes a checkpoint and exits 75."""
+    k = RUNS[name].ranks
     with injected(f"{k - 1}:{stop_at - 1}:{sig}"):
-        r = train(k, out, *FAST, *cfg)
+        r = again(name, out)
     assert r.returncode == REQUEUE, r.stderr
     assert f"stopped by signal at epoch {(stop_at - 1) // STEPS + 1}, step {stop_at}; checkpoint written, " \
            f"exit {REQUEUE}" in r.stderr
@@ -143,9 +150,9 @@ def stop_with_hook(out: Path, k: int, cfg: tuple[str, ...], stop_at: int, sig: s
     assert checkpoints(out)[-1] == stop_at
 
 
-def resume_and_compare(out: Path, reference: Path, k: int, cfg: tuple[str, ...], from_step: int) -> str:
+def resume_and_compare(out: Path, reference: Path, name: str, from_step: int) -> str:
     """Re-run the same command: it says where it resumes in one line and ends as the reference did."""
-    r = train(k, out, *FAST, *cfg)
+    r = again(name, out)
     assert r.returncode == 0, r.stderr
     [line] = lines(r.stderr, "hpcgraft: resuming")
     assert f"from step-{from_step:09d}" in line, line
@@ -158,16 +165,16 @@ def test_grafting_stopped_at_an_epoch_end_resumes_exactly(tmp_path, reference):
     """Stopped after the last step of epoch 1, before its evaluation (3 peers, grafting every 10 steps: the
     reports of the grafts before the stop are written with its checkpoint)."""
     out = tmp_path / "run"
-    stop_with_hook(out, 3, STEPWISE, STEPS)
+    stop_with_hook(out, STEPWISE, STEPS)
     assert sorted({g["step"] for g in jsonl(out / "graft.jsonl")}) == [10, 20]
-    resume_and_compare(out, reference(3, STEPWISE), 3, STEPWISE, STEPS)
+    resume_and_compare(out, reference(STEPWISE), STEPWISE, STEPS)
 
 
 def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path, reference):
     """What a scheduler does before a time limit: signal the launcher. MPICH's mpiexec forwards SIGUSR1
     (and SIGTERM) to every rank; the stop lands a few steps into epoch 2, after the first graft."""
     out = tmp_path / "run"
-    job = start(2, out, *FAST, *GRAFTING)
+    job = start(RUNS[GRAFTING].ranks, out, *RUNS[GRAFTING].overrides)
     wait_for_checkpoint(job, out)
     job.send_signal(signal.SIGUSR1)
     signalled = time.monotonic()
@@ -176,38 +183,41 @@ def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path
     state = status(out)
     assert state["state"] == "stopped" and STEPS < state["step"] <= 2 * STEPS
     assert checkpoints(out) == [STEPS, state["step"]]
-    resume_and_compare(out, reference(2, GRAFTING), 2, GRAFTING, state["step"])
+    resume_and_compare(out, reference(GRAFTING), GRAFTING, state["step"])
 
 
-def test_baseline_stopped_mid_epoch_resumes_exactly_and_only_with_its_rank_count(tmp_path, reference):
-    """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (3 peers)."""
+def test_baseline_stopped_mid_epoch_resumes_exactly_also_from_a_damaged_checkpoint(tmp_path, reference,
+                                                                                 capsys, stop_signals_kept):
+    """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (3 peers). The stopped run
+    resumes only with its rank count; resumed, it ends exactly as the uninterrupted run. A copy whose stop
+    checkpoint (mid-epoch 2) is truncated reports it in one line, goes back to the end of epoch 1 and
+    still ends exactly as the uninterrupted run."""
     out = tmp_path / "run"
-    stop_with_hook(out, 3, BASELINE, STEPS + 11, sig="term")
-    wrong = train(0, out, *FAST, *BASELINE)  # one plain process for a checkpoint of 3 peers
-    assert wrong.returncode == 2, wrong.stderr
-    [line] = lines(wrong.stderr, "hpcgraft: error:")
-    assert "has 3 peers; start with mpirun -np 3 to resume it" in line and "Traceback" not in wrong.stderr
-    resume_and_compare(out, reference(3, BASELINE), 3, BASELINE, STEPS + 11)
+    stop_with_hook(out, BASELINE3, STEPS + 11, sig="term")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    # One plain process for a checkpoint of 3 peers: the training command's main, in this process.
+    rc = train_command.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
+                             *RUNS[BASELINE3].overrides])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    [line] = lines(err, "hpcgraft: error:")
+    assert "has 3 peers; start with mpirun -np 3 to resume it" in line and "Traceback" not in err
+    resume_and_compare(out, reference(BASELINE3), BASELINE3, STEPS + 11)
 
-
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference):
-    """The stop checkpoint (mid-epoch 2) is truncated: the resume reports it in one line, goes back to the
-    end of epoch 1 and still ends exactly as the uninterrupted run (baseline, 2 peers)."""
-    out = tmp_path / "run"
-    stop_with_hook(out, 2, BASELINE, STEPS + 11)
-    newest = out / "checkpoints" / f"step-{STEPS + 11:09d}" / "peer-001.h5"
+    newest = damaged / "checkpoints" / f"step-{STEPS + 11:09d}" / "peer-001.h5"
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
-    err = resume_and_compare(out, reference(2, BASELINE), 2, BASELINE, STEPS)
-    [damaged] = lines(err, "hpcgraft: checkpoint")
-    assert damaged.startswith(f"hpcgraft: checkpoint step-{STEPS + 11:09d} is damaged (peer-001.h5")
-    assert damaged.endswith(f"falling back to step-{STEPS:09d}")
+    err = resume_and_compare(damaged, reference(BASELINE3), BASELINE3, STEPS)
+    [line] = lines(err, "hpcgraft: checkpoint")
+    assert line.startswith(f"hpcgraft: checkpoint step-{STEPS + 11:09d} is damaged (peer-001.h5")
+    assert line.endswith(f"falling back to step-{STEPS:09d}")
 
 
 # ------------------------------------------------------------------------------------------ failures
 def test_kill_9_of_one_rank_ends_the_job_and_resume_finishes_the_run(tmp_path, reference):
     out = tmp_path / "run"
-    job = start(2, out, *FAST, *GRAFTING)
+    job = start(RUNS[GRAFTING].ranks, out, *RUNS[GRAFTING].overrides)
     wait_for_checkpoint(job, out)
     pids = dict(re.findall(r"(\d+)=(\d+)@", lines(Path(f"{out}.stderr").read_text(), "hpcgraft: rank pids:")[0]))
     os.kill(int(pids["1"]), signal.SIGKILL)
@@ -221,15 +231,15 @@ def test_kill_9_of_one_rank_ends_the_job_and_resume_finishes_the_run(tmp_path, r
     assert named.startswith(f"hpcgraft: rank 1 (pid {pids['1']} on ") and " was killed by SIGKILL (signal 9" in named
     assert "hpcgraft: rank 0 (" not in Path(f"{out}.stderr").read_text()
     assert "Killed (signal 9)" in Path(f"{out}.stdout").read_text()
-    resume_and_compare(out, reference(2, GRAFTING), 2, GRAFTING, checkpoints(out)[-1])
+    resume_and_compare(out, reference(GRAFTING), GRAFTING, checkpoints(out)[-1])
 
 
 def test_an_exception_in_one_rank_aborts_the_job_naming_it(tmp_path, reference):
     """Started with --restart over a finished run, which it replaces."""
     out = tmp_path / "run"
-    shutil.copytree(reference(2, GRAFTING), out)
+    shutil.copytree(reference(GRAFTING), out)
     with injected("1:3:raise"):
-        r = train(2, out, *FAST, *GRAFTING, restart=True, timeout=120)
+        r = again(GRAFTING, out, restart=True, timeout=120)
     assert r.returncode != 0
     assert "Traceback" in r.stderr and "RuntimeError: injected failure at step 3" in r.stderr
     assert "hpcgraft: rank 1: failed with RuntimeError: injected failure at step 3 (HPCGRAFT_INJECT)" in r.stderr
@@ -239,7 +249,7 @@ def test_an_exception_in_one_rank_aborts_the_job_naming_it(tmp_path, reference):
 
 def test_watchdog_aborts_a_collective_stuck_on_a_stalled_rank(tmp_path):
     with injected("1:3:sleep"):
-        r = train(2, tmp_path / "run", *FAST, "dist.watchdog_s=5", timeout=120)
+        r = train(2, tmp_path / "run", *RUNS[GRAFTING].overrides, "dist.watchdog_s=5", timeout=120)
     assert r.returncode != 0
     assert "hpcgraft: rank 0: watchdog: 'training step: Iallreduce of the stop flag' took longer than " \
            "dist.watchdog_s=5 s; a peer is lost or stuck, aborting the job" in r.stderr
@@ -251,7 +261,7 @@ def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(tmp_pat
     the run goes on. With checkpoint.keep=1, the newest checkpoint stays and so does each peer's best."""
     out = tmp_path / "run"
     with injected(f"1:{STEPS + 8}:nan"):
-        r = train(2, out, *FAST, "train.epochs=3", "checkpoint.keep=1")
+        r = train(2, out, *RUNS[GRAFTING].overrides, "train.epochs=3", "checkpoint.keep=1")
     assert r.returncode == 0, r.stderr
     grafts = {(g["epoch"], g["peer"]): g for g in jsonl(out / "graft.jsonl")}
     assert sorted(grafts) == [(1, 0), (1, 1), (2, 0), (2, 1)]
@@ -271,7 +281,8 @@ def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(tmp_pat
 
 def test_nan_weights_stop_the_run_with_one_line_when_configured(tmp_path):
     with injected("1:3:nan"):
-        r = train(2, tmp_path / "run", *FAST, "graft.on_nonfinite=stop", "graft.interval_steps=5", timeout=120)
+        r = train(2, tmp_path / "run", *RUNS[GRAFTING].overrides, "graft.on_nonfinite=stop", "graft.interval_steps=5",
+                  timeout=120)
     assert r.returncode == 1, r.stderr
     [line] = lines(r.stderr, "hpcgraft: error:")
     assert line == "hpcgraft: error: grafting at step 5: peer(s) [1] hold NaN/Inf weights; " \
@@ -286,12 +297,15 @@ def test_nan_weights_stop_the_run_with_one_line_when_configured(tmp_path):
      ("train.lr=0.2", "holds a run with train.lr=0.1, not 0.2; resume it with the same config")],
     ids=["finished", "other-config"],
 )
-def test_a_finished_run_or_another_config_is_a_one_line_error(reference, override, message):
-    run = reference(2, BASELINE)
+def test_a_finished_run_or_another_config_is_a_one_line_error(reference, capsys, stop_signals_kept, override,
+                                                              message):
+    """Decided before any training: the command's main in this process (one rank is enough)."""
+    run = reference(BASELINE2)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
-    r = train(0, run, *FAST, *BASELINE, *([override] if override else []))  # one process is enough
-    assert r.returncode == 2, r.stderr
-    [line] = lines(r.stderr, "hpcgraft: error:")
-    assert f"{run} {message}" in line and "Traceback" not in r.stderr
+    rc = train_command.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(run),
+                             *RUNS[BASELINE2].overrides, *([override] if override else [])])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    [line] = lines(err, "hpcgraft: error:")
+    assert f"{run} {message}" in line and "Traceback" not in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # the run is untouched
-

@@ -52,3 +52,27 @@ def test_unknown_data_set_is_a_clear_error():
         assert "data.name='mnist' is not known" in str(exc)
     else:
         raise AssertionError("no error")
+
+
+def test_cultivating_peers_draw_identical_batches():
+    """Built as the ranks build them (build_peer, a world of 2 peers seen from each peer): the same images
+    while distilling, each peer its own order otherwise; the networks start different either way."""
+    from mpi4py import MPI
+
+    from hpcgraft.config import load_config
+    from hpcgraft.dist.world import World
+    from hpcgraft.training.peer import build_peer
+
+    self_ = MPI.COMM_SELF
+    for lam, same in ((1, True), (0, False)):
+        cfg = load_config(None, [f"cultivate.lambda={lam}", "graft.mode=none", "dist.threads=1"])
+        seen = []
+        for p in (0, 1):
+            world = World(comm=self_, rank=p, size=2, local_rank=p, local_size=2, peer=p, peers=2, replica=0,
+                          replicas=1, graft_comm=self_, peer_comm=self_)
+            peer = build_peer(cfg, world)
+            x, y = next(iter(peer.train_loader.epoch(0)))
+            seen.append((x, y, next(peer.model.parameters()).detach().clone()))
+        (x0, y0, w0), (x1, y1, w1) = seen
+        assert (torch.equal(x0, x1) and torch.equal(y0, y1)) is same, lam
+        assert not torch.equal(w0, w1)
