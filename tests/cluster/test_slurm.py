@@ -208,12 +208,6 @@ def test_command_line_reports_a_bad_request_in_one_line(slurm_cluster, tmp_path,
     assert rc == 2 and err == "hpcgraft.launch: error: partition 'nope' does not exist; sinfo lists: debug"
 
 
-def test_requeue_status_is_the_trainings():
-    from hpcgraft.errors import EXIT_REQUEUE
-
-    assert launch.EXIT_REQUEUE == EXIT_REQUEUE
-
-
 def test_submit_checks_the_config_before_queueing(tmp_path):
     with pytest.raises(ConfigError, match="graft.level"):
         launch.submit("configs/digits.yaml", tmp_path / "run", ["graft.level=leaf"], tasks_per_node=2)

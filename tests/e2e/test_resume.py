@@ -30,7 +30,22 @@ from tests.e2e.conftest import RUNS
 pytestmark = pytest.mark.mpi
 
 STEPS = 22  # optimizer steps per digits epoch at batch size 64
-REQUEUE = EXIT_REQUEUE
+
+
+def requeue_status_of_the_slurm_scripts() -> int:
+    """The exit status on which slurm/common.sh requeues the job: the `case` label of the branch that runs
+    `scontrol requeue`. The stopped runs below must exit with exactly it."""
+    label = None
+    for line in (ROOT / "slurm" / "common.sh").read_text().splitlines():
+        if m := re.match(r"\s*(\d+)\)", line):
+            label = int(m.group(1))
+        elif "scontrol requeue" in line and label is not None:
+            return label
+    raise AssertionError("slurm/common.sh has no case branch that requeues")
+
+
+REQUEUE = requeue_status_of_the_slurm_scripts()
+assert REQUEUE == EXIT_REQUEUE  # and the status hpcgraft.launch hands to submitit's requeue
 # The uninterrupted references (tests/e2e/conftest.py) and the overrides a test's own runs repeat exactly
 GRAFTING = "graft2"  # at every epoch end but the last
 STEPWISE = "stepwise3"  # 3 peers, at steps 10, 20, 30 and 40

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,36 @@ def test_cifar10_pixels_and_labels(cifar10):
     assert torch.allclose(x[0, 0], torch.from_numpy(expected).float(), atol=1e-5)
 
 
+def test_random_crop_and_flip_move_the_pixels_as_drawn(cifar10):
+    """Training batches are cut from the image zero-padded by 4 (in standardised values: the channel mean)
+    at a random offset, then mirrored for a random half: every checked pixel is the source pixel the drawn
+    offset and flip say, computed by hand from the raw CIFAR bytes. A no-op augmentation fails here."""
+    folder, train_batches, _ = cifar10
+    train, _ = build_datasets("cifar10", str(folder))
+    data = np.concatenate([b[b"data"] for b in train_batches]).reshape(-1, 3, 32, 32)
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    n = len(data)
+    x, _ = train.get_batch(torch.arange(n), torch.Generator().manual_seed(5))
+    # The reader's draws, in its order: row offsets and column offsets in 0..8, then the flips.
+    g = torch.Generator().manual_seed(5)
+    oy = torch.randint(0, 9, (n,), generator=g).tolist()
+    ox = torch.randint(0, 9, (n,), generator=g).tolist()
+    flip = (torch.rand(n, generator=g) < 0.5).tolist()
+    assert any(flip) and not all(flip) and any(o != 4 for o in oy + ox)  # the seed exercises every case
+    moved = 0
+    for i in range(n):
+        for c, y, col in ((0, 0, 0), (1, 5, 31), (2, 31, 2), (0, 16, 16), (1, 2, 29), (2, 30, 1)):
+            src_col = 31 - col if flip[i] else col  # the flip mirrors the cropped window
+            sy, sx = y + oy[i] - 4, src_col + ox[i] - 4  # where that pixel comes from in the unpadded image
+            inside = 0 <= sy < 32 and 0 <= sx < 32
+            want = (data[i, c, sy, sx] / 255.0 - mean[c]) / std[c] if inside else 0.0
+            assert x[i, c, y, col].item() == pytest.approx(want, abs=1e-5), (i, c, y, col)
+            moved += (sy, sx) != (y, col)
+    assert moved > 0
+    plain, _ = train.get_batch(torch.arange(n), None)
+    assert not torch.equal(plain, x)
+
+
 def test_cifar10_augmentation_reproducible(cifar10):
     train, _ = build_datasets("cifar10", str(cifar10[0]))
     loaders = [BatchLoader(train, 5, shuffle=True, augment=True, seed=2, workers=0) for _ in range(2)]
@@ -87,3 +118,22 @@ def test_cifar_errors_are_one_line(tmp_path, cifar10):
         with pytest.raises(DataError) as info:
             build_datasets(name, root)
         assert match in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_batch_file_that_would_run_code_is_refused(tmp_path, cifar10):
+    """A pickle can name any callable; a CIFAR batch names numpy's array pieces only, and nothing else loads."""
+    import os
+
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar10[0], folder)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "ran"),))
+
+    with open(folder / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f, protocol=2)
+    with pytest.raises(DataError, match=r"data_batch_2 is not a CIFAR batch file \(UnpicklingError: posix\.system "
+                                        r"is not part of a CIFAR batch\)"):
+        build_datasets("cifar10", str(folder))
+    assert not (tmp_path / "ran").exists()

@@ -1,10 +1,12 @@
 import math
 
 import pytest
+import torch
 
 from hpcgraft.config import config_from_dict, load_config, parse_override
 from hpcgraft.errors import ConfigError
 from hpcgraft.method.schedule import LRSchedule, peer_base_lr
+from hpcgraft.models import create_model
 from tests._util import ROOT
 
 
@@ -48,9 +50,21 @@ def test_missing_config_file_names_the_fix(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_shipped_configs_load():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        load_config(path)
+CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet": 1000, "imagenet_h5": 1000}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_config_loads_and_builds_its_model_for_its_data(path):
+    """Each file names its data set first (cifar100_resnet56.yaml trains on cifar100); its model builds
+    with that data set's classes, and the classifier really has that many outputs."""
+    cfg = load_config(path)
+    assert path.stem.split("_")[0] == cfg.data.name.removesuffix("_h5"), (path.stem, cfg.data.name)
+    classes = cfg.model.num_classes or CLASSES[cfg.data.name]
+    assert classes == CLASSES[cfg.data.name]
+    with torch.device("meta"):  # shapes only: the ImageNet ResNets need no memory or time here
+        model = create_model(cfg.model.name, classes)
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == classes
 
 
 def test_override_values_are_yaml():
