@@ -2,7 +2,7 @@
 
     python -m hpcgraft.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
-Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.metrics`) and
+Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.storage.runlog`) and
 writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
 
 - ``accuracy.png``: test top-1 of every peer and of the ensemble per epoch, one panel per run;

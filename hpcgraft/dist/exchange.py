@@ -1,4 +1,4 @@
-"""The grafting exchange: a thin MPI layer around :mod:`hpcgraft.grafting`.
+"""The grafting exchange: a thin MPI layer around :mod:`hpcgraft.method.grafting`.
 
 One round, on every peer at the same moment:
   1. each peer computes the entropies of its own layers and shares them (one small ``allgather``,
@@ -6,7 +6,7 @@ One round, on every peer at the same moment:
   2. the weights travel in one contiguous buffer per dtype (large CPU tensors from their own storage):
      ``Sendrecv`` to the ring successor (topology ``ring``), or one ``Allreduce`` of entropy-weighted
      weights (topology ``allreduce``);
-  3. each peer mixes the source into its own tensors in place (:func:`hpcgraft.grafting.mix_`).
+  3. each peer mixes the source into its own tensors in place (:func:`hpcgraft.method.grafting.mix_`).
 
 No pickling and no per-tensor messages for small tensors; buffers are allocated once. CUDA tensors are
 staged through pinned host memory unless the MPI library is CUDA-aware.
@@ -18,9 +18,8 @@ import contextlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -176,6 +175,46 @@ def _as_mpi(t: torch.Tensor) -> object:
     return t.numpy()
 
 
+Guard = Callable[[str], contextlib.AbstractContextManager[None]]
+
+
+class Transport(Protocol):
+    """How a round's weights travel between the peers. The exchange decides what to send and how to mix
+    (the method); a transport moves the packed weights: whole (one rank per peer, :class:`WholeTransport`)
+    or in shares over a peer's replicas (:class:`hpcgraft.dist.replicas.ShardedTransport`)."""
+
+    nbytes: int  # what this rank sends in a round
+
+    def ring_transfer(self, comm: MPI.Comm, succ: int, pred: int, guard: Guard) -> None:
+        """This peer's weights to ``succ``, ``pred``'s into the receive buffers."""
+
+    def ring_mix(self, coefficients: list[torch.Tensor], guard: Guard) -> None:
+        """Mix the received weights into this peer's tensors in place, with one coefficient per member
+        tensor (0-d, or one per filter)."""
+
+    def reduce(self, comm: MPI.Comm, guard: Guard) -> None:
+        """The sum of every peer's send buffers into the receive buffers, whole on every rank."""
+
+
+class WholeTransport:
+    """One rank per peer: the whole packed model travels (ring ``Sendrecv`` or one ``Allreduce``)."""
+
+    def __init__(self, packed: PackedTensors, tensors: list[torch.Tensor]) -> None:
+        self.packed, self.tensors = packed, tensors
+        self.nbytes = packed.nbytes
+
+    def ring_transfer(self, comm: MPI.Comm, succ: int, pred: int, guard: Guard) -> None:
+        with guard("graft: ring Sendrecv"):
+            self.packed.sendrecv(comm, succ, pred, staged=True)
+
+    def ring_mix(self, coefficients: list[torch.Tensor], guard: Guard) -> None:
+        grafting.mix_(self.tensors, self.packed.received(), coefficients)
+
+    def reduce(self, comm: MPI.Comm, guard: Guard) -> None:
+        with guard("graft: Allreduce"):
+            self.packed.allreduce(comm)
+
+
 def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     """Whether no tensor holds NaN or Inf: min and max of each (NaN propagates), one host sync."""
     ends = [torch.stack(torch.aminmax(t)).double() for t in tensors if t.numel()]
@@ -187,7 +226,8 @@ class GraftExchange:
 
     ``state`` must be a state dict whose tensors share storage with the model (``model.state_dict()``),
     so that mixing in place updates the model. ``source_fn`` replaces the peers as information source
-    (noise, the network's own weights); it maps this peer's tensors to the source tensors.
+    (noise, the network's own weights); it maps this peer's tensors to the source tensors. ``transport``
+    builds what moves the weights from the packed buffers and the tensors (default: whole).
     """
 
     def __init__(
@@ -203,6 +243,7 @@ class GraftExchange:
         round_alpha: bool = False,
         on_nonfinite: str = "skip",
         source_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
+        transport: Callable[[PackedTensors, list[torch.Tensor]], Transport] = WholeTransport,
     ) -> None:
         self.state, self.comm = state, comm
         self.peer, self.peers = comm.Get_rank(), comm.Get_size()
@@ -218,6 +259,7 @@ class GraftExchange:
         if topology == "allreduce" and any(t.dtype not in (torch.float32, torch.float64) for t in self.tensors):
             raise ValueError("graft.topology=allreduce needs float32/float64 weights; use graft.topology=ring")
         self.packed = PackedTensors(self.tensors, host_staging=not cuda_aware_mpi())
+        self.transport = transport(self.packed, self.tensors)
 
     @property
     def source_peer(self) -> int:
@@ -248,19 +290,19 @@ class GraftExchange:
 
     # -- topologies ---------------------------------------------------------------------------------
     def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
-              guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> RoundResult:
+              guard: Guard) -> RoundResult:
         succ, pred = (self.peer + 1) % self.peers, self.source_peer
-        with guard("graft: ring Sendrecv"):
-            self.packed.sendrecv(self.comm, succ, pred, staged=True)
+        self.transport.ring_transfer(self.comm, succ, pred, guard)
         if self.peer in bad or pred in bad:
             return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
         h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
-        result = self._mix(h_self, self.packed.received(), h_src)
-        result.bytes_sent, result.nonfinite_peers = self.packed.nbytes, bad
-        return result
+        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)
+        self.transport.ring_mix(grafting.per_member(self.plan, alphas), guard)
+        return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level),
+                           nonfinite_peers=bad, bytes_sent=self.transport.nbytes)
 
     def _allreduce(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
-                   guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> RoundResult:
+                   guard: Guard) -> RoundResult:
         """Source = sum_j w_j W_j / sum_j w_j over the other finite peers j, with w = H + eps, from one
         Allreduce of w_j W_j over all peers minus this peer's own term."""
         own_ok = self.peer not in bad
@@ -271,7 +313,7 @@ class GraftExchange:
                               for t, w in zip(self.tensors, member_w, strict=True)])
         else:
             self.packed.clear()  # NaN * 0 is NaN: a non-finite peer sends zeros, not scaled weights
-        sent = self._reduce(guard)
+        self.transport.reduce(self.comm, guard)
         others = [j for j in range(self.peers) if j != self.peer and j not in bad]
         if not own_ok or not others:
             return self._nonfinite(bad, "no finite peer to graft from" if own_ok else "its own weights are not finite")
@@ -283,14 +325,8 @@ class GraftExchange:
                     for t, w in zip(source, grafting.per_member(self.plan, totals), strict=True)]
         torch._foreach_div_(source, divisors)
         result = self._mix(h_self, source, self._entropies_of(source))
-        result.bytes_sent, result.nonfinite_peers = sent, bad
+        result.bytes_sent, result.nonfinite_peers = self.transport.nbytes, bad
         return result
-
-    def _reduce(self, guard: Callable[[str], contextlib.AbstractContextManager[None]]) -> int:
-        """Sum the packed send buffers of all peers into the receive buffers; returns the bytes sent."""
-        with guard("graft: Allreduce"):
-            self.packed.allreduce(self.comm)
-        return self.packed.nbytes
 
     # -- helpers -------------------------------------------------------------------------------------
     def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]

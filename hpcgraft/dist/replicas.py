@@ -1,9 +1,9 @@
 """Peers that span several ranks: R data-parallel replicas per peer, with Horovod.
 
-Layout (:func:`hpcgraft.comm.init_world`): peer p owns world ranks p*R .. p*R+R-1, replica r = rank % R.
+Layout (:func:`hpcgraft.dist.world.init_world`): peer p owns world ranks p*R .. p*R+R-1, replica r = rank % R.
 Within a peer, :class:`ReplicaGroup` is the peer's Horovod process set: ``horovod.torch.DistributedOptimizer``
 averages the gradients over it, so replicas that start from the same (broadcast) state stay identical
-step after step. Between peers, :class:`ShardedGraftExchange` grafts over ``graft_comm`` (replica r of
+step after step. Between peers, the exchange with a :class:`ShardedTransport` grafts over ``graft_comm`` (replica r of
 every peer), each replica moving only its 1/R share of the packed weights, and the peer reassembles the
 whole within ``peer_comm``.
 
@@ -20,19 +20,17 @@ Horovod is imported only here and only when a run has R > 1, so the one-rank-per
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from collections.abc import Callable, Iterable
-from typing import Any
-
-from typing import TYPE_CHECKING, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import nn
 
 from hpcgraft.dist import mpi
-from hpcgraft.dist.exchange import GraftExchange, RoundResult
+from hpcgraft.dist.exchange import GraftExchange, Guard, PackedTensors
 from hpcgraft.dist.world import World, log
 from hpcgraft.errors import ConfigError, ReplicaMismatchError
 from hpcgraft.method import grafting
@@ -43,7 +41,6 @@ if TYPE_CHECKING:
 CHECK_ENV = "HPCGRAFT_CHECK_REPLICAS"  # =1: assert after every step and graft that replicas are identical
 INSTALL_HINT = "bash tools/build_horovod.sh .venv (part of make setup)"
 
-Guard = Callable[[str], contextlib.AbstractContextManager[None]]
 SourceFn = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
@@ -180,7 +177,8 @@ class ReplicaGroup:
     def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, **options: Any) -> GraftExchange:
         """The peer's grafting exchange: sharded over the replicas between peers, whole for other sources."""
         if source_fn is None:  # each replica moves its share of the peer's weights
-            return ShardedGraftExchange(state, self.world.graft_comm, self.world.peer_comm, **options)
+            return GraftExchange(state, self.world.graft_comm, **options,
+                                 transport=partial(ShardedTransport, peer_comm=self.world.peer_comm))
         return GraftExchange(state, self.world.graft_comm, source_fn=source_fn, **options)
 
 
@@ -219,8 +217,8 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
 
-class ShardedGraftExchange(GraftExchange):
-    """Grafting between peers of R replicas each: replica r moves only share r of the packed weights.
+class ShardedTransport:
+    """The transport between peers of R replicas each: replica r moves only share r of the packed weights.
 
     Every replica holds its peer's whole (identical) weights, so entropies, finiteness and coefficients
     are computed on whole tensors exactly as with one rank per peer, and shared over ``graft_comm``
@@ -238,27 +236,49 @@ class ShardedGraftExchange(GraftExchange):
     Every replica ends a round with identical weights, whatever the topology.
     """
 
-    def __init__(self, state: dict[str, torch.Tensor], graft_comm: MPI.Comm, peer_comm: MPI.Comm,
-                 **options: Any) -> None:
-        super().__init__(state, graft_comm, **options)
-        if self.source_fn is not None:
-            raise ValueError("a sharded exchange grafts between peers; use GraftExchange for other sources")
-        self.peer_comm = peer_comm
+    def __init__(self, packed: PackedTensors, tensors: list[torch.Tensor], peer_comm: MPI.Comm) -> None:
+        self.packed, self.tensors, self.peer_comm = packed, tensors, peer_comm
         self.replica, self.replicas = peer_comm.Get_rank(), peer_comm.Get_size()
-        self.bounds = {dt: shard_bounds(buf.numel(), self.replicas) for dt, buf in self.packed.send.items()}
-        self.share_nbytes = sum((self.bounds[dt][self.replica][1] - self.bounds[dt][self.replica][0])
-                                * buf.element_size() for dt, buf in self.packed.send.items())
+        self.bounds = {dt: shard_bounds(buf.numel(), self.replicas) for dt, buf in packed.send.items()}
+        self.nbytes = sum((self.bounds[dt][self.replica][1] - self.bounds[dt][self.replica][0])
+                          * buf.element_size() for dt, buf in packed.send.items())
         # (tensor index, dtype, start and stop in the packed buffer, start in the tensor) of this share
         self.pieces: list[tuple[int, torch.dtype, int, int, int]] = []
-        for dt, idx in self.packed.groups.items():
+        for dt, idx in packed.groups.items():
             lo, hi = self.bounds[dt][self.replica]
             offset = 0
             for i in idx:
-                n = self.tensors[i].numel()
+                n = tensors[i].numel()
                 a, b = max(lo, offset), min(hi, offset + n)
                 if a < b:
                     self.pieces.append((i, dt, a, b, a - offset))
                 offset += n
+
+    def ring_transfer(self, comm: MPI.Comm, succ: int, pred: int, guard: Guard) -> None:
+        self._pack_share()
+        with guard("graft: ring Sendrecv"):  # of this replica's share
+            for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
+                comm.Sendrecv(send, dest=succ, sendtag=7, recvbuf=recv, source=pred, recvtag=7)
+
+    def ring_mix(self, coefficients: list[torch.Tensor], guard: Guard) -> None:
+        self.packed.received()  # staged: brings the received share to the device
+        send, recv = self.packed.send, self.packed.recv
+        grafting.mix_([send[dt][a:b] for _, dt, a, b, _ in self.pieces],
+                      [recv[dt][a:b] for _, dt, a, b, _ in self.pieces],
+                      [_coefficient_slice(coefficients[i], self.tensors[i], start, b - a)
+                       for i, _, a, b, start in self.pieces])
+        self._stage_share_to_host()
+        self._gather_shares("send", guard)
+        if self.packed.staging:
+            for dt in self.packed.groups:
+                send[dt].copy_(self.packed.host_send[dt])
+        torch._foreach_copy_(self.tensors, self.packed.received(into_send=True))
+
+    def reduce(self, comm: MPI.Comm, guard: Guard) -> None:
+        with guard("graft: Allreduce"):  # of this replica's share
+            for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
+                comm.Allreduce(send, recv, op=mpi().SUM)
+        self._gather_shares("recv", guard)
 
     def _shares(self, which: str) -> list[tuple[Any, MPI.Datatype]]:
         """This replica's share of each packed host buffer, as MPI messages."""
@@ -277,33 +297,6 @@ class ShardedGraftExchange(GraftExchange):
                         for owner, (lo, hi) in enumerate(self.bounds[dt])]
             mpi().Request.Waitall(requests)
 
-    def _ring(self, h_self: list[torch.Tensor], entropies: list[list[torch.Tensor]], bad: tuple[int, ...],
-              guard: Guard) -> RoundResult:
-        self._pack_share()
-        succ, pred = (self.peer + 1) % self.peers, self.source_peer
-        with guard("graft: ring Sendrecv"):  # of this replica's share
-            for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
-                self.comm.Sendrecv(send, dest=succ, sendtag=7, recvbuf=recv, source=pred, recvtag=7)
-        if self.peer in bad or pred in bad:
-            return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
-        h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
-        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)  # as _mix does
-        member = grafting.per_member(self.plan, alphas)
-        self.packed.received()  # staged: brings the received share to the device
-        send, recv = self.packed.send, self.packed.recv
-        grafting.mix_([send[dt][a:b] for _, dt, a, b, _ in self.pieces],
-                      [recv[dt][a:b] for _, dt, a, b, _ in self.pieces],
-                      [_coefficient_slice(member[i], self.tensors[i], start, b - a)
-                       for i, _, a, b, start in self.pieces])
-        self._stage_share_to_host()
-        self._gather_shares("send", guard)
-        if self.packed.staging:
-            for dt in self.packed.groups:
-                send[dt].copy_(self.packed.host_send[dt])
-        torch._foreach_copy_(self.tensors, self.packed.received(into_send=True))
-        return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level),
-                           nonfinite_peers=bad, bytes_sent=self.share_nbytes)
-
     def _pack_share(self) -> None:
         """Copy this replica's share of the tensors (and only that) into the send buffers."""
         send = self.packed.send
@@ -320,13 +313,6 @@ class ShardedGraftExchange(GraftExchange):
                 self.packed.host_send[dt][lo:hi].copy_(self.packed.send[dt][lo:hi], non_blocking=True)
         if any(buf.is_cuda for buf in self.packed.send.values()):
             torch.cuda.current_stream().synchronize()
-
-    def _reduce(self, guard: Guard) -> int:
-        with guard("graft: Allreduce"):  # of this replica's share
-            for send, recv in zip(self._shares("send"), self._shares("recv"), strict=True):
-                self.comm.Allreduce(send, recv, op=mpi().SUM)
-        self._gather_shares("recv", guard)
-        return self.share_nbytes
 
 
 def _coefficient_slice(alpha: torch.Tensor, t: torch.Tensor, start: int, length: int) -> torch.Tensor:

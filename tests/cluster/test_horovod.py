@@ -182,6 +182,7 @@ def graft_check() -> None:
     from hpcgraft.config import load_config
     from hpcgraft.dist.exchange import GraftExchange
     from hpcgraft.dist.failure import StopRequest
+    from hpcgraft.dist.replicas import ShardedTransport
     from hpcgraft.dist.world import init_world
     from hpcgraft.method import grafting
     from hpcgraft.training import loop as htrain
@@ -196,7 +197,7 @@ def graft_check() -> None:
     for topology, level in (("ring", "layer"), ("ring", "filter"), ("allreduce", "layer")):
         cfg.graft.topology, cfg.graft.level = topology, level
         peer.exchange = make_exchange(peer)
-        assert type(peer.exchange).__name__ == "ShardedGraftExchange"
+        assert isinstance(peer.exchange.transport, ShardedTransport)
         peer.progress.start_epoch()
         htrain.train_one_epoch(peer, stop)  # real steps; ends with the replicas' buffer sync
         peer.progress.epoch += 1

@@ -2,7 +2,7 @@
 
 Each rank of a real MPI job runs a list of scenarios and saves its state before and after the round;
 the tests here recompute every peer's result offline from the saved pre-round states with
-:func:`hpcgraft.grafting.graft_state` (ring: the same bits; allreduce: the same values up to rounding).
+:func:`hpcgraft.method.grafting.graft_state` (ring: the same bits; allreduce: the same values up to rounding).
 This file is also the rank script: ``mpirun -np K python tests/test_exchange.py OUT_DIR``.
 """
 

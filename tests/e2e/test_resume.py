@@ -1,7 +1,7 @@
 """Runs that survive: exact resume after stops, kill -9, damaged checkpoints, failures, NaN weights and the
 run-directory rules, all through the real training command under mpirun (digits, 2 epochs of 22 steps).
 
-HPCGRAFT_INJECT (a test hook in hpcgraft/train.py) places a signal, an exception, a stall or NaN weights
+HPCGRAFT_INJECT (a test hook, hpcgraft/training/faults.py) places a signal, an exception, a stall or NaN weights
 right after a given optimizer step of a given rank, so these runs fail exactly where a test needs them to.
 """
 
