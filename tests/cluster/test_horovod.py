@@ -21,8 +21,7 @@ import torch
 
 from hpcgraft.supervise import CHILD_MARK
 from tests._util import MPIRUN, ROOT, env, jsonl, mpirun, train
-
-FAST = ("train.epochs=2", "log.progress=off", "checkpoint.enabled=false")
+from tests.runs import HYBRID
 
 
 def _horovod_importable() -> bool:
@@ -42,7 +41,6 @@ def _check_lines(stderr: str, what: str) -> list[str]:
     return [m for m in messages if f"after {what}" in m]
 
 
-HYBRID = ("train.epochs=3", "log.progress=off", "dist.replicas=2", "graft.interval_steps=10")
 STEPS = 66  # 3 epochs of 22 steps (1442 training images, batches of 64 per peer = 2 x 32 per replica)
 
 
@@ -53,10 +51,11 @@ def _hybrid(out: Path) -> subprocess.CompletedProcess:
         return train(4, out, *HYBRID)
 
 
-@pytest.fixture(scope="module")
-def hybrid_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    out = tmp_path_factory.mktemp("hybrid") / "run"
-    return out, _hybrid(out)
+@pytest.fixture
+def hybrid_run(e2e_run) -> tuple[Path, subprocess.CompletedProcess]:
+    """The run "hybrid" of tests/runs.py (made ahead, in the background, while other tests run)."""
+    run = e2e_run("hybrid")
+    return run.out, run.proc
 
 
 def _peer_file(run: Path, step: int, peer: int) -> dict[str, torch.Tensor]:

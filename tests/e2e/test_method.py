@@ -1,5 +1,5 @@
 """The method's options end to end, with real mpirun ranks on the digits data (runs of
-tests/e2e/conftest.py): cultivation, the information sources, the topologies and K."""
+tests/runs.py): cultivation, the information sources, the topologies and K."""
 
 from __future__ import annotations
 

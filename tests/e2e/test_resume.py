@@ -25,7 +25,7 @@ from hpcgraft import train as train_command
 from hpcgraft.errors import EXIT_REQUEUE
 from hpcgraft.storage.tree import read_tree
 from tests._util import MPIRUN, ROOT, env, jsonl, train
-from tests.e2e.conftest import RUNS
+from tests.runs import RUNS
 
 pytestmark = pytest.mark.mpi
 
@@ -46,10 +46,10 @@ def requeue_status_of_the_slurm_scripts() -> int:
 
 REQUEUE = requeue_status_of_the_slurm_scripts()
 assert REQUEUE == EXIT_REQUEUE  # and the status hpcgraft.launch hands to submitit's requeue
-# The uninterrupted references (tests/e2e/conftest.py) and the overrides a test's own runs repeat exactly
+# The uninterrupted references (tests/runs.py) and the overrides a test's own runs repeat exactly
 GRAFTING = "graft2"  # at every epoch end but the last
 STEPWISE = "stepwise3"  # 3 peers, at steps 10, 20, 30 and 40
-BASELINE2, BASELINE3 = "base2", "base3"
+BASELINE = "base2"
 
 
 @contextlib.contextmanager
@@ -203,27 +203,27 @@ def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path
 
 def test_baseline_stopped_mid_epoch_resumes_exactly_also_from_a_damaged_checkpoint(tmp_path, reference,
                                                                                  capsys, stop_signals_kept):
-    """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (3 peers). The stopped run
-    resumes only with its rank count; resumed, it ends exactly as the uninterrupted run. A copy whose stop
-    checkpoint (mid-epoch 2) is truncated reports it in one line, goes back to the end of epoch 1 and
-    still ends exactly as the uninterrupted run."""
+    """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (2 peers; 3 peers resume in
+    the first test). The stopped run resumes only with its rank count; resumed, it ends exactly as the
+    uninterrupted run. A copy whose stop checkpoint (mid-epoch 2) is truncated reports it in one line,
+    goes back to the end of epoch 1 and still ends exactly as the uninterrupted run."""
     out = tmp_path / "run"
-    stop_with_hook(out, BASELINE3, STEPS + 11, sig="term")
+    stop_with_hook(out, BASELINE, STEPS + 11, sig="term")
     damaged = tmp_path / "damaged"
     shutil.copytree(out, damaged)
-    # One plain process for a checkpoint of 3 peers: the training command's main, in this process.
+    # One plain process for a checkpoint of 2 peers: the training command's main, in this process.
     rc = train_command.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
-                             *RUNS[BASELINE3].overrides])
+                             *RUNS[BASELINE].overrides])
     err = capsys.readouterr().err
     assert rc == 2, err
     [line] = lines(err, "hpcgraft: error:")
-    assert "has 3 peers; start with mpirun -np 3 to resume it" in line and "Traceback" not in err
-    resume_and_compare(out, reference(BASELINE3), BASELINE3, STEPS + 11)
+    assert "has 2 peers; start with mpirun -np 2 to resume it" in line and "Traceback" not in err
+    resume_and_compare(out, reference(BASELINE), BASELINE, STEPS + 11)
 
     newest = damaged / "checkpoints" / f"step-{STEPS + 11:09d}" / "peer-001.h5"
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
-    err = resume_and_compare(damaged, reference(BASELINE3), BASELINE3, STEPS)
+    err = resume_and_compare(damaged, reference(BASELINE), BASELINE, STEPS)
     [line] = lines(err, "hpcgraft: checkpoint")
     assert line.startswith(f"hpcgraft: checkpoint step-{STEPS + 11:09d} is damaged (peer-001.h5")
     assert line.endswith(f"falling back to step-{STEPS:09d}")
@@ -315,10 +315,10 @@ def test_nan_weights_stop_the_run_with_one_line_when_configured(tmp_path):
 def test_a_finished_run_or_another_config_is_a_one_line_error(reference, capsys, stop_signals_kept, override,
                                                               message):
     """Decided before any training: the command's main in this process (one rank is enough)."""
-    run = reference(BASELINE2)
+    run = reference(BASELINE)
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     rc = train_command.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(run),
-                             *RUNS[BASELINE2].overrides, *([override] if override else [])])
+                             *RUNS[BASELINE].overrides, *([override] if override else [])])
     err = capsys.readouterr().err
     assert rc == 2, err
     [line] = lines(err, "hpcgraft: error:")

@@ -1,4 +1,4 @@
-"""The training command end to end: real mpirun ranks on the digits data (runs of tests/e2e/conftest.py)."""
+"""The training command end to end: real mpirun ranks on the digits data (runs of tests/runs.py)."""
 
 import pytest
 
