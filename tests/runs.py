@@ -32,7 +32,8 @@ class RunSpec:
     ranks: int  # 0: one plain process, no mpirun
     overrides: tuple[str, ...]
     without_horovod: bool = False  # ranks where `import horovod` fails, as on a machine without it
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # e.g. HPCGRAFT_INJECT: a fault at an exact step
+    status: int | None = 0  # the exit status the run must end with; None: any failure (not 0)
 
 
 RUNS: dict[str, RunSpec] = {
@@ -51,10 +52,25 @@ RUNS: dict[str, RunSpec] = {
     "graft2": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),
     "graft2_again": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),  # same seed: the same numbers
     "base_solo": RunSpec(0, (*TWO_EPOCHS, "graft.mode=none")),  # peer 0 alone trains as in base2
+    # faults at exact steps (HPCGRAFT_INJECT, hpcgraft/training/faults.py): tests/e2e/test_resume.py
+    "stepwise3_stopped": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10"),
+                                 env={"HPCGRAFT_INJECT": "2:21:usr1"}, status=75),  # stops after step 22
+    "base2_stopped": RunSpec(2, (*TWO_EPOCHS, "graft.mode=none"),
+                             env={"HPCGRAFT_INJECT": "1:32:term"}, status=75),  # stops after step 33
+    "nan_skipped": RunSpec(2, ("train.epochs=3", *QUIET, "graft.mode=peers", "checkpoint.keep=1"),
+                           env={"HPCGRAFT_INJECT": "1:30:nan"}),
+    "nan_stop": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers", "graft.on_nonfinite=stop", "graft.interval_steps=5"),
+                        env={"HPCGRAFT_INJECT": "1:3:nan"}, status=1),
+    "watchdog": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers", "dist.watchdog_s=5"),
+                        env={"HPCGRAFT_INJECT": "1:3:sleep"}, status=None),
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }
-E2E_RUNS = [name for name in RUNS if name != "hybrid"]  # in the order the tests first need them
+# The order the tests first need them in (tests/e2e, alphabetically); "hybrid" is for tests/cluster.
+E2E_RUNS = ["cultivate_only", "solo_1ep", "filter_cultivated", "noise", "self_filter", "allreduce3_dlr", "ring4",
+            "base2", "stepwise2", "stepwise3_stopped", "stepwise3", "graft2", "base2_stopped", "nan_skipped",
+            "nan_stop", "watchdog", "graft2_again", "base_solo"]
+assert sorted(E2E_RUNS) == sorted(set(RUNS) - {"hybrid"})
 
 # The ranks' program for `without_horovod`: Horovod cannot be imported, and must not be for R = 1.
 NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.train import main; "
@@ -115,7 +131,8 @@ class RunCache:
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the run
                 future.set_exception(exc)
         result = future.result()
-        assert result.proc.returncode == 0, f"run {name} failed:\n{result.proc.stderr[-3000:]}"
+        want, got = result.spec.status, result.proc.returncode
+        assert got == want if want is not None else got != 0, f"run {name} ended {got}:\n{result.proc.stderr[-3000:]}"
         return result
 
     def close(self) -> None:
@@ -131,7 +148,7 @@ class RunCache:
             proc = mpirun(spec.ranks, "-c", NO_HOROVOD, "--config", str(ROOT / "configs/digits.yaml"), "--out",
                           str(out), *spec.overrides, environ=environ)
         else:
-            proc = train(spec.ranks, out, *spec.overrides, environ=environ)
+            proc = train(spec.ranks, out, *spec.overrides, environ=environ, timeout=120 if spec.status is None else 300)
         return RunResult(out, proc, spec)
 
 

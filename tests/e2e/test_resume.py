@@ -152,17 +152,18 @@ def again(name: str, out: Path, **kw) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------ stop and resume
-def stop_with_hook(out: Path, name: str, stop_at: int, sig: str = "usr1") -> None:
-    """SIGUSR1 (or SIGTERM) to the last rank right after step ``stop_at - 1``: every rank stops after step
-    ``stop_at`` (the flag is agreed on one step later), writes a checkpoint and exits 75."""
-    k = RUNS[name].ranks
-    with injected(f"{k - 1}:{stop_at - 1}:{sig}"):
-        r = again(name, out)
-    assert r.returncode == REQUEUE, r.stderr
+def stopped_by_hook(e2e_run, name: str, stop_at: int, out: Path) -> None:
+    """The run ``name`` (tests/runs.py) sent SIGUSR1 or SIGTERM to its last rank right after step
+    ``stop_at - 1``: every rank stopped after step ``stop_at`` (the flag is agreed on one step later), wrote
+    a checkpoint and exited 75, the status the SLURM scripts requeue on. Copied to ``out`` to resume."""
+    run = e2e_run(name)
+    assert RUNS[name].env["HPCGRAFT_INJECT"].startswith(f"{RUNS[name].ranks - 1}:{stop_at - 1}:")
+    assert run.proc.returncode == REQUEUE, run.proc.stderr
     assert f"stopped by signal at epoch {(stop_at - 1) // STEPS + 1}, step {stop_at}; checkpoint written, " \
-           f"exit {REQUEUE}" in r.stderr
-    assert status(out) == {"state": "stopped", "epoch": (stop_at - 1) // STEPS, "step": stop_at}
-    assert checkpoints(out)[-1] == stop_at
+           f"exit {REQUEUE}" in run.proc.stderr
+    assert status(run.out) == {"state": "stopped", "epoch": (stop_at - 1) // STEPS, "step": stop_at}
+    assert checkpoints(run.out)[-1] == stop_at
+    run.copy(out)
 
 
 def resume_and_compare(out: Path, reference: Path, name: str, from_step: int) -> str:
@@ -176,11 +177,11 @@ def resume_and_compare(out: Path, reference: Path, name: str, from_step: int) ->
     return r.stderr
 
 
-def test_grafting_stopped_at_an_epoch_end_resumes_exactly(tmp_path, reference):
+def test_grafting_stopped_at_an_epoch_end_resumes_exactly(tmp_path, reference, e2e_run):
     """Stopped after the last step of epoch 1, before its evaluation (3 peers, grafting every 10 steps: the
     reports of the grafts before the stop are written with its checkpoint)."""
     out = tmp_path / "run"
-    stop_with_hook(out, STEPWISE, STEPS)
+    stopped_by_hook(e2e_run, "stepwise3_stopped", STEPS, out)
     assert sorted({g["step"] for g in jsonl(out / "graft.jsonl")}) == [10, 20]
     resume_and_compare(out, reference(STEPWISE), STEPWISE, STEPS)
 
@@ -201,16 +202,15 @@ def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path
     resume_and_compare(out, reference(GRAFTING), GRAFTING, state["step"])
 
 
-def test_baseline_stopped_mid_epoch_resumes_exactly_also_from_a_damaged_checkpoint(tmp_path, reference,
+def test_baseline_stopped_mid_epoch_resumes_exactly_also_from_a_damaged_checkpoint(tmp_path, reference, e2e_run,
                                                                                  capsys, stop_signals_kept):
     """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (2 peers; 3 peers resume in
     the first test). The stopped run resumes only with its rank count; resumed, it ends exactly as the
     uninterrupted run. A copy whose stop checkpoint (mid-epoch 2) is truncated reports it in one line,
     goes back to the end of epoch 1 and still ends exactly as the uninterrupted run."""
     out = tmp_path / "run"
-    stop_with_hook(out, BASELINE, STEPS + 11, sig="term")
-    damaged = tmp_path / "damaged"
-    shutil.copytree(out, damaged)
+    stopped_by_hook(e2e_run, "base2_stopped", STEPS + 11, out)
+    damaged = e2e_run("base2_stopped").copy(tmp_path / "damaged")
     # One plain process for a checkpoint of 2 peers: the training command's main, in this process.
     rc = train_command.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out),
                              *RUNS[BASELINE].overrides])
@@ -262,22 +262,22 @@ def test_an_exception_in_one_rank_aborts_the_job_naming_it(tmp_path, reference):
     assert not (out / "metrics.jsonl").exists() and not checkpoints(out)  # --restart cleared the old run
 
 
-def test_watchdog_aborts_a_collective_stuck_on_a_stalled_rank(tmp_path):
-    with injected("1:3:sleep"):
-        r = train(2, tmp_path / "run", *RUNS[GRAFTING].overrides, "dist.watchdog_s=5", timeout=120)
+def test_watchdog_aborts_a_collective_stuck_on_a_stalled_rank(e2e_run):
+    """Rank 1 stalls after step 3 (HPCGRAFT_INJECT=1:3:sleep); the run "watchdog" failed, as it must."""
+    r = e2e_run("watchdog").proc
     assert r.returncode != 0
     assert "hpcgraft: rank 0: watchdog: 'training step: Iallreduce of the stop flag' took longer than " \
            "dist.watchdog_s=5 s; a peer is lost or stuck, aborting the job" in r.stderr
 
 
 # ------------------------------------------------------------------------------------------ NaN weights
-def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(tmp_path):
-    """Peer 1's weights turn NaN in epoch 2; the grafts at the end of epoch 2 are skipped for both peers and
-    the run goes on. With checkpoint.keep=1, the newest checkpoint stays and so does each peer's best."""
-    out = tmp_path / "run"
-    with injected(f"1:{STEPS + 8}:nan"):
-        r = train(2, out, *RUNS[GRAFTING].overrides, "train.epochs=3", "checkpoint.keep=1")
-    assert r.returncode == 0, r.stderr
+def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(e2e_run):
+    """Peer 1's weights turn NaN in epoch 2 (HPCGRAFT_INJECT=1:30:nan); the grafts at the end of epoch 2 are
+    skipped for both peers and the run goes on. With checkpoint.keep=1, the newest checkpoint stays and so
+    does each peer's best."""
+    assert RUNS["nan_skipped"].env["HPCGRAFT_INJECT"] == f"1:{STEPS + 8}:nan"
+    run = e2e_run("nan_skipped")
+    out, r = run.out, run.proc
     grafts = {(g["epoch"], g["peer"]): g for g in jsonl(out / "graft.jsonl")}
     assert sorted(grafts) == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all("skipped" not in grafts[1, p] for p in (0, 1))
@@ -294,10 +294,9 @@ def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(tmp_pat
     assert checkpoints(out) == sorted(best | {3 * STEPS})
 
 
-def test_nan_weights_stop_the_run_with_one_line_when_configured(tmp_path):
-    with injected("1:3:nan"):
-        r = train(2, tmp_path / "run", *RUNS[GRAFTING].overrides, "graft.on_nonfinite=stop", "graft.interval_steps=5",
-                  timeout=120)
+def test_nan_weights_stop_the_run_with_one_line_when_configured(e2e_run):
+    """Peer 1's weights turn NaN after step 3 (HPCGRAFT_INJECT=1:3:nan); the graft at step 5 stops the run."""
+    r = e2e_run("nan_stop").proc
     assert r.returncode == 1, r.stderr
     [line] = lines(r.stderr, "hpcgraft: error:")
     assert line == "hpcgraft: error: grafting at step 5: peer(s) [1] hold NaN/Inf weights; " \
