@@ -66,11 +66,11 @@ RUNS: dict[str, RunSpec] = {
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }
-# The order the tests first need them in (tests/e2e, alphabetically); "hybrid" is for tests/cluster.
+# Made ahead, in the order the tests first need them (tests/e2e, alphabetically); "hybrid" is for
+# tests/cluster. The runs with faults are made when asked for: beside the resume tests' own runs, more
+# ranks than cores spin in MPI and the whole suite got slower, not faster.
 E2E_RUNS = ["cultivate_only", "solo_1ep", "filter_cultivated", "noise", "self_filter", "allreduce3_dlr", "ring4",
-            "base2", "stepwise2", "stepwise3_stopped", "stepwise3", "graft2", "base2_stopped", "nan_skipped",
-            "nan_stop", "watchdog", "graft2_again", "base_solo"]
-assert sorted(E2E_RUNS) == sorted(set(RUNS) - {"hybrid"})
+            "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo"]
 
 # The ranks' program for `without_horovod`: Horovod cannot be imported, and must not be for R = 1.
 NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.train import main; "
