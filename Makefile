@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(VENV)/.hpcgraft-complete
 
@@ -15,6 +15,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup  # the in-process unit tests only: under a minute
+	$(PY) -m pytest -q tests/unit
 
 lint: setup
 	$(VENV)/bin/ruff check .

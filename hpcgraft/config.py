@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +15,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from hpcgraft import atomic
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
+from hpcgraft.errors import ConfigError
 
 
 @dataclass
@@ -120,12 +114,9 @@ class Config:
         """``{"graft.a": 0.4, ...}``: what config hashes and peer comparisons are made of."""
         return _flatten(self.to_dict())
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def dump(self, path: str | Path) -> None:
-        """Write as YAML, atomically: a reader sees the old file or the new one, never a part."""
-        atomic.write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+    def to_yaml(self) -> str:
+        """The YAML text of config.yaml and of a checkpoint's run.h5 (keys in schema order)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
 _RENAMED = {"lambda_": "lambda"}

@@ -33,26 +33,21 @@ from pathlib import Path
 from typing import Any
 
 import submitit
-from submitit.helpers import DelayedSubmission, environment_variables
+from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
-from hpcgraft.config import ConfigError, load_config
-from hpcgraft.metrics import METRICS, epoch_table, read_jsonl
+from hpcgraft.config import load_config
+from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
-# hpcgraft.comm.EXIT_REQUEUE, not imported: importing hpcgraft.comm starts MPI, which the submitting
-# process and the local executor's mpirun parent must not do.
-EXIT_REQUEUE = 75
 CLEAN_SHM = Path(__file__).resolve().parents[1] / "slurm" / "clean_mpich_shm.sh"
 EXECUTORS = ("auto", "local", "slurm")
-
-
-class LaunchError(RuntimeError):
-    """A submission that cannot work, reported as one line naming the problem and the fix."""
+PROG = "hpcgraft.launch"
 
 
 # ------------------------------------------------------------------------------------------ the job
 @dataclasses.dataclass
-class GraftRun:
+class GraftRun(Checkpointable):
     """The callable submitit runs in every task: one training rank, or (``mpirun_np`` > 0) an mpirun.
 
     Checkpointable: its state is the run directory, so :meth:`checkpoint` resubmits the same call and
@@ -79,9 +74,9 @@ class GraftRun:
             # asks submitit to requeue (it calls checkpoint(), requeues and exits); the other ranks leave
             # without a result, as submitit's own do.
             if not self.mpirun_np:
-                from mpi4py import MPI
+                from hpcgraft.dist import mpi
 
-                MPI.Finalize()
+                mpi().Finalize()
             if callable(requeue_handler):
                 signal.signal(signal.SIGUSR1, requeue_handler)
                 requeue_handler(signal.SIGUSR1, None)
@@ -116,7 +111,7 @@ def _submitit_requeue_handler() -> Any:
         return None  # called directly, not by submitit
     from submitit import JobEnvironment
 
-    if JobEnvironment._usr_sig() != signal.SIGUSR1:
+    if JobEnvironment.USR_SIG != PREEMPT_SIGNAL:
         raise LaunchError(f"submitit's preemption signal is SIG{JobEnvironment.USR_SIG}, but hpcgraft.train "
                           f"checkpoints on SIGUSR1; submit with hpcgraft.launch or set SUBMITIT_PREEMPT_SIGNAL=USR1")
     return signal.getsignal(signal.SIGUSR1)
@@ -350,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                      account=a.account, time_min=a.time, executor=a.executor, logs=a.logs, restart=a.restart,
                      signal_delay_s=a.signal_delay, max_requeues=a.max_requeues, srun_mpi=a.srun_mpi)
     except (LaunchError, ConfigError) as exc:
-        print(f"hpcgraft.launch: error: {exc}", file=sys.stderr)
-        return 2
+        return report(PROG, exc, EXIT_USAGE)
     print(f"submitted job {job.job_id} ({type(job).__name__}, {job.num_tasks} task(s)); "
           f"run dir {Path(a.out).absolute()}")
     print(f"  logs: {job.paths.stdout}")
@@ -360,8 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait(job)
     except LaunchError as exc:
-        print(f"hpcgraft.launch: error: {exc}", file=sys.stderr)
-        return 1
+        return report(PROG, exc, EXIT_FAILURE)
     print(final_metrics(a.out))
     return 0
 

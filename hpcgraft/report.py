@@ -2,7 +2,7 @@
 
     python -m hpcgraft.report RUN_DIR [RUN_DIR ...] [--out DIR]
 
-Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.metrics`) and
+Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.storage.runlog`) and
 writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
 
 - ``accuracy.png``: test top-1 of every peer and of the ensemble per epoch, one panel per run;
@@ -29,13 +29,15 @@ from typing import Any
 
 import yaml
 
-from hpcgraft.analyze import DEFAULT_ENTROPY_BELOW, AnalyzeError, LayerStats, analyze_state, load_checkpoint_states
-from hpcgraft.config import Config, ConfigError, config_from_dict
-from hpcgraft.metrics import GRAFTS, METRICS, STATUS, read_jsonl
+from hpcgraft.config import Config, config_from_dict
+from hpcgraft.errors import ConfigError, InputError, report
+from hpcgraft.method.grafting import filter_l1_norms
+from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state
+from hpcgraft.models import create_model
+from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, fmt, read_jsonl
+from hpcgraft.storage.statefile import load_states
 
-
-class ReportError(ValueError):
-    """A run directory that cannot be reported on; one line naming it and the fix."""
+PROG = "hpcgraft.report"
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -87,12 +89,12 @@ def load_run(path: str | Path) -> Run:
     """A run directory written by ``python -m hpcgraft.train --out PATH``."""
     p = Path(path)
     if not (p / "config.yaml").is_file() or not (p / METRICS).is_file():
-        raise ReportError(f"{p} holds no config.yaml and {METRICS}; give the --out directory of a run "
+        raise InputError(f"{p} holds no config.yaml and {METRICS}; give the --out directory of a run "
                           "(python -m hpcgraft.train --out RUN_DIR) that has finished at least one epoch")
     try:
         cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()) or {})
     except (ConfigError, yaml.YAMLError) as exc:
-        raise ReportError(f"{p / 'config.yaml'} cannot be read: {exc}") from None
+        raise InputError(f"{p / 'config.yaml'} cannot be read: {exc}") from None
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     ensemble: dict[int, float] = {}
     for row in read_jsonl(p / METRICS):
@@ -115,9 +117,6 @@ def _state(p: Path) -> str:
 
 def conv_filters(cfg: Config) -> int | None:
     """Output filters of all conv layers of the run's model (None if the model cannot be built here)."""
-    from hpcgraft.grafting import filter_l1_norms
-    from hpcgraft.models import create_model
-
     try:
         model = create_model(cfg.model.name, cfg.model.num_classes or 10)
     except (ValueError, TypeError):
@@ -130,8 +129,8 @@ def layer_invalid(run: Run, thresholds: list[float]) -> tuple[str, list[LayerSta
     if not (run.path / "checkpoints").is_dir():
         return None
     try:
-        states = load_checkpoint_states(run.path, 0)
-    except AnalyzeError:
+        states = load_states(run.path, 0)
+    except InputError:
         return None
     label, state = next(iter(states.items()))
     return label, analyze_state(state, thresholds, DEFAULT_ENTROPY_BELOW, run.cfg.graft.bins)
@@ -151,10 +150,6 @@ def name_runs(runs: list[Run]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ numbers
-def fmt(value: float | None, spec: str = ".2f") -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-
-
 def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
@@ -431,13 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         runs = [load_run(p) for p in args.runs]
-    except ReportError as exc:
-        print(f"hpcgraft.report: error: {exc}", file=sys.stderr)
-        return 2
+    except InputError as exc:
+        return report(PROG, exc)
     empty = [r.path for r in runs if not r.epochs]
     if empty:
-        print(f"hpcgraft.report: error: {empty[0]} has no finished epoch yet; wait for one", file=sys.stderr)
-        return 2
+        return report(PROG, f"{empty[0]} has no finished epoch yet; wait for one")
     out = Path(args.out) if args.out else runs[0].path / "report"
     summary = write_report(runs, out)
     print(f"hpcgraft.report: wrote {summary} and {len(list(out.glob('*.png')))} plots in {out}")

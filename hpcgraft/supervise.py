@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -105,8 +106,8 @@ def supervise_module(module: str) -> None:
 
 
 def train() -> None:
-    """The ``hpcgraft-train`` command: ``python -m hpcgraft.train``, supervised under a launcher."""
-    supervise_module("hpcgraft.train")
-    from hpcgraft.train import main
+    """The ``hpcgraft-train`` command: ``python -m hpcgraft.train``, supervised under a launcher.
 
-    sys.exit(main())
+    The module runs as ``__main__`` (its own guard supervises), so this module never imports the
+    training and stays importable before MPI and torch."""
+    runpy.run_module("hpcgraft.train", run_name="__main__", alter_sys=True)

@@ -21,21 +21,24 @@ def env() -> dict[str, str]:
     return e
 
 
-def mpirun(np: int, *args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """``mpirun -np N python ARGS...`` with the test interpreter; output captured as text."""
+def mpirun(np: int, *args: str, timeout: float = 300, cwd: Path | None = None,
+           environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``mpirun -np N python ARGS...`` with the test interpreter; output captured as text. ``environ``:
+    the processes' whole environment (default: :func:`env`, from this process's)."""
     cmd = [MPIRUN, "-np", str(np), sys.executable, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env(), cwd=cwd or ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environ or env(),
+                          cwd=cwd or ROOT)
 
 
 def train(np: int, out: Path, *overrides: str, config: str = "configs/digits.yaml", restart: bool = False,
-          timeout: float = 300) -> subprocess.CompletedProcess:
+          timeout: float = 300, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     args = ["-m", "hpcgraft.train", "--config", str(ROOT / config), "--out", str(out), *overrides]
     if restart:
         args.insert(2, "--restart")
     if np == 0:  # a plain process, no mpirun
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env(),
-                              cwd=ROOT)
-    return mpirun(np, *args, timeout=timeout)
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                              env=environ or env(), cwd=ROOT)
+    return mpirun(np, *args, timeout=timeout, environ=environ)
 
 
 def jsonl(path: Path) -> list[dict]:

@@ -1,14 +1,18 @@
-"""Shared fixtures: the local one-node SLURM cluster (tools/slurm_local.sh) for tests marked ``slurm``."""
+"""Shared fixtures: the end-to-end runs (tests/runs.py) and the local one-node SLURM cluster
+(tools/slurm_local.sh) for tests marked ``slurm``."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.runs import E2E_RUNS, RunCache, RunResult, horovod_installed
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_LOCAL = ROOT / "tools" / "slurm_local.sh"
@@ -59,3 +63,42 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def stop_signals_kept() -> Iterator[None]:
+    """For tests that call the training command's main in process: it records SIGUSR1/SIGTERM, and the test
+    process gets its own handlers back afterwards."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+SELECTED: set[str] = set()  # the test folders this session runs: unit, e2e, cluster
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    SELECTED.update(item.path.parent.name for item in items)
+
+
+@pytest.fixture(scope="session")
+def run_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunCache]:
+    cache = RunCache(tmp_path_factory.mktemp("runs"))
+    yield cache
+    cache.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _runs_ahead(run_cache: RunCache) -> None:
+    """From the first test on, the runs the selected folders need are made in the background."""
+    ahead = E2E_RUNS if "e2e" in SELECTED else []
+    if "cluster" in SELECTED and horovod_installed():
+        ahead = [*ahead, "hybrid"]
+    run_cache.prefetch(ahead)
+
+
+@pytest.fixture(scope="session")
+def e2e_run(run_cache: RunCache) -> Callable[[str], RunResult]:
+    """``e2e_run(name)``: the finished run ``RUNS[name]`` of tests/runs.py, made once and shared."""
+    return run_cache.get

@@ -23,7 +23,9 @@ import h5py
 import torch
 from mpi4py import MPI
 
-from hpcgraft import checkpoint as ck
+from hpcgraft.storage import atomic
+from hpcgraft.storage import checkpoints as ck
+from hpcgraft.storage.tree import write_tree
 
 CHUNK = 16 << 20
 
@@ -48,7 +50,7 @@ def resnet50_tree() -> dict:
 
 def write_h5(path: Path, tree: dict) -> None:
     with h5py.File(path, "w", track_order=True, locking=False) as f:
-        ck.write_tree(f, tree)
+        write_tree(f, tree)
 
 
 def drop_cache(path: Path) -> None:
@@ -122,9 +124,10 @@ def main() -> None:
         nbytes = mine.stat().st_size
         # The two parts of writing one peer file, outside the collective.
         part = run_dir / f"part-{rank}.h5"
-        t, _ = timed(comm, lambda p=part: write_h5(ck._tmp_name(p), tree))
+        tmp = part.with_name(f".{part.name}.tmp")
+        t, _ = timed(comm, lambda q=tmp: write_h5(q, tree))
         record("  write_tree into the page cache", t)
-        t, _ = timed(comm, lambda p=part: ck._commit(ck._tmp_name(p), p))
+        t, _ = timed(comm, lambda p=part, q=tmp: atomic.commit(q, p))
         record("  fsync (+ crc32 read-back), rename", t)
         payload = memoryview(os.urandom(nbytes))
         t, _ = timed(comm, lambda p=payload: raw_write(raw_file, p))

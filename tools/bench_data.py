@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 
 from hpcgraft.data import BatchLoader, build_datasets
-from hpcgraft.data.imagenet import pack_imagenet, resize_size
+from hpcgraft.data.imagenet import resize_size
+from hpcgraft.data.pack import pack_imagenet
 from hpcgraft.models import create_model, list_models
 
 

@@ -38,8 +38,8 @@ def worker(repeats: int) -> None:
     from bench_graft import resnet50_state
     from mpi4py import MPI
 
-    from hpcgraft import grafting
-    from hpcgraft.exchange import GraftExchange
+    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.method import grafting
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

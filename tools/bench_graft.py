@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 from mpi4py import MPI
 
-from hpcgraft import grafting
-from hpcgraft.exchange import GraftExchange
+from hpcgraft.dist.exchange import GraftExchange
+from hpcgraft.method import grafting
 from hpcgraft.models import create_model
 
 RANKS = 2

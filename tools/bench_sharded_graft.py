@@ -1,7 +1,7 @@
 """The sharded graft exchange of a ResNet-50-sized model (R = 2) against the unsharded one (R = 1).
 
 Side by side, on the same machine and model: 2 ranks as 2 peers of one rank each (GraftExchange), then
-4 ranks as 2 peers x 2 replicas (ShardedGraftExchange, each replica moving half of the weights between
+4 ranks as 2 peers x 2 replicas (the exchange with a ShardedTransport, each replica moving half of the weights between
 peers and the peer reassembling them within its ranks). Prints the time of one round split into its
 phases (the watchdog guards of the exchange name them), the bytes each rank sends to the other peer,
 and the sharded/unsharded ratios.
@@ -33,21 +33,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def worker(args: argparse.Namespace) -> None:
+    from functools import partial
+
     import torch
     from mpi4py import MPI
 
-    from hpcgraft import comm as hcomm
-    from hpcgraft.exchange import GraftExchange
+    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.dist.replicas import ShardedTransport
+    from hpcgraft.dist.world import init_world, torch_threads
     from hpcgraft.models import create_model
-    from hpcgraft.replicas import ShardedGraftExchange
 
-    world = hcomm.init_world(args.replicas, MPI.COMM_WORLD)
-    torch.set_num_threads(hcomm.torch_threads(world.local_size))
+    world = init_world(args.replicas, MPI.COMM_WORLD)
+    torch.set_num_threads(torch_threads(world.local_size))
     torch.manual_seed(world.peer)  # replicas of a peer hold the same weights
     state = create_model("resnet50", 1000).state_dict()
     options = dict(topology=args.topology, level=args.level)
     if world.replicas > 1:
-        exchange = ShardedGraftExchange(state, world.graft_comm, world.peer_comm, **options)
+        exchange = GraftExchange(state, world.graft_comm, **options,
+                                 transport=partial(ShardedTransport, peer_comm=world.peer_comm))
     else:
         exchange = GraftExchange(state, world.graft_comm, **options)
 

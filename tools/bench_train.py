@@ -41,9 +41,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import write_cifar10  # noqa: E402
 
-from hpcgraft import comm as hcomm  # noqa: E402
 from hpcgraft.config import load_config  # noqa: E402
-from hpcgraft.train import build_peer, train_one_epoch  # noqa: E402
+from hpcgraft.dist.failure import StopRequest  # noqa: E402
+from hpcgraft.dist.world import init_world  # noqa: E402
+from hpcgraft.training.loop import train_one_epoch  # noqa: E402
+from hpcgraft.training.peer import build_peer  # noqa: E402
 
 # model -> (config, batch size, steps per timed run); the paper's CIFAR batch and the digits config's batch.
 # "linear" (a linear classifier on the digits, ~0.1 ms a step) makes the loop's own cost per step visible.
@@ -106,13 +108,13 @@ def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[s
     if name in SYNTHETIC:
         overrides += [f"model.name={name}", f"model.num_classes={SYNTHETIC[name][2]}"]
     cfg = load_config(config, overrides)
-    world = hcomm.init_world(1)
+    world = init_world(1)
     peer = build_peer(cfg, world)
     if name == "linear":
         peer.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).to(dev)
         peer.optimizer = torch.optim.SGD(peer.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
-    stop = hcomm.StopRequest(world.comm)
+    stop = StopRequest(world.comm)
     own_loader = None if name in SYNTHETIC else peer.train_loader
     # The same batches for everyone, drawn once from hpcgraft's loader (augmented as in training).
     batches = synthetic_batches(name, batch, steps) if own_loader is None else list(itertools.islice(

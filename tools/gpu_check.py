@@ -237,22 +237,24 @@ def rank_graft(device: str, out: Path) -> None:
     import torch
     from mpi4py import MPI
 
-    from hpcgraft import comm as hcomm
-    from hpcgraft import grafting
     from hpcgraft.config import load_config
-    from hpcgraft.train import build_peer, graft, make_exchange, train_one_epoch
+    from hpcgraft.dist.failure import StopRequest, abort_on_error
+    from hpcgraft.dist.world import init_world
+    from hpcgraft.method import grafting
+    from hpcgraft.training.loop import graft, train_one_epoch
+    from hpcgraft.training.peer import build_peer, make_exchange
 
     comm = MPI.COMM_WORLD
     results = {}
-    with hcomm.abort_on_error(comm):
+    with abort_on_error(comm):
         for level in ("layer", "filter"):
             cfg = load_config(DIGITS, [f"dist.device={device}", "graft.mode=peers", f"graft.level={level}",
                                        "cultivate.lambda=1", "dist.amp=true", "dist.channels_last=true",
                                        "checkpoint.enabled=false", "log.progress=off", "dist.threads=1"])
-            world = hcomm.init_world(1, comm)
+            world = init_world(1, comm)
             peer = build_peer(cfg, world)
             peer.exchange = make_exchange(peer)
-            stop = hcomm.StopRequest(world.comm)
+            stop = StopRequest(world.comm)
             train_one_epoch(peer, stop)
             stop.close()
             pre = {k: v.detach().cpu().clone() for k, v in peer.model.state_dict().items()}
@@ -295,7 +297,7 @@ def compare_runs(full: Path, resumed: Path) -> None:
     import h5py
     import torch
 
-    from hpcgraft.checkpoint import read_tree
+    from hpcgraft.storage.tree import read_tree
 
     def newest(run: Path) -> Path:
         return max((p.parent for p in (run / "checkpoints").glob("step-*/MANIFEST.json")), key=lambda p: p.name)

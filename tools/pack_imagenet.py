@@ -22,8 +22,8 @@ import argparse
 import sys
 import time
 
-from hpcgraft.data import DataError
-from hpcgraft.data.imagenet import pack_imagenet
+from hpcgraft.data.pack import pack_imagenet
+from hpcgraft.errors import DataError
 
 
 class Progress:

@@ -12,9 +12,10 @@ from typing import Protocol
 
 import torch
 
-from hpcgraft import seeding
-from hpcgraft.data.cifar import DataError, load_cifar
+from hpcgraft.data.cifar import load_cifar
 from hpcgraft.data.digits import load_digits_split
+from hpcgraft.errors import DataError
+from hpcgraft.method import seeding
 
 __all__ = ["BatchLoader", "DataError", "ImageSet", "build_datasets", "list_datasets"]
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from hpcgraft.data.memory import InMemoryImages
+from hpcgraft.errors import DataError
 
 # Per-channel statistics of the CIFAR training sets, the values every CIFAR recipe uses.
 _STATS = {
@@ -23,10 +24,6 @@ _LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
 }
-
-
-class DataError(ValueError):
-    """Missing or malformed data on disk, reported as one line with the fix."""
 
 
 def _find_dir(name: str, root: str | None) -> Path:
@@ -43,10 +40,24 @@ def _find_dir(name: str, root: str | None) -> Path:
     )
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """The CIFAR batches are pickles; this reads them without letting one run code: only the numpy
+    array pieces a batch consists of may be named, anything else is an error."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a CIFAR batch")
+        return super().find_class(module, name)
+
+
 def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _BatchUnpickler(f, encoding="bytes").load()
         data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry[label_key], dtype=np.int64)
     except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:

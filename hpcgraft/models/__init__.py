@@ -6,36 +6,8 @@ Each architecture module registers its constructors with :func:`register_model`;
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable
-
-from torch import nn
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model '{name}' is registered twice")
-        _REGISTRY[name] = fn
-        return fn
-
-    return wrap
-
-
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
-    """Build a registered model; an unknown name is an error that lists the near matches."""
-    if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, list_models(), n=3)
-        hint = f"did you mean {', '.join(near)}?" if near else f"available: {', '.join(list_models())}"
-        raise ValueError(f"unknown model '{name}' (model.name); {hint}")
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
-
-
 # Importing the architecture modules fills the registry.
-from hpcgraft.models import cifar_resnet, digits, imagenet_resnet, mobilenetv2, vgg  # noqa: E402,F401
+from hpcgraft.models import cifar_resnet, digits, imagenet_resnet, mobilenetv2, vgg  # noqa: F401
+from hpcgraft.models.registry import create_model, list_models, register_model
+
+__all__ = ["create_model", "list_models", "register_model"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcgraft.models import register_model
+from hpcgraft.models.registry import register_model
 
 
 class PadShortcut(nn.Module):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcgraft.models import register_model
 from hpcgraft.models.cifar_resnet import BasicBlock
+from hpcgraft.models.registry import register_model
 
 
 class DigitsResNet(nn.Module):

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcgraft.models import cifar_resnet, register_model
+from hpcgraft.models import cifar_resnet
+from hpcgraft.models.registry import register_model
 from hpcgraft.models.vgg import conv_bn, kaiming_init
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcgraft.models import register_model
+from hpcgraft.models.registry import register_model
 from hpcgraft.models.vgg import conv_bn, kaiming_init
 
 # (expansion, out channels, blocks, stride of the first block); stride 2 -> 1 in the 24-channel stage for CIFAR

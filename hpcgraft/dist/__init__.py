@@ -1,0 +1,17 @@
+"""Everything between ranks: the world and its agreement, failure handling, the grafting exchange,
+replicas and the logits allgather.
+
+Nothing here imports the config, the data or the storage layers, and nothing starts MPI at import:
+``mpi4py.MPI`` is imported on first use (:func:`mpi`), so offline tools can import any module.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+
+def mpi() -> ModuleType:
+    """The ``mpi4py.MPI`` module; importing it initialises MPI, hence only when a rank needs it."""
+    from mpi4py import MPI
+
+    return MPI

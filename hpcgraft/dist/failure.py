@@ -1,0 +1,136 @@
+"""Failure handling: an exception on any rank aborts the whole job, a watchdog aborts a collective
+that takes far longer than it should, and stop signals become a stop at the same step on every rank.
+
+Failures must not hang an allocation: a rank left waiting in a collective holds every node of the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from hpcgraft.dist import mpi
+from hpcgraft.errors import EXIT_FAILURE, AgreedError, UserError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+
+def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE) -> None:
+    """Print one line naming this rank, then take every rank of the job down."""
+    print(f"hpcgraft: rank {comm.Get_rank()}: {message}", file=sys.stderr, flush=True)
+    if comm.Get_size() > 1:
+        comm.Abort(code)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
+    """Run the body; an exception on this rank logs its traceback and aborts the communicator, so
+    the other ranks stop at once instead of waiting forever in their next collective."""
+    try:
+        yield
+    except (SystemExit, AgreedError):
+        raise
+    except KeyboardInterrupt:
+        abort(comm, "interrupted")
+    except BaseException as exc:  # noqa: BLE001 - any failure must take the job down
+        if isinstance(exc, UserError):
+            abort(comm, f"error: {exc}")
+        traceback.print_exc(file=sys.stderr)
+        abort(comm, f"failed with {type(exc).__name__}: {exc}")
+
+
+class Watchdog:
+    """Aborts the job when one guarded collective lasts longer than ``timeout`` seconds.
+
+    A lost node leaves its partners blocked in MPI forever; this turns that into a clean abort that
+    names the stuck operation, so the allocation is released and the job can be resubmitted.
+    """
+
+    def __init__(self, comm: MPI.Comm, timeout: float) -> None:
+        self.comm, self.timeout = comm, timeout
+        self._lock = threading.Lock()
+        self._what: str | None = None
+        self._since = 0.0
+        self._thread = threading.Thread(target=self._watch, name="hpcgraft-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        with self._lock:
+            self._what, self._since = what, time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._what = None
+
+    def _watch(self) -> None:
+        tick = min(1.0, self.timeout / 4)
+        while True:
+            time.sleep(tick)
+            with self._lock:
+                what, since = self._what, self._since
+            if what is not None and time.monotonic() - since > self.timeout:
+                abort(self.comm, f"watchdog: '{what}' took longer than dist.watchdog_s={self.timeout:g} s; "
+                                 "a peer is lost or stuck, aborting the job")
+
+
+_stop_signal: int | None = None
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def catch_stop_signals() -> None:
+    """Record SIGUSR1/SIGTERM instead of dying; call first thing, so a signal during set-up is kept too."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, _on_stop_signal)
+
+
+class StopRequest:
+    """SIGUSR1/SIGTERM on any rank -> every rank sees ``poll() == True`` at the same step.
+
+    SLURM sends USR1 before a time limit (``--signal``) and TERM on preemption, to each rank at a
+    slightly different moment. A pipelined non-blocking MAX-allreduce of the local flag, started at one
+    step and completed at the next, makes all ranks agree on where to stop at no cost to the step.
+    """
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        catch_stop_signals()
+        self._max = mpi().MAX
+        self.comm = comm.Dup()
+        self._send = np.zeros(1, dtype=np.int32)
+        self._recv = np.zeros(1, dtype=np.int32)
+        self._req: MPI.Request | None = None
+
+    @property
+    def received(self) -> int | None:
+        return _stop_signal
+
+    def poll(self) -> bool:
+        """Collective: call once per step on every rank."""
+        if self._req is not None:
+            self._req.Wait()
+            self._req = None
+            if self._recv[0]:
+                return True
+        self._send[0] = 1 if self.received is not None else 0
+        self._req = self.comm.Iallreduce(self._send, self._recv, op=self._max)
+        return False
+
+    def close(self) -> None:
+        if self._req is not None:
+            self._req.Wait()
+            self._req = None

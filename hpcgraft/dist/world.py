@@ -1,0 +1,135 @@
+"""The MPI world of a run, its peer/replica layout, and agreement between ranks.
+
+Layout: with R replicas per peer, peer p owns world ranks p*R .. p*R+R-1 (replica = rank % R).
+``graft_comm`` joins the ranks of one replica index across peers (its rank is the peer index: the ring
+lives there); ``peer_comm`` joins the replicas of one peer (data parallelism lives there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from hpcgraft.dist import mpi
+from hpcgraft.errors import LayoutError, PeerMismatchError, SetupError, UserError
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+T = TypeVar("T")
+
+
+@dataclass
+class World:
+    comm: MPI.Comm
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    peer: int
+    peers: int
+    replica: int
+    replicas: int
+    graft_comm: MPI.Comm
+    peer_comm: MPI.Comm
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_peer_lead(self) -> bool:
+        """Replica 0 of its peer: the rank that reports and writes for the peer."""
+        return self.replica == 0
+
+
+def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
+    """Form the peers x replicas layout over ``comm`` (default: the MPI world)."""
+    MPI = mpi()
+    comm = comm or MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    if size % replicas:
+        raise LayoutError(
+            f"{size} ranks cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
+            f"{replicas} ranks (mpirun -np {replicas * max(2, size // replicas)}) or change dist.replicas"
+        )
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank, local_size = local.Get_rank(), local.Get_size()
+    local.Free()
+    peer, replica = divmod(rank, replicas)
+    return World(
+        comm=comm, rank=rank, size=size, local_rank=local_rank, local_size=local_size,
+        peer=peer, peers=size // replicas, replica=replica, replicas=replicas,
+        graft_comm=comm.Split(color=replica, key=peer), peer_comm=comm.Split(color=peer, key=replica),
+    )
+
+
+def log(message: str, *, world: World | None = None, all_ranks: bool = False) -> None:
+    """Print from rank 0 (or from every rank, prefixed) with an immediate flush."""
+    if world is not None and not all_ranks and not world.is_root:
+        return
+    prefix = f"[rank {world.rank}] " if world is not None and all_ranks else ""
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
+#: What a setup step may raise for :func:`agreed` to turn into one line on every rank.
+AGREED_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+
+
+def agreed(comm: MPI.Comm, fn: Callable[[], T]) -> T:
+    """Run a setup step on every rank; if it fails on any, all ranks raise the same SetupError.
+
+    Setup errors (a bad key, missing data on one node) must end the job with one clear line, not an
+    abort on one rank and a hang on the others.
+    """
+    try:
+        result, error = fn(), None
+    except AGREED_ERRORS as exc:
+        result, error = None, str(exc)
+    errors = comm.allgather(error)
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if failed:
+        messages = {e for _, e in failed}
+        if len(messages) == 1 and len(failed) == len(errors):
+            raise SetupError(failed[0][1])
+        raise SetupError(f"rank {failed[0][0]}: {failed[0][1]}")
+    return result  # type: ignore[return-value]
+
+
+def check_peers_agree(comm: MPI.Comm, flat_config: dict[str, Any], model_signature: list) -> None:
+    """Every rank compares its resolved config and model layout with rank 0's.
+
+    Raises on every rank (so all of them stop) with a message naming the first differing rank and key.
+    """
+    sig_hash = hashlib.sha256(json.dumps(model_signature).encode()).hexdigest()
+    everything = comm.allgather((flat_config, sig_hash, model_signature))
+    ref_cfg, ref_hash, ref_sig = everything[0]
+    for rank, (cfg, h, sig) in enumerate(everything[1:], start=1):
+        keys = sorted(set(ref_cfg) | set(cfg))
+        diff = [k for k in keys if ref_cfg.get(k) != cfg.get(k)]
+        if diff:
+            k = diff[0]
+            raise PeerMismatchError(
+                f"rank {rank} was started with a different config: {k}={cfg.get(k)!r} there, "
+                f"{ref_cfg.get(k)!r} on rank 0; start every rank with the same config and overrides"
+            )
+        if h != ref_hash:
+            first = next((a, b) for a, b in zip(ref_sig + [None], sig + [None], strict=False) if a != b)
+            raise PeerMismatchError(
+                f"rank {rank} built a different model: {first[1]} there, {first[0]} on rank 0; "
+                "every peer must have the same architecture"
+            )
+
+
+def torch_threads(local_size: int) -> int:
+    """CPU threads per rank: the cores this process may use, shared by the ranks of the node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_size))

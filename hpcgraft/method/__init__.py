@@ -1,0 +1,5 @@
+"""The method itself: grafting math, cultivation loss, learning-rate schedules and seeding.
+
+Pure torch on tensors and state dicts: no MPI, no files. Everything here can be called offline, and the
+distributed layers only move its inputs and outputs between ranks.
+"""

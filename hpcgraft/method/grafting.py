@@ -1,0 +1,328 @@
+"""The grafting math of the papers, as pure functions on tensors and state dicts (no MPI here).
+
+A network's floating tensors are grouped into *layers*: a conv or linear weight (the anchor), the
+tensors of the same module (bias) and the normalisation layer that directly follows it (BatchNorm's
+weight, bias, running mean and variance). A whole group is mixed with one coefficient, computed from
+the entropies of the anchors (or one per output filter at filter level). Integer buffers are left alone.
+
+The distributed exchange (:mod:`hpcgraft.dist.exchange`) and the offline command (:mod:`hpcgraft.graft`) both
+call these functions, so a grafted peer is bit-for-bit what :func:`graft_state` computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+State = Mapping[str, torch.Tensor]
+WEIGHT_EPS = 1e-6  # keeps entropy weights positive in the allreduce topology
+
+
+# --------------------------------------------------------------------------------------------- entropy
+def filter_entropies(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Histogram entropy of every row of ``x`` (F, N) at once: one min/max pass, one binning pass.
+
+    Bins are equal-width over each row's [min, max] (the maximum falls in the last bin), entropies in
+    nats, empty bins skipped; a constant row has entropy 0. Returns float32 (F,) on ``x``'s device.
+    """
+    if bins < 2:
+        raise ValueError(f"bins must be >= 2, got {bins}")
+    x = x.detach().reshape(x.shape[0], -1)
+    if not x.is_floating_point() or x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    f, n = x.shape
+    # amin/amax along rows are vectorised where aminmax(dim=1) is not; a single row reduces globally.
+    lo, hi = torch.aminmax(x) if f == 1 else (x.amin(1, keepdim=True), x.amax(1, keepdim=True))
+    span = hi - lo
+    scale = torch.where(span > 0, bins / span, torch.zeros_like(span))
+    pos = torch.sub(x, lo).mul_(scale)  # one temporary, reused in place
+    # int32 halves the traffic of the bin indices; clamp puts the maximum (and NaN) in a valid bin
+    idx = pos.to(torch.int32).clamp_(0, bins - 1)
+    if f > 1:
+        idx += torch.arange(0, f * bins, bins, dtype=torch.int32, device=x.device)[:, None]
+    counts = torch.bincount(idx.view(-1), minlength=f * bins).view(f, bins)
+    p = counts.to(torch.float32) / n
+    return -torch.special.xlogy(p, p).sum(dim=1)
+
+
+def entropy_tensor(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Histogram entropy of a whole tensor, as a 0-d float32 tensor on its device (no host sync)."""
+    return filter_entropies(x.reshape(1, -1), bins)[0]
+
+
+def entropy(x: torch.Tensor, bins: int = 10) -> float:
+    """Histogram entropy H(W) = -sum_k p_k ln p_k of a tensor's values (method.md, "Entropy criterion")."""
+    return float(entropy_tensor(x, bins))
+
+
+# --------------------------------------------------------------------------------------- coefficient
+def coefficient(h_self: float, h_source: float, a: float = 0.4, c: float = 500.0) -> float:
+    """alpha = a/pi * arctan(c * (h_self - h_source)) + 1/2: the share of itself a peer keeps."""
+    return a / math.pi * math.atan(c * (h_self - h_source)) + 0.5
+
+
+def coefficients(
+    h_self: torch.Tensor, h_source: torch.Tensor, a: float = 0.4, c: float = 500.0, round_alpha: bool = False
+) -> torch.Tensor:
+    """Element-wise :func:`coefficient` in float64; ``round_alpha`` reproduces the authors' 2 decimals."""
+    diff = h_self.to(torch.float64) - h_source.to(torch.float64)
+    alpha = a / math.pi * torch.atan(c * diff) + 0.5
+    return torch.round(alpha, decimals=2) if round_alpha else alpha
+
+
+def layer_coefficients(h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor], a: float = 0.4,
+                       c: float = 500.0, round_alpha: bool = False) -> list[torch.Tensor]:
+    """:func:`coefficients` of every layer (0-d or per filter) in one batched computation: a network
+    has hundreds of layers and one tiny tensor op per layer costs more than the arithmetic."""
+    if not h_self:
+        return []
+    flat = coefficients(torch.cat([h.reshape(-1) for h in h_self]), torch.cat([h.reshape(-1) for h in h_source]),
+                        a, c, round_alpha)
+    return [part.view(h.shape) for part, h in zip(flat.split([h.numel() for h in h_self]), h_self, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class LayerGroup:
+    """Tensors mixed with one coefficient (or one per output filter)."""
+
+    anchor: str  # the key whose entropy decides: a conv/linear weight
+    members: tuple[str, ...]  # all keys of the group, anchor first
+    filters: int  # output filters (first dimension of the anchor)
+    per_filter: bool  # False for groups that have no filters (1-D standalone tensors)
+
+
+def plan_layers(state: State) -> list[LayerGroup]:
+    """Group a state dict's floating tensors into layers, in state-dict (= registration) order.
+
+    A module with a weight of two or more dimensions is a layer; a following module whose floating
+    tensors are all 1-D of the layer's output size (a BatchNorm, GroupNorm, LayerNorm) joins it. Any
+    other floating tensor forms a group of its own.
+    """
+    modules: dict[str, list[str]] = {}
+    for key, t in state.items():
+        if t.is_floating_point():
+            modules.setdefault(key.rpartition(".")[0], []).append(key)
+    groups: list[LayerGroup] = []
+    open_layer: int | None = None  # index in groups of a layer still waiting for its norm
+    for keys in modules.values():
+        tensors = [state[k] for k in keys]
+        anchors = [k for k in keys if state[k].dim() >= 2]
+        if anchors:
+            main = next((k for k in anchors if k.endswith("weight")), anchors[0])
+            rest = tuple(k for k in keys if k != main and state[k].dim() < 2 and state[k].shape[:1] ==
+                         state[main].shape[:1])
+            groups.append(LayerGroup(main, (main, *rest), state[main].shape[0], True))
+            open_layer = len(groups) - 1
+            for k in keys:
+                if k != main and k not in rest:
+                    groups.append(LayerGroup(k, (k,), state[k].shape[0] if state[k].dim() else 1,
+                                             state[k].dim() >= 2))
+            continue
+        sizes = {t.shape for t in tensors}
+        if open_layer is not None and len(sizes) == 1 and tensors[0].dim() == 1:
+            layer = groups[open_layer]
+            if tensors[0].shape[0] == layer.filters:
+                groups[open_layer] = LayerGroup(layer.anchor, layer.members + tuple(keys), layer.filters, True)
+                open_layer = None
+                continue
+        open_layer = None
+        main = next((k for k in keys if k.endswith("weight")), keys[0])
+        groups.append(LayerGroup(main, (main, *[k for k in keys if k != main]), 1, False))
+    return groups
+
+
+def plan_signature(plan: Sequence[LayerGroup], state: State) -> list[tuple[str, tuple[int, ...], str]]:
+    """Names, shapes and dtypes of every grouped tensor: what peers must agree on to graft."""
+    return [(k, tuple(state[k].shape), str(state[k].dtype)) for g in plan for k in g.members]
+
+
+# ----------------------------------------------------------------------------------------- entropies
+BATCH_NUMEL = 1 << 16  # anchors up to this size share one filter_entropies call with their equals
+
+
+def layer_entropies(state: State, plan: Sequence[LayerGroup], level: str = "layer", bins: int = 10
+                    ) -> list[torch.Tensor]:
+    """One entropy per group (0-d) at layer level; one per output filter (F,) at filter level.
+
+    Small anchors of the same shape are stacked and binned in one call (rows of the batch are whole
+    layers, or filters at filter level): a CIFAR ResNet has dozens of equal 3x3 convs, and per-call
+    overhead, not arithmetic, dominates their cost. The results are the same bits as one call each.
+    """
+    if level not in ("layer", "filter"):
+        raise ValueError(f"level must be 'layer' or 'filter', got {level!r}")
+    out: list[torch.Tensor | None] = [None] * len(plan)
+    batches: dict[tuple, list[int]] = {}
+    for i, g in enumerate(plan):
+        w = state[g.anchor]
+        rows = w.shape[0] if level == "filter" and g.per_filter else 1
+        if w.numel() <= BATCH_NUMEL and w.numel():
+            batches.setdefault((rows, w.numel(), w.dtype, w.device, w.dim() > 0), []).append(i)
+        else:
+            out[i] = filter_entropies(w.reshape(rows, -1), bins) if rows > 1 else entropy_tensor(w, bins)
+    for (rows, _, _, _, _), idx in batches.items():
+        stacked = torch.cat([state[plan[i].anchor].reshape(rows, -1) for i in idx])
+        for i, h in zip(idx, filter_entropies(stacked, bins).split(rows), strict=True):
+            out[i] = h if rows > 1 else h.reshape(())
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ mixing
+def broadcast_to_filters(alpha: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Shape a per-filter (F,) or per-layer () coefficient to broadcast over tensor ``t``."""
+    if alpha.dim() == 0:
+        return alpha
+    return alpha.view(-1, *([1] * (t.dim() - 1)))
+
+
+def mix_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alphas: Sequence[torch.Tensor]) -> None:
+    """In place: target <- alpha * target + (1 - alpha) * source, over all tensors in two fused passes.
+
+    ``alphas[i]`` is a 0-d or (F,) float64 coefficient for ``targets[i]`` (members of a group share
+    one tensor object, converted once). Written as the papers' sum, not as a lerp, so that alpha = 1/2
+    gives exactly the mean, the same bits on both peers of a pair.
+    """
+    if not targets:
+        return
+    unique = list({id(a): a for a in alphas}.values())
+    complement = dict(zip((id(a) for a in unique), torch._foreach_add(torch._foreach_neg(unique), 1.0), strict=True))
+    cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    keep, take = [], []
+    for t, a in zip(targets, alphas, strict=True):
+        key = (id(a), t.dtype, t.device)
+        if key not in cache:
+            cache[key] = (a.to(device=t.device, dtype=t.dtype), complement[id(a)].to(device=t.device, dtype=t.dtype))
+        keep.append(broadcast_to_filters(cache[key][0], t))
+        take.append(broadcast_to_filters(cache[key][1], t))
+    torch._foreach_mul_(list(targets), keep)
+    torch._foreach_addcmul_(list(targets), list(sources), take)
+
+
+def per_member(plan: Sequence[LayerGroup], alphas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The coefficient of every grouped tensor, in plan order (a group's members share theirs)."""
+    return [a for g, a in zip(plan, alphas, strict=True) for _ in g.members]
+
+
+def member_keys(plan: Sequence[LayerGroup]) -> list[str]:
+    return [k for g in plan for k in g.members]
+
+
+# ------------------------------------------------------------------------------------------- report
+@dataclass
+class LayerReport:
+    name: str
+    h_self: float
+    h_source: float
+    alpha: float  # the coefficient (layer level) or the mean over filters (filter level)
+    alpha_min: float
+    alpha_max: float
+    filters: int
+
+
+@dataclass
+class GraftReport:
+    level: str
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def alpha_mean(self) -> float:
+        return sum(r.alpha for r in self.layers) / len(self.layers) if self.layers else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"level": self.level, "alpha_mean": self.alpha_mean, "layers": [asdict(r) for r in self.layers]}
+
+
+def make_report(plan: Sequence[LayerGroup], h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor],
+                alphas: Sequence[torch.Tensor], level: str) -> GraftReport:
+    """Per-layer entropies and coefficients; one host transfer for the whole network."""
+    if not plan:
+        stats = []
+    elif all(al.dim() == 0 for al in alphas):  # layer level: no reductions, three stacks
+        hs, ho, al = (torch.stack([x.reshape(()).to(torch.float64) for x in xs]) for xs in (h_self, h_source, alphas))
+        stats = torch.stack([hs, ho, al, al, al], dim=1).cpu().tolist()
+    else:
+        stats = torch.stack([
+            torch.stack([hs.double().mean(), ho.double().mean(), al.mean(), al.min(), al.max()])
+            for hs, ho, al in zip(h_self, h_source, alphas, strict=True)
+        ]).cpu().tolist()
+    layers = [
+        LayerReport(g.anchor, s[0], s[1], s[2], s[3], s[4], int(a.numel()))
+        for g, s, a in zip(plan, stats, alphas, strict=True)
+    ]
+    return GraftReport(level, layers)
+
+
+# ------------------------------------------------------------------------------------------- graft
+def graft_state(
+    self_state: State,
+    source_state: State,
+    *,
+    a: float = 0.4,
+    c: float = 500.0,
+    bins: int = 10,
+    level: str = "layer",
+    round_alpha: bool = False,
+) -> tuple[dict[str, torch.Tensor], GraftReport]:
+    """Graft ``source_state`` into ``self_state`` (same architecture); returns a new state and a report.
+
+    W_self <- alpha * W_self + (1 - alpha) * W_source per layer (or per filter), with alpha from the
+    entropies of both anchors. Neither input is modified; integer buffers are copied from ``self_state``.
+    """
+    check_compatible(self_state, source_state)
+    plan = plan_layers(self_state)
+    h_self = layer_entropies(self_state, plan, level, bins)
+    h_source = layer_entropies(source_state, plan, level, bins)
+    alphas = layer_coefficients(h_self, h_source, a, c, round_alpha)
+    out = {k: v.clone() for k, v in self_state.items()}
+    keys = member_keys(plan)
+    mix_([out[k] for k in keys], [source_state[k] for k in keys], per_member(plan, alphas))
+    return out, make_report(plan, h_self, h_source, alphas, level)
+
+
+def check_compatible(first: State, second: State) -> None:
+    """Same keys, shapes and dtypes, or a ValueError naming the first difference."""
+    if list(first) != list(second):
+        missing = [k for k in first if k not in second][:1] or [k for k in second if k not in first][:1]
+        raise ValueError(f"state dicts differ in their keys (first difference: {missing or 'order'}); "
+                         "graft models of the same architecture")
+    for k, t in first.items():
+        if t.shape != second[k].shape or t.dtype != second[k].dtype:
+            raise ValueError(f"tensor '{k}' is {tuple(t.shape)} {t.dtype} in one model and "
+                             f"{tuple(second[k].shape)} {second[k].dtype} in the other")
+
+
+# ---------------------------------------------------------------------------------- invalid filters
+def filter_l1_norms(state: State) -> dict[str, torch.Tensor]:
+    """l1 norm of every output filter of every conv layer (4-D weights)."""
+    return {k: t.detach().abs().flatten(1).sum(1) for k, t in state.items()
+            if t.is_floating_point() and t.dim() == 4 and k.endswith("weight")}
+
+
+def count_invalid_filters(state: State, thresholds: Sequence[float] = (0.1, 0.01)) -> dict[float, int]:
+    """Conv filters whose l1 norm is below each threshold (the papers' "invalid filters")."""
+    norms = filter_l1_norms(state)
+    if not norms:
+        return {t: 0 for t in thresholds}
+    allnorms = torch.cat(list(norms.values()))
+    counts = torch.stack([(allnorms < t).sum() for t in thresholds]).tolist()
+    return dict(zip(thresholds, counts, strict=True))
+
+
+# ------------------------------------------------------------------------- other information sources
+def noise_source(tensors: Sequence[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """Gaussian noise with each tensor's own mean and standard deviation (the paper's "noise" source)."""
+    out = []
+    for t in tensors:
+        noise = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(device=t.device, dtype=t.dtype)
+        std, mean = torch.std_mean(t.detach().float()) if t.numel() > 1 else (torch.zeros(()), t.detach().float())
+        out.append(noise * std.to(t.dtype) + mean.to(t.dtype))
+    return out
+
+
+def self_source(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The network's own other filters: filter f of every layer receives filter f+1 of the same layer
+    (with its bias and BatchNorm channel), the paper's "internal" information source."""
+    return [t.detach().roll(-1, dims=0) if t.dim() else t.detach().clone() for t in tensors]

@@ -1,0 +1,85 @@
+"""What a run leaves for people and plots: metrics.jsonl, graft.jsonl, status.json and the epoch table.
+
+Only rank 0 writes. Lines are appended and flushed as they happen, so ``tail -f`` works, and a resumed
+run first cuts away what came after its checkpoint, so every epoch appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from hpcgraft.storage import atomic
+
+METRICS, GRAFTS, STATUS = "metrics.jsonl", "graft.jsonl", "status.json"
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
+    rows = [r for r in read_jsonl(path) if keep(r)]
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+class RunLog:
+    """Append-only JSON-lines files of one run directory."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, epoch: int, step: int) -> None:
+        """Forget what a run logged after the checkpoint it resumes from (epoch done, global step)."""
+        if (self.dir / METRICS).exists():
+            _rewrite(self.dir / METRICS, lambda r: r["epoch"] <= epoch)
+        if (self.dir / GRAFTS).exists():
+            _rewrite(self.dir / GRAFTS, lambda r: r["step"] <= step)
+
+    def append(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
+        with (self.dir / name).open("a") as f:
+            for row in rows:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+            f.flush()
+
+    def status(self, **fields: Any) -> None:
+        atomic.write_text(self.dir / STATUS, json.dumps(fields, indent=1) + "\n")
+
+    def read_status(self) -> dict[str, Any]:
+        p = self.dir / STATUS
+        return json.loads(p.read_text()) if p.exists() else {}
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    """A number as the tables show it; missing (None or NaN) as "-"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def epoch_table(rows: list[dict[str, Any]], ensemble_acc: float, epochs: int, thresholds: list[float],
+                header: bool) -> str:
+    """The per-epoch table printed by rank 0: one line per peer and one for the ensemble."""
+    inv = [f"inv@{t:g}" for t in thresholds]
+    cols = ["epoch", "peer", "lr", "train_loss", "train_acc", "test_acc", "ens_acc", "alpha", *inv, "sec"]
+    widths = [7, 4, 8, 10, 9, 8, 7, 6, *[max(7, len(c)) for c in inv], 6]
+    lines = []
+    if header:
+        lines.append(" ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
+    for r in rows:
+        cells = [
+            f"{r['epoch']}/{epochs}", str(r["peer"]), fmt(r["lr"], ".4g"), fmt(r["train_loss"], ".4f"),
+            fmt(r["train_acc"], ".2f"), fmt(r["test_acc"], ".2f"), "", fmt(r["alpha_mean"], ".3f"),
+            *[str(r[f"invalid_{t:g}"]) for t in thresholds], fmt(r["seconds"], ".1f"),
+        ]
+        lines.append(" ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
+    ens = ["", "ens", "", "", "", "", fmt(ensemble_acc, ".2f"), "", *["" for _ in thresholds], ""]
+    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)))
+    return "\n".join(lines)

@@ -1,0 +1,272 @@
+"""The training loop: K peers, one per MPI rank (or R ranks per peer), grafting at fixed points.
+
+The story of a run, top to bottom in :func:`run`: agree on the config, build data and model, resume
+from the last complete checkpoint if there is one, then for every epoch train, evaluate, graft, report
+and checkpoint. SIGUSR1/SIGTERM stop every rank at the same step after a checkpoint (exit status 75,
+for schedulers to requeue). When to graft and when to save are the named predicates below, so the loop
+reads as the method does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcgraft.config import Config, load_config
+from hpcgraft.dist import mpi
+from hpcgraft.dist.failure import StopRequest
+from hpcgraft.dist.world import agreed, check_peers_agree, init_world, log
+from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunError
+from hpcgraft.method import grafting
+from hpcgraft.method.cultivation import distillation_loss, mean_of_others
+from hpcgraft.storage.runlog import METRICS, epoch_table
+from hpcgraft.training.faults import fault_hook
+from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
+from hpcgraft.training.rundir import RunStore
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
+
+
+# ------------------------------------------------------------------------------------------ when
+def grafts_at_epoch_end(cfg: Config, epochs_done: int) -> bool:
+    """As in the reference: evaluate, then graft at the epoch end. The last epoch ends without a graft,
+    whose result would be neither trained nor evaluated."""
+    return cfg.graft.mode != "none" and cfg.graft.interval_steps == 0 and epochs_done < cfg.train.epochs
+
+
+def grafts_after_step(cfg: Config, step: int) -> bool:
+    """``graft.interval_steps=n``: a round after every n-th optimizer step instead of at epoch ends."""
+    n = cfg.graft.interval_steps
+    return cfg.graft.mode != "none" and n > 0 and step % n == 0
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm) -> int:
+    cfg: Config = agreed(comm, lambda: load_config(config, overrides))
+    world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
+    agreed(comm, lambda: check_layout(cfg, world))
+    peer: Peer = agreed(comm, lambda: build_peer(cfg, world))
+    signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())
+    agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))
+    peer.exchange = make_exchange(peer)
+    store = agreed(comm, lambda: RunStore(run_dir, cfg, world, restart=restart))
+    store.record_config()  # after the agreement above: no rank is still reading the old config
+
+    t = cfg.train
+    log(f"hpcgraft: {world.peers} peers x {world.replicas} replica(s), model {cfg.model.name}, data "
+        f"{cfg.data.name} ({len(peer.train_loader)} steps/epoch), graft {cfg.graft.mode}"
+        f"{'' if cfg.graft.mode == 'none' else f'/{cfg.graft.topology}/{cfg.graft.level}'}, "
+        f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
+        f"device {peer.device}, run dir {run_dir}", world=world)
+    # Launchers and the kernel name processes by pid and host only (MPICH's report, dmesg's OOM lines).
+    pids = comm.allgather(f"{os.getpid()}@{mpi().Get_processor_name()}")
+    log(f"hpcgraft: rank pids: {' '.join(f'{r}={p}' for r, p in enumerate(pids))}", world=world)
+    agreed(comm, lambda: store.resume(peer))
+    peer.replicas.broadcast_state(peer.model, peer.optimizer)  # every replica starts from replica 0's state
+    stop = StopRequest(comm)
+    inject = fault_hook(world.rank)
+    header = True
+    while peer.progress.epoch < t.epochs:
+        if peer.progress.batch == 0:
+            peer.progress.start_epoch()
+        if train_one_epoch(peer, stop, inject):
+            # grafts of the running epoch so far (graft.interval_steps), before the checkpoint covers them
+            store.log_grafts(peer.graft_rows)
+            peer.graft_rows = []
+            store.save(peer)
+            stop.close()
+            log(f"hpcgraft: stopped by signal at epoch {peer.progress.epoch + 1}, step {peer.progress.step}; "
+                f"checkpoint written, exit {EXIT_REQUEUE} (re-run the same command to resume)", world=world)
+            if store.log:
+                store.log.status(state="stopped", epoch=peer.progress.epoch, step=peer.progress.step)
+            return EXIT_REQUEUE
+        peer.progress.epoch += 1
+        peer.progress.batch = 0
+        row, ensemble = evaluate(peer)
+        if grafts_at_epoch_end(cfg, peer.progress.epoch):
+            graft(peer)
+        row["alpha_mean"] = peer.progress.alpha_sum / peer.progress.grafts if peer.progress.grafts else None
+        with peer.watchdog.guard("report: gather of metrics"):
+            rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
+        if store.log and rows:
+            store.log.append(METRICS, rows + [{"epoch": peer.progress.epoch, "peer": None,
+                                               "step": peer.progress.step, "ensemble_acc": ensemble}])
+            store.log_grafts(peer.graft_rows)
+            print(epoch_table(rows, ensemble, t.epochs, cfg.log.thresholds, header), flush=True)
+            store.log.status(state="running", epoch=peer.progress.epoch, step=peer.progress.step)
+            header = False
+        peer.graft_rows = []
+        if store.save_due(peer.progress.epoch):
+            store.save(peer, metric=row["test_acc"])
+    stop.close()
+    if store.log:
+        store.log.status(state="finished", epoch=peer.progress.epoch, step=peer.progress.step)
+    log(f"hpcgraft: finished {t.epochs} epochs; metrics in {run_dir / METRICS}", world=world)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------ one epoch
+def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, int], None] | None = None) -> bool:
+    """Train until the epoch ends (False) or a stop was requested (True, mid-epoch)."""
+    cfg, prog, model = peer.cfg, peer.progress, peer.model
+    model.train()
+    # Continues the epoch's sum (rather than adding a new one to it), so a resumed epoch sums bit for bit alike.
+    loss_sum = torch.tensor(prog.loss_sum, dtype=torch.float64, device=peer.device)
+    correct = torch.zeros((), dtype=torch.int64, device=peer.device)
+    started = time.perf_counter()
+    bar = _progress_bar(peer)
+    stopped = False
+    for x, y in peer.train_loader.epoch(prog.epoch, start=prog.batch):
+        lr = peer.schedule(prog.step)
+        for group in peer.optimizer.param_groups:
+            group["lr"] = lr
+        x = x.to(peer.device, non_blocking=True)
+        y = y.to(peer.device, non_blocking=True)
+        if cfg.dist.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(peer, x):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
+            if peer.logits is not None:
+                with peer.watchdog.guard("cultivation: Allgather of logits"):
+                    everyone = peer.logits.gather(logits)
+                target = mean_of_others(everyone, peer.world.peer, cfg.cultivate.temperature)
+                loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
+                                                                        cfg.cultivate.temperature)
+        peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
+        loss.backward()
+        peer.optimizer.step()
+        loss_sum.add_(loss.detach(), alpha=len(y))  # in float64, on the device: no sync
+        correct += (logits.detach().argmax(1) == y).sum()
+        prog.seen += len(y)
+        prog.batch += 1
+        prog.step += 1
+        peer.replicas.check_step(model, peer.optimizer, prog.step)
+        if inject is not None:
+            inject(model, prog.step)
+        if bar is not None:
+            bar.update(1)
+        if grafts_after_step(cfg, prog.step):
+            graft(peer)
+        with peer.watchdog.guard("training step: Iallreduce of the stop flag"):
+            stopped = stop.poll()
+        if stopped:
+            break
+    if bar is not None:
+        bar.close()
+    sync_replicas(peer)
+    prog.loss_sum = float(loss_sum)
+    prog.correct += int(correct)
+    prog.seconds += time.perf_counter() - started
+    return stopped
+
+
+def autocast(peer: Peer, x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU with ``dist.amp``; otherwise no context at all (even a disabled one costs
+    microseconds per step)."""
+    if peer.cfg.dist.amp and x.is_cuda:
+        return torch.autocast(x.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _progress_bar(peer: Peer):  # noqa: ANN202 - tqdm or None
+    mode = peer.cfg.log.progress
+    if not peer.world.is_root or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=len(peer.train_loader), initial=peer.progress.batch, leave=False, dynamic_ncols=True,
+                desc=f"epoch {peer.progress.epoch + 1}/{peer.cfg.train.epochs}", file=sys.stderr)
+
+
+def sync_replicas(peer: Peer) -> None:
+    """A peer's replicas average their BatchNorm statistics (local between syncs) before anything reads
+    the peer as a whole: a graft, an evaluation, a checkpoint."""
+    peer.replicas.sync_buffers(peer.model, peer.progress.step)
+    peer.replicas.check_synced(peer.model, peer.optimizer, f"buffer sync at step {peer.progress.step}")
+
+
+def graft(peer: Peer) -> None:
+    """One grafting round with the other peers; its report goes to graft.jsonl via rank 0."""
+    assert peer.exchange is not None
+    sync_replicas(peer)
+    prog, world = peer.progress, peer.world
+    started = time.perf_counter()
+    try:
+        result = peer.exchange.graft(on_wait=peer.watchdog.guard)
+    except NonFiniteWeightsError as exc:  # raised on every rank alike, after the same allgather
+        raise RunError(f"grafting at step {prog.step}: {exc}") from None
+    seconds = time.perf_counter() - started  # the whole round, waiting for slower peers included
+    peer.replicas.check_synced(peer.model, peer.optimizer, f"graft at step {prog.step}")
+    epoch = prog.epoch if prog.batch == 0 else prog.epoch + 1  # at an epoch end, ``epoch`` is already counted
+    row: dict[str, Any] = {"epoch": epoch, "step": prog.step, "peer": world.peer,
+                           "source": _source_name(peer), "mode": peer.cfg.graft.mode, "seconds": seconds}
+    if result.report is None:
+        row.update(skipped=result.skipped_reason, nonfinite_peers=list(result.nonfinite_peers))
+        log(f"hpcgraft: peer {world.peer} skipped grafting at step {prog.step}: {result.skipped_reason}",
+            world=world, all_ranks=True)
+    else:
+        row.update(result.report.to_dict())
+        prog.alpha_sum += result.report.alpha_mean
+        prog.grafts += 1
+    with peer.watchdog.guard("report: gather of graft reports"):
+        rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
+    if world.is_root and rows:
+        peer.graft_rows.extend(rows)
+
+
+def _source_name(peer: Peer) -> str:
+    g = peer.cfg.graft
+    if g.mode != "peers":
+        return g.mode
+    return f"peer {(peer.world.peer - 1) % peer.world.peers}" if g.topology == "ring" else "mean of others"
+
+
+@torch.no_grad()
+def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
+    """This peer's metrics row for the epoch (test accuracy, train statistics, invalid filters) and the
+    ensemble's accuracy (mean of the peers' softmax)."""
+    model, world, prog = peer.model, peer.world, peer.progress
+    model.eval()
+    probs, labels = [], []
+    for x, y in peer.test_loader.epoch(0):
+        x = x.to(peer.device, non_blocking=True)
+        if peer.cfg.dist.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(peer, x):
+            probs.append(F.softmax(model(x).float(), dim=1).cpu())
+        labels.append(y.cpu())
+    p = torch.cat(probs) if probs else torch.zeros(0, 1)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    own_correct = int((p.argmax(1) == y).sum())
+    summed = torch.empty_like(p)
+    total = mpi().SUM
+    with peer.watchdog.guard("evaluation: Allreduce of test predictions"):
+        world.graft_comm.Allreduce(p.numpy(), summed.numpy(), op=total)
+        ens_correct = int((summed.argmax(1) == y).sum())
+        counts = np.array([own_correct, ens_correct, len(y), prog.correct, prog.seen], dtype=np.float64)
+        counts = np.concatenate([counts, [prog.loss_sum]])
+        totals = np.empty_like(counts)
+        world.peer_comm.Allreduce(counts, totals, op=total)  # sum over the peer's replicas
+    test_acc = 100.0 * totals[0] / max(1.0, totals[2])
+    ensemble = 100.0 * totals[1] / max(1.0, totals[2])
+    invalid = grafting.count_invalid_filters(model.state_dict(), peer.cfg.log.thresholds)
+    row = {
+        "epoch": prog.epoch, "peer": world.peer, "step": prog.step,
+        "train_loss": totals[5] / max(1.0, totals[4]), "train_acc": 100.0 * totals[3] / max(1.0, totals[4]),
+        "test_acc": test_acc, "lr": peer.schedule(max(0, prog.step - 1)),
+        **{f"invalid_{t:g}": n for t, n in invalid.items()},
+        "seconds": prog.seconds,
+    }
+    return row, ensemble

@@ -1,0 +1,186 @@
+"""One rank's peer: its model, optimizer, data and schedule, built from the config, and its state as a
+checkpoint holds it (:meth:`Peer.state_dict` / :meth:`Peer.load_state_dict`)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpcgraft.config import Config
+from hpcgraft.data import BatchLoader, build_datasets
+from hpcgraft.data.memory import InMemoryImages
+from hpcgraft.dist.exchange import GraftExchange
+from hpcgraft.dist.failure import Watchdog
+from hpcgraft.dist.logits import PeerLogits
+from hpcgraft.dist.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
+from hpcgraft.dist.world import World, torch_threads
+from hpcgraft.errors import ConfigError
+from hpcgraft.method import grafting, seeding
+from hpcgraft.method.schedule import LRSchedule
+from hpcgraft.models import create_model
+
+
+@dataclass
+class Progress:
+    """Where a peer is in the run; saved in checkpoints, so a resumed run continues mid-epoch."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the running epoch
+    step: int = 0  # optimizer steps done in the whole run
+    loss_sum: float = 0.0  # running sums of the current epoch
+    correct: int = 0
+    seen: int = 0
+    alpha_sum: float = 0.0
+    grafts: int = 0
+    seconds: float = 0.0
+
+    def start_epoch(self) -> None:
+        self.batch, self.loss_sum, self.correct, self.seen = 0, 0.0, 0, 0
+        self.alpha_sum, self.grafts, self.seconds = 0.0, 0, 0.0
+
+
+@dataclass
+class Peer:
+    """Everything one rank trains and grafts."""
+
+    cfg: Config
+    world: World
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    train_loader: BatchLoader
+    test_loader: BatchLoader
+    exchange: GraftExchange | None
+    logits: PeerLogits | None
+    watchdog: Watchdog
+    replicas: ReplicaGroup | SingleReplica  # the peer's ranks; a no-op group when it has only this one
+    progress: Progress = field(default_factory=Progress)
+    graft_rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of
+        every peer-NNN.h5; changing it breaks resuming older runs)."""
+        names = {p: n for n, p in self.model.named_parameters()}
+        momentum = {names[p]: s["momentum_buffer"] for p, s in self.optimizer.state.items()
+                    if s.get("momentum_buffer") is not None}
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        rng: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"keys": np_state[1], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                      "cached_gaussian": float(np_state[4])},
+            "python": {"state": np.array(py_state[1], dtype=np.int64), "version": py_state[0],
+                       "gauss": py_state[2]},
+        }
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": {"momentum": momentum},
+                "progress": vars(self.progress).copy(), "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        params = dict(self.model.named_parameters())
+        for name, buf in state["optimizer"]["momentum"].items():
+            self.optimizer.state[params[name]]["momentum_buffer"] = buf.to(self.device)
+        self.progress = Progress(**state["progress"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        n = rng["numpy"]
+        np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        p = rng["python"]
+        random.setstate((p["version"], tuple(int(v) for v in np.asarray(p["state"])), p["gauss"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def select_device(pref: str, local_rank: int) -> torch.device:
+    """GPU of the local rank when there are GPUs (and not ``dist.device=cpu``), else the CPU."""
+    if pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("dist.device=cuda but no CUDA device is visible; use dist.device=auto or cpu")
+    if pref != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def check_layout(cfg: Config, world: World) -> None:
+    """The run's rank count fits what the config asks of it (decided before any MPI work on the peers)."""
+    check_peer_count(cfg, world.peers, world.replicas)
+    if cfg.dist.replicas > 1:
+        require_horovod(cfg.dist)
+
+
+def check_peer_count(cfg: Config, peers: int, replicas: int = 1) -> None:
+    """Grafting between peers and cultivation need at least 2 peers; one line saying how to start."""
+    if cfg.graft.mode == "peers" and peers < 2:
+        raise ConfigError(
+            f"grafting between peers needs at least 2 peers but this run has {peers}; start it with "
+            f"mpirun -np K (K >= 2{f' peers x dist.replicas={replicas}' if replicas > 1 else ''}) "
+            "or set graft.mode=none"
+        )
+    if cfg.cultivate.lambda_ > 0 and peers < 2:
+        # With no other peer the distillation target is a mean over nothing: NaN losses, silently.
+        raise ConfigError(
+            f"cultivation (cultivate.lambda={cfg.cultivate.lambda_:g}) distils between peers and needs at least 2 "
+            f"but this run has {peers}; start it with mpirun -np K (K >= 2) or set cultivate.lambda=0"
+        )
+
+
+def build_peer(cfg: Config, world: World) -> Peer:
+    device = select_device(cfg.dist.device, world.local_rank)
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.dist.threads or torch_threads(world.local_size))
+    train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size)
+    num_classes = cfg.model.num_classes or train_set.num_classes
+    seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
+    try:
+        model = create_model(cfg.model.name, num_classes).to(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.dist.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay, nesterov=cfg.train.nesterov)
+    group = replica_group(world)
+    optimizer = group.wrap_optimizer(optimizer, model)
+    cultivating = cfg.cultivate.lambda_ > 0
+    # Peers draw their own data order, except while cultivating: distillation compares predictions
+    # on the same images.
+    stream = 0 if cultivating else world.peer
+    pin = device.type == "cuda"
+    if pin and cfg.data.workers == 0:  # in-memory sets build their batches on the GPU (workers cannot)
+        for dataset in (train_set, test_set):
+            if isinstance(dataset, InMemoryImages):
+                dataset.to(device)
+        pin = False
+    train_loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, stream=stream,
+                               replica=world.replica, replicas=world.replicas, augment=cfg.data.augment,
+                               workers=cfg.data.workers, pin_memory=pin)
+    test_loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False, replica=world.replica,
+                              replicas=world.replicas, workers=cfg.data.workers, pin_memory=pin)
+    schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
+    return Peer(cfg, world, device, model, optimizer, schedule, train_loader, test_loader, None,
+                PeerLogits(world.graft_comm) if cultivating else None, Watchdog(world.comm, cfg.dist.watchdog_s),
+                group)
+
+
+def make_exchange(peer: Peer) -> GraftExchange | None:
+    """The peer's grafting exchange for ``graft.mode`` (None for the baseline, which never grafts)."""
+    g, world = peer.cfg.graft, peer.world
+    if g.mode == "none":
+        return None
+    source_fn = None
+    if g.mode == "noise":
+        def source_fn(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            gen = seeding.generator(seeding.NOISE, peer.cfg.seed, world.peer, peer.progress.step)
+            return grafting.noise_source(tensors, gen)
+    elif g.mode == "self":
+        source_fn = grafting.self_source
+    return peer.replicas.exchange(peer.model.state_dict(), source_fn, topology=g.topology, level=g.level, a=g.a,
+                                  c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite)

@@ -1,0 +1,213 @@
+"""The SLURM side end to end, on a real one-node cluster (tools/slurm_local.sh): the sbatch scripts,
+requeue after a checkpoint on SIGUSR1, and submitit submissions from Python. CPU ranks, digits data."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from hpcgraft import launch
+from hpcgraft.errors import ConfigError
+from tests._util import ROOT, env, jsonl
+
+pytestmark = pytest.mark.slurm
+
+DIGITS = ["data.name=digits", "model.name=digits_resnet"]
+
+
+def _wait_for(what: str, ready, timeout: float = 240, every: float = 0.25):
+    """Poll until ``ready()`` is truthy; a generous hang guard, not a speed requirement."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = ready()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _job_info(job_id: int) -> dict[str, str]:
+    text = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", text))
+
+
+def _wait_job_end(job_id: int) -> dict[str, str]:
+    def ended() -> dict[str, str] | None:
+        info = _job_info(job_id)
+        return info if info.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} else None
+
+    return _wait_for(f"job {job_id} to end", ended)
+
+
+def _submitted_id(stdout: str) -> int:
+    m = re.search(r"Submitted batch job (\d+)", stdout)
+    assert m, stdout
+    return int(m.group(1))
+
+
+def _epochs_once(run: Path, epochs: int, peers: int = 2) -> list[dict]:
+    """metrics.jsonl holds every (epoch, peer) exactly once, for every epoch of the run."""
+    rows = jsonl(run / "metrics.jsonl")
+    seen = Counter((r["epoch"], r["peer"]) for r in rows)
+    expected = {(e, p) for e in range(1, epochs + 1) for p in [*range(peers), None]}
+    assert set(seen) == expected, sorted(seen, key=str)
+    assert all(n == 1 for n in seen.values()), [k for k, n in seen.items() if n > 1]
+    return rows
+
+
+def _kill_ranks(job_id: int) -> None:
+    """SIGKILL the tasks of the job's step 0 (scancel would send TERM first, which the ranks handle)."""
+    out = subprocess.run(["scontrol", "listpids", str(job_id)], capture_output=True, text=True, check=True).stdout
+    pids = [int(f[0]) for f in (line.split() for line in out.splitlines()[1:]) if f[2] == "0" and f[3] != "-"]
+    assert pids, out
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def jobs():
+    """Job ids a test submitted; whatever is still queued when it ends is cancelled."""
+    ids: list[str] = []
+    yield ids
+    if ids:
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+def _has_epoch(run: Path, epoch: int) -> bool:
+    p = run / "metrics.jsonl"
+    try:
+        return p.exists() and any(r["epoch"] >= epoch for r in jsonl(p))
+    except ValueError:  # a line being written
+        return False
+
+
+def test_sbatch_script_trains_two_grafting_peers(slurm_cluster, tmp_path, jobs):
+    run = tmp_path / "run"
+    e = env() | {"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_TASKS_PER_NODE": "2", "HPCGRAFT_CPUS_PER_TASK": "1",
+                 "HPCGRAFT_TIME": "20", "HPCGRAFT_RUN_DIR": str(run)}
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), *DIGITS, "train.epochs=3"],
+                       capture_output=True, text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    info = _wait_job_end(job)
+    log = (tmp_path / f"graft-cifar-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+    assert "2 ranks on 1 node(s)" in log and "finished" in log
+    rows = _epochs_once(run, epochs=3)
+    grafted = [r for r in rows if r["peer"] is not None and r["epoch"] < 3]
+    assert grafted and all(r["alpha_mean"] is not None and 0 < r["alpha_mean"] < 1 for r in grafted)
+    grafts = jsonl(run / "graft.jsonl")
+    assert {(g["peer"], g["source"]) for g in grafts} == {(0, "peer 1"), (1, "peer 0")}
+
+
+def test_killed_and_signalled_job_resumes_and_logs_every_epoch_once(slurm_cluster, tmp_path, jobs):
+    """Submitted with plain sbatch options (and the ImageNet script). First its ranks are killed and the
+    job is put back in the queue (preemption without grace): the restart cleans the dead ranks' MPI
+    leftovers and resumes from the last checkpoint. Then the batch shell gets USR1 (as from
+    --signal=B:USR1@T): the ranks checkpoint, the job requeues itself and resumes again."""
+    run, epochs = tmp_path / "run", 6  # killed after 2, signalled after 4
+    e = env() | {"HPCGRAFT_ROOT": str(ROOT), "HPCGRAFT_CONFIG": "configs/digits.yaml", "HPCGRAFT_RUN_DIR": str(run)}
+    r = subprocess.run(["sbatch", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=20",
+                        str(ROOT / "slurm/graft_imagenet.sh"), f"train.epochs={epochs}"],
+                       capture_output=True, text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    _wait_for("epoch 2", lambda: _has_epoch(run, 2))  # so epoch 1's checkpoint is complete
+    _kill_ranks(job)
+    assert _wait_job_end(job)["JobState"] == "FAILED"
+    subprocess.run(["scontrol", "requeue", str(job)], check=True)
+    _wait_for("epoch 4", lambda: _has_epoch(run, 4))
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True)
+    _wait_for("the third start", lambda: _job_info(job).get("Restarts") == "2")
+    info = _wait_job_end(job)
+    log = (tmp_path / f"graft-imagenet-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert "training failed with exit status 137; not requeued" in log and log.count("resuming") == 2, log
+    assert "checkpoint written; requeueing job" in log and "finished" in log, log
+    _epochs_once(run, epochs)
+
+
+def test_failed_training_is_not_requeued(slurm_cluster, tmp_path, jobs):
+    e = env() | {"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20",
+                 "HPCGRAFT_CONFIG": "configs/digits.yaml", "HPCGRAFT_RUN_DIR": str(tmp_path / "run")}
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "graft.level=leaf"],
+                       capture_output=True, text=True, env=e, cwd=tmp_path)
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    info = _wait_job_end(job)
+    log = (tmp_path / f"graft-cifar-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", log
+    assert "graft.level" in log and "not requeued" in log
+
+
+def test_script_refuses_a_time_limit_inside_the_warning(tmp_path):
+    e = env() | {"HPCGRAFT_TIME": "4"}
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh")], capture_output=True, text=True, env=e)
+    assert r.returncode == 2 and "not longer than the 300 s warning" in r.stderr
+
+
+def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_path, jobs):
+    """Two tasks from Python form one MPI world under srun. USR1 to the tasks, what SLURM sends before the
+    time limit, makes submitit count a time-out (a 10-minute job has always "timed out"), call
+    GraftRun.checkpoint and requeue; the requeued job resumes and finishes."""
+    run, epochs = tmp_path / "run", 4
+    job = launch.submit("configs/digits.yaml", run, [f"train.epochs={epochs}"], tasks_per_node=2,
+                        executor="slurm", time_min=10, max_requeues=2)
+    jobs.append(job.job_id)
+    assert isinstance(job, launch.submitit.SlurmJob) and job.num_tasks == 2
+    _wait_for("the first epoch", lambda: _has_epoch(run, 1))
+    subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
+    assert launch.wait(job, timeout_s=300) == [0, 0]
+    assert _job_info(int(job.job_id))["Restarts"] == "1"
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()
+    assert "this job is timed-out" in log and "Calling checkpoint method" in log and "resuming" in log, log
+    _epochs_once(run, epochs)
+    table = launch.final_metrics(run)
+    assert f"{epochs}/{epochs}" in table and "ens" in table
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"partition": "gpu-nope"}, "partition 'gpu-nope' does not exist; sinfo lists: debug"),
+    ({"gpus_per_node": 4, "tasks_per_node": None}, "--gpus-per-node 4: the nodes of partition 'debug' have at most 0"),
+    ({"nodes": 3, "tasks_per_node": 2}, "--nodes 3: partition 'debug' has 1 node(s)"),
+    ({"tasks_per_node": 2, "cpus_per_task": 64}, "the nodes of partition 'debug' have at most"),
+])
+def test_submit_rejects_requests_the_cluster_cannot_run(slurm_cluster, tmp_path, kwargs, message):
+    with pytest.raises(launch.LaunchError, match=re.escape(message)):
+        launch.submit(None, tmp_path / "run", executor="slurm", **({"tasks_per_node": 2} | kwargs))
+    assert not (tmp_path / "run").exists()
+
+
+def test_submit_says_when_slurm_is_unreachable(slurm_cluster, tmp_path, monkeypatch):
+    # A copy of the cluster's config whose controller port nobody listens on: slurmctld "down".
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=1", slurm_cluster.read_text()))
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    with pytest.raises(launch.LaunchError, match="SLURM is not reachable: 'sinfo .*check that slurmctld is up"):
+        launch.submit(None, tmp_path / "run", executor="slurm", tasks_per_node=2)
+
+
+def test_submit_says_when_there_is_no_slurm(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, sinfo or srun
+    with pytest.raises(launch.LaunchError, match="SLURM is not available here .*--executor local"):
+        launch.submit(None, tmp_path / "run", executor="slurm", tasks_per_node=2)
+
+
+def test_command_line_reports_a_bad_request_in_one_line(slurm_cluster, tmp_path, capsys):
+    rc = launch.main(["--out", str(tmp_path / "run"), "--executor", "slurm", "--partition", "nope"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == "hpcgraft.launch: error: partition 'nope' does not exist; sinfo lists: debug"
+
+
+def test_submit_checks_the_config_before_queueing(tmp_path):
+    with pytest.raises(ConfigError, match="graft.level"):
+        launch.submit("configs/digits.yaml", tmp_path / "run", ["graft.level=leaf"], tasks_per_node=2)

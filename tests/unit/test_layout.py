@@ -1,0 +1,158 @@
+"""The package's architecture, checked: no import cycles, each layer importing only the layers below it,
+and no MPI started by importing anything or by running the offline commands."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests._util import ROOT, env
+
+PACKAGE = ROOT / "hpcgraft"
+
+# Layers, lowest first: a module may import its own package and the layers of lower rank only.
+RANK = {
+    "errors": 0, "supervise": 0,
+    "config": 1, "models": 1,
+    "method": 2, "storage": 2,
+    "dist": 3, "data": 3,
+    "training": 4,
+    "train": 5, "launch": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5,
+}
+# The issue's explicit rules, on top of the ranks.
+FORBIDDEN = {
+    "method": {"dist", "storage"},
+    "dist": {"config", "data", "storage"},
+}
+# The one import between commands: a submitit task of `launch` runs the training command itself.
+ALLOWED = {("launch", "train")}
+OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """hpcgraft modules imported anywhere in the file (functions too), except for type checking."""
+    tree = ast.parse(path.read_text())
+    typing_only = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            typing_only.update(id(n) for n in ast.walk(node))
+    found = set()
+    known = modules()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("hpcgraft"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            if base.startswith("hpcgraft"):  # `from package import module` imports the module
+                subs = {f"{base}.{a.name}" for a in node.names} & set(known)
+                found.update(subs or {base})
+    return {m for m in found if m in known and m != name}
+
+
+def layer(name: str) -> str:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else "hpcgraft"
+
+
+def test_every_module_has_a_layer():
+    assert {layer(m) for m in modules()} - {"hpcgraft"} <= set(RANK), set(map(layer, modules())) - set(RANK)
+
+
+def test_no_import_cycles():
+    graph = {name: imports_of(name, path) for name, path in modules().items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    bad = []
+    for name, path in modules().items():
+        mine = layer(name)
+        if mine == "hpcgraft":
+            continue
+        for target in imports_of(name, path):
+            theirs = layer(target)
+            if theirs in ("hpcgraft", mine) or (mine, theirs) in ALLOWED:
+                continue
+            if theirs in FORBIDDEN.get(mine, ()) or RANK[theirs] >= RANK[mine]:
+                bad.append(f"{name} imports {target} ({mine}, rank {RANK[mine]} -> {theirs}, rank {RANK[theirs]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_supervise_is_standard_library_only():
+    tree = ast.parse((PACKAGE / "supervise.py").read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT,
+                          timeout=300)
+
+
+def test_importing_any_module_starts_no_mpi():
+    r = _python("import importlib, sys\n"
+                f"for name in {sorted(modules())!r}:\n"
+                "    importlib.import_module(name)\n"
+                "assert 'mpi4py.MPI' not in sys.modules, 'mpi4py.MPI imported'\n"
+                "print('ok')")
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_offline_commands_start_no_mpi(tmp_path):
+    """graft, analyze, report and checkpoint inspect/export on a checkpoint written by a real run
+    (tests/data/run-before-relayout): they work, and mpi4py.MPI is never imported in their process."""
+    run = ROOT / "tests" / "data" / "run-before-relayout"
+    out = tmp_path
+    code = f"""
+import contextlib, io, sys
+import torch
+from hpcgraft import analyze, checkpoint, graft, report
+with contextlib.redirect_stdout(io.StringIO()):
+    assert checkpoint.main(["inspect", {str(run)!r}]) == 0
+    assert checkpoint.main(["export", {str(run)!r}, "--peer", "0", "--out", {str(out / "p0.pt")!r}]) == 0
+    assert analyze.main([{str(run)!r}]) == 0
+    assert graft.main([{str(out / "p0.pt")!r}, {str(run / "checkpoints/step-000000022/peer-000.h5")!r},
+                       "--out", {str(out / "g.pt")!r}]) == 0
+    assert report.main([{str(run)!r}, "--out", {str(out / "report")!r}]) == 0
+assert "mpi4py.MPI" not in sys.modules, "an offline command imported mpi4py.MPI"
+print("ok")
+"""
+    r = _python(code)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
