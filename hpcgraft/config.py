@@ -60,6 +60,7 @@ class GraftConfig:
     bins: int = 10
     interval_steps: int = 0  # 0: graft at the end of every epoch; n > 0: every n optimizer steps
     round_alpha: bool = False  # the authors' code rounds alpha to 2 decimals
+    reference: str = "paper"  # paper (the method) | authors (the authors' code's arithmetic, hpcgraft.method.authors)
     on_nonfinite: str = "skip"  # skip | stop: what a peer holding NaN/Inf weights does to the run
 
 
@@ -268,7 +269,17 @@ def validate(cfg: Config) -> None:
     g, t, d = cfg.graft, cfg.train, cfg.data
     _choice("graft.mode", g.mode, ("peers", "noise", "self", "none"))
     _choice("graft.topology", g.topology, ("ring", "allreduce"))
+    _check(g.level != "filter_authors", "graft.level=filter_authors is not available: the authors' filter level "
+           "(filter_level_grafting.py, BN()) applies each channel's |gamma| weight to the whole BatchNorm vector and "
+           "conv slice in turn, leaving ~1e-20 of the peer's own BN; it is declared, not reproduced (README); "
+           "use one of: layer, filter")
     _choice("graft.level", g.level, ("layer", "filter"))
+    _choice("graft.reference", g.reference, ("paper", "authors"))
+    if g.reference == "authors":
+        for key, value, needed in (("graft.mode", g.mode, ("peers", "none")), ("graft.topology", g.topology, ("ring",)),
+                                   ("graft.level", g.level, ("layer",))):
+            _check(value in needed, f"{key}={value!r} is not allowed with graft.reference=authors (the authors' code "
+                   f"has only {' and '.join(needed)}); use one of: {', '.join(needed)}")
     _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
     _choice("train.schedule", t.schedule, ("cosine", "step", "constant"))
     _choice("dist.device", cfg.dist.device, ("auto", "cpu", "cuda"))

@@ -19,7 +19,7 @@ from hpcgraft.dist.logits import PeerLogits
 from hpcgraft.dist.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
 from hpcgraft.dist.world import World, torch_threads
 from hpcgraft.errors import ConfigError
-from hpcgraft.method import grafting, seeding
+from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.models import create_model
 
@@ -177,4 +177,6 @@ def make_exchange(peer: Peer) -> GraftExchange | None:
     elif g.mode == "self":
         source_fn = grafting.self_source
     return peer.replicas.exchange(peer.model.state_dict(), source_fn, topology=g.topology, level=g.level, a=g.a,
-                                  c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite)
+                                  c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite,
+                                  reference=g.reference, code=authors.code_for(peer.cfg.model.name,
+                                                                               peer.cfg.data.name))
