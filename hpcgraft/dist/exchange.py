@@ -160,10 +160,11 @@ class PackedTensors:
 
 @cache
 def mpi_type(dtype: torch.dtype) -> MPI.Datatype:
-    """The MPI datatype that carries ``dtype`` (half precisions travel as their 16 bits)."""
+    """The MPI datatype that carries ``dtype`` (half precisions travel as their 16 bits; int64 for the
+    authors' reference, which mixes ``num_batches_tracked``)."""
     MPI = mpi()
     return {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE, torch.float16: MPI.SHORT,
-            torch.bfloat16: MPI.SHORT}[dtype]
+            torch.bfloat16: MPI.SHORT, torch.int64: MPI.INT64_T}[dtype]
 
 
 def _as_mpi(t: torch.Tensor) -> object:

@@ -11,6 +11,7 @@ import torch
 from hpcgraft.data import BatchLoader, build_datasets
 from hpcgraft.models import create_model
 from hpcgraft.storage.checkpoints import load_member, peer_file, resolve
+from tests import authors_port
 from tests._util import train
 
 EPOCHS = 4
@@ -55,3 +56,34 @@ def test_every_checkpoint_metric_is_the_accuracy_of_its_stored_weights(tmp_path:
                if json.loads((ckpt / "MANIFEST.json").read_text())["metrics"][peer]
                != logged[(resolve(ckpt).epoch, peer)]]
     assert differs
+
+
+def _peer_models(ckpt: Path) -> list[dict[str, torch.Tensor]]:
+    info = resolve(ckpt)
+    return [load_member(info, peer_file(p))["model"] for p in range(info.peers)]
+
+
+def test_a_run_with_the_authors_reference_grafts_as_their_code(tmp_path: Path) -> None:
+    """Run A trains 2 epochs and grafts once, at the end of epoch 1; run B is A's first epoch alone (it
+    ends without a graft, and a constant learning rate makes its epoch A's), so B's last checkpoint holds
+    the weights A grafted. The authors' code applied offline to them gives A's checkpoint bit for bit."""
+    common = ("train.schedule=constant", "train.lr=0.05", "graft.reference=authors", "checkpoint.keep=2")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    done = train(2, run_a, "train.epochs=2", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = train(2, run_b, "train.epochs=1", *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grafted_a = _peer_models(sorted((run_a / "checkpoints").glob("step-*"))[0])
+    before = _peer_models(sorted((run_b / "checkpoints").glob("step-*"))[-1])
+
+    def build() -> torch.nn.Module:
+        return create_model("digits_resnet", 10)
+
+    for peer in range(2):  # the ring: peer p grafts from peer p - 1
+        theirs = authors_port.port_graft(build, before[peer], before[1 - peer], "grafting_cifar")
+        assert list(theirs) == list(grafted_a[peer])
+        for key, value in theirs.items():
+            assert torch.equal(grafted_a[peer][key], value), (peer, key)
+    rows = [json.loads(line) for line in (run_a / "graft.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(abs(layer["alpha"] * 100 - round(layer["alpha"] * 100)) < 1e-9
+                                  for r in rows for layer in r["layers"])
