@@ -22,12 +22,14 @@ from hpcgraft.errors import ConfigError
 class ModelConfig:
     name: str = "digits_resnet"
     num_classes: int | None = None  # None: taken from the data set
+    init: str = "kaiming"  # kaiming (He-normal) | pytorch (layer defaults: the authors' VGG and MobileNetV2)
 
 
 @dataclass
 class DataConfig:
     name: str = "digits"  # digits | cifar10 | cifar100 | imagenet | imagenet_h5
     root: str | None = None  # directory of the data set on disk (not needed for digits)
+    reference: str = "paper"  # paper | authors: the authors' CIFAR pipeline (hpcgraft.data.cifar)
     batch_size: int = 64  # per peer, summed over its replicas
     test_batch_size: int = 256
     augment: bool = True
@@ -281,6 +283,17 @@ def validate(cfg: Config) -> None:
             _check(value in needed, f"{key}={value!r} is not allowed with graft.reference=authors (the authors' code "
                    f"has only {' and '.join(needed)}); use one of: {', '.join(needed)}")
     _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
+    _choice("model.init", cfg.model.init, ("kaiming", "pytorch"))
+    _check(cfg.model.init == "kaiming" or cfg.model.name in ("vgg16_bn", "mobilenetv2", "mobilenetv2_ref"),
+           f"model.init={cfg.model.init!r} is not allowed for model.name={cfg.model.name!r} (the authors' ResNets "
+           "use kaiming too); use one of: kaiming")
+    _choice("data.reference", d.reference, ("paper", "authors"))
+    _check(d.reference == "paper" or d.name in ("cifar10", "cifar100"),
+           f"data.reference={d.reference!r} is not allowed for data.name={d.name!r} (the authors' pipeline is "
+           "their CIFAR one); use one of: paper")
+    _check(d.reference == "paper" or cfg.dist.replicas == 1,
+           f"data.reference={d.reference!r} is not allowed with dist.replicas={cfg.dist.replicas} (it keeps the "
+           "last partial batch, which replicas cannot share evenly); use one of: paper")
     _choice("train.schedule", t.schedule, ("cosine", "step", "constant"))
     _choice("dist.device", cfg.dist.device, ("auto", "cpu", "cuda"))
     _choice("log.progress", cfg.log.progress, ("auto", "on", "off"))

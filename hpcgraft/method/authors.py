@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from hpcgraft.method.grafting import LayerGroup
+from hpcgraft.method.groups import LayerGroup
 
 State = Mapping[str, torch.Tensor]
 CODES = ("grafting_cifar", "grafting_imagenet", "filter_level")

@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hpcgraft.method import authors as _authors_code
+from hpcgraft.method.groups import LayerGroup
+
+__all__ = ["LayerGroup"]  # re-exported: the exchange and tools plan with it
 State = Mapping[str, torch.Tensor]
 WEIGHT_EPS = 1e-6  # keeps entropy weights positive in the allreduce topology
 
@@ -85,16 +89,6 @@ def layer_coefficients(h_self: Sequence[torch.Tensor], h_source: Sequence[torch.
 
 
 # ---------------------------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class LayerGroup:
-    """Tensors mixed with one coefficient (or one per output filter)."""
-
-    anchor: str  # the key whose entropy decides: a conv/linear weight
-    members: tuple[str, ...]  # all keys of the group, anchor first
-    filters: int  # output filters (first dimension of the anchor)
-    per_filter: bool  # False for groups that have no filters (1-D standalone tensors)
-
-
 def plan_layers(state: State) -> list[LayerGroup]:
     """Group a state dict's floating tensors into layers, in state-dict (= registration) order.
 
@@ -285,31 +279,25 @@ class GraftMath:
 
     def plan(self, state: State) -> list[LayerGroup]:
         if self.authors:
-            return _authors().plan(state, self.code)
+            return _authors_code.plan(state, self.code)
         return plan_layers(state)
 
     def entropies(self, state: State, plan: Sequence[LayerGroup]) -> list[torch.Tensor]:
         if self.authors:
-            return _authors().entropies(state, plan, self.bins)
+            return _authors_code.entropies(state, plan, self.bins)
         return layer_entropies(state, plan, self.level, self.bins)
 
     def coefficients(self, h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if self.authors:
-            return _authors().coefficients(h_self, h_source, self.a, self.c, self.code)
+            return _authors_code.coefficients(h_self, h_source, self.a, self.c, self.code)
         return layer_coefficients(h_self, h_source, self.a, self.c, self.round_alpha)
 
     def mix_(self, targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
              alphas: Sequence[torch.Tensor]) -> None:
         if self.authors:
-            _authors().mix_(targets, sources, alphas)
+            _authors_code.mix_(targets, sources, alphas)
         else:
             mix_(targets, sources, alphas)
-
-
-def _authors():  # noqa: ANN202 - the module; imported late because it builds on this one
-    from hpcgraft.method import authors
-
-    return authors
 
 
 def graft_state(

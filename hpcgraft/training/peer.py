@@ -135,11 +135,12 @@ def build_peer(cfg: Config, world: World) -> Peer:
     device = select_device(cfg.dist.device, world.local_rank)
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.threads or torch_threads(world.local_size))
-    train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size)
+    train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
     num_classes = cfg.model.num_classes or train_set.num_classes
     seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
     try:
-        model = create_model(cfg.model.name, num_classes).to(device)
+        options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
+        model = create_model(cfg.model.name, num_classes, **options).to(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.dist.channels_last:
@@ -155,7 +156,8 @@ def build_peer(cfg: Config, world: World) -> Peer:
     pin = device.type == "cuda"
     train_loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, stream=stream,
                                replica=world.replica, replicas=world.replicas, augment=cfg.data.augment,
-                               workers=cfg.data.workers, pin_memory=pin)
+                               workers=cfg.data.workers, pin_memory=pin,
+                               keep_last=cfg.data.reference == "authors")
     test_loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False, replica=world.replica,
                               replicas=world.replicas, workers=cfg.data.workers, pin_memory=pin)
     schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
