@@ -22,21 +22,9 @@ import torch
 from torch import nn
 
 
-def entropy(x: torch.Tensor, n: int = 10) -> float:
-    """grafting_cifar's entropy (filter_level_grafting.py has the same). A constant tensor crashes it
-    (``entropy`` stays the int 0): that is kept."""
-    x = x.reshape(-1)
-    scale = (x.max() - x.min()) / n
-    entropy = 0
-    for i in range(n):
-        p = torch.sum((x >= x.min() + i * scale) * (x < x.min() + (i + 1) * scale), dtype=torch.float) / len(x)
-        if p != 0:
-            entropy -= p * torch.log(p)
-    return float(entropy.cpu())
-
-
 def entropy_imagenet(x: torch.Tensor, n: int = 10) -> torch.Tensor:
-    """grafting_imagenet's entropy: the same sum, returned as a tensor."""
+    """The histogram entropy of both scripts; grafting_imagenet's returns the sum as it stands (a
+    tensor; the int 0 for a constant tensor, on which both callers' ``.cpu()`` then fails)."""
     x = x.reshape(-1)
     scale = (x.max() - x.min()) / n
     entropy = 0
@@ -45,6 +33,11 @@ def entropy_imagenet(x: torch.Tensor, n: int = 10) -> torch.Tensor:
         if p != 0:
             entropy -= p * torch.log(p)
     return entropy
+
+
+def entropy(x: torch.Tensor, n: int = 10) -> float:
+    """grafting_cifar's entropy (filter_level_grafting.py has the same): the sum above, ``float(entropy.cpu())``."""
+    return float(entropy_imagenet(x, n).cpu())
 
 
 def grafting_cifar(net: nn.Module, checkpoint: Mapping[str, torch.Tensor], a: float = 0.4, c: int = 500) -> None:
