@@ -25,6 +25,7 @@ class InMemoryImages:
         *,
         crop_padding: int = 4,
         flip: bool = True,
+        pad_black: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -37,6 +38,8 @@ class InMemoryImages:
         self.std = std.to(torch.float32)
         self.crop_padding = crop_padding
         self.flip = flip
+        # The authors pad the raw image with black, then normalise: the border is (0 - mean) / std, not 0.
+        self.pad_fill = (torch.zeros_like(self.mean) - self.mean).div_(self.std) if pad_black else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,6 +56,8 @@ class InMemoryImages:
         """Hold the images on ``device`` and build batches there (the same pixels as on the CPU)."""
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         self.mean, self.std = self.mean.to(device), self.std.to(device)
+        if self.pad_fill is not None:
+            self.pad_fill = self.pad_fill.to(device)
         return self
 
     def get_batch(self, indices: torch.Tensor, augment: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +65,7 @@ class InMemoryImages:
         indices = indices.to(self.images.device, non_blocking=True)
         x = normalize(self.images[indices], self.mean, self.std)
         if augment is not None:
-            x = random_crop(x, self.crop_padding, augment)
+            x = random_crop(x, self.crop_padding, augment, self.pad_fill)
             if self.flip:
                 x = random_flip(x, augment)
         return x, self.labels[indices]
