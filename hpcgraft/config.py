@@ -22,12 +22,14 @@ from hpcgraft.errors import ConfigError
 class ModelConfig:
     name: str = "digits_resnet"
     num_classes: int | None = None  # None: taken from the data set
+    init: str = "kaiming"  # kaiming (He-normal) | pytorch (layer defaults: the authors' VGG and MobileNetV2)
 
 
 @dataclass
 class DataConfig:
     name: str = "digits"  # digits | cifar10 | cifar100 | imagenet | imagenet_h5
     root: str | None = None  # directory of the data set on disk (not needed for digits)
+    reference: str = "paper"  # paper | authors: the authors' CIFAR pipeline (hpcgraft.data.cifar)
     batch_size: int = 64  # per peer, summed over its replicas
     test_batch_size: int = 256
     augment: bool = True
@@ -60,6 +62,7 @@ class GraftConfig:
     bins: int = 10
     interval_steps: int = 0  # 0: graft at the end of every epoch; n > 0: every n optimizer steps
     round_alpha: bool = False  # the authors' code rounds alpha to 2 decimals
+    reference: str = "paper"  # paper (the method) | authors (the authors' code's arithmetic, hpcgraft.method.authors)
     on_nonfinite: str = "skip"  # skip | stop: what a peer holding NaN/Inf weights does to the run
 
 
@@ -268,8 +271,29 @@ def validate(cfg: Config) -> None:
     g, t, d = cfg.graft, cfg.train, cfg.data
     _choice("graft.mode", g.mode, ("peers", "noise", "self", "none"))
     _choice("graft.topology", g.topology, ("ring", "allreduce"))
+    _check(g.level != "filter_authors", "graft.level=filter_authors is not available: the authors' filter level "
+           "(filter_level_grafting.py, BN()) applies each channel's |gamma| weight to the whole BatchNorm vector and "
+           "conv slice in turn, leaving ~1e-20 of the peer's own BN; it is declared, not reproduced (README); "
+           "use one of: layer, filter")
     _choice("graft.level", g.level, ("layer", "filter"))
+    _choice("graft.reference", g.reference, ("paper", "authors"))
+    if g.reference == "authors":
+        for key, value, needed in (("graft.mode", g.mode, ("peers", "none")), ("graft.topology", g.topology, ("ring",)),
+                                   ("graft.level", g.level, ("layer",))):
+            _check(value in needed, f"{key}={value!r} is not allowed with graft.reference=authors (the authors' code "
+                   f"has only {' and '.join(needed)}); use one of: {', '.join(needed)}")
     _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
+    _choice("model.init", cfg.model.init, ("kaiming", "pytorch"))
+    _check(cfg.model.init == "kaiming" or cfg.model.name in ("vgg16_bn", "mobilenetv2", "mobilenetv2_ref"),
+           f"model.init={cfg.model.init!r} is not allowed for model.name={cfg.model.name!r} (the authors' ResNets "
+           "use kaiming too); use one of: kaiming")
+    _choice("data.reference", d.reference, ("paper", "authors"))
+    _check(d.reference == "paper" or d.name in ("cifar10", "cifar100"),
+           f"data.reference={d.reference!r} is not allowed for data.name={d.name!r} (the authors' pipeline is "
+           "their CIFAR one); use one of: paper")
+    _check(d.reference == "paper" or cfg.dist.replicas == 1,
+           f"data.reference={d.reference!r} is not allowed with dist.replicas={cfg.dist.replicas} (it keeps the "
+           "last partial batch, which replicas cannot share evenly); use one of: paper")
     _choice("train.schedule", t.schedule, ("cosine", "step", "constant"))
     _choice("dist.device", cfg.dist.device, ("auto", "cpu", "cuda"))
     _choice("log.progress", cfg.log.progress, ("auto", "on", "off"))

@@ -2,6 +2,7 @@
 
     python -m hpcgraft.graft SELF SOURCE --out OUT.pt [--level layer|filter] [--a 0.4] [--c 500]
                              [--bins 10] [--round-alpha] [--report report.json]
+                             [--reference paper|authors] [--authors-code grafting_cifar|grafting_imagenet|filter_level]
 
 SELF keeps alpha of itself per layer (or filter) and takes 1 - alpha from SOURCE, alpha from the two
 weights' entropies (method.md). This grafts networks trained apart (the authors' checkpoints, exported
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 
 from hpcgraft.errors import EXIT_USAGE, InputError, report
-from hpcgraft.method.grafting import GraftReport, graft_state
+from hpcgraft.method.authors import CODES
+from hpcgraft.method.grafting import REFERENCES, GraftReport, graft_state
 from hpcgraft.storage import atomic
 from hpcgraft.storage.statefile import load_state
 
@@ -63,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--c", type=float, default=500.0, help="steepness of alpha in the entropy difference")
     p.add_argument("--bins", type=int, default=10, help="histogram bins of the entropy")
     p.add_argument("--round-alpha", action="store_true", help="round alpha to 2 decimals like the authors' code")
+    p.add_argument("--reference", choices=REFERENCES, default="paper",
+                   help="paper: the method (default); authors: the authors' code's arithmetic, bit for bit on CPU")
+    p.add_argument("--authors-code", choices=CODES, default="grafting_cifar",
+                   help="with --reference authors, which of their scripts: grafting_cifar (ResNets, MobileNetV2), "
+                        "grafting_imagenet, filter_level (their VGG16 layer level)")
     p.add_argument("--report", help="also write the per-layer entropies and coefficients to this JSON file")
     return p
 
@@ -74,6 +81,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--c must be >= 0, got {args.c}")
     if args.bins < 2:
         raise InputError(f"--bins must be >= 2, got {args.bins}")
+    if args.reference == "authors" and args.level != "layer":
+        raise InputError("--reference authors grafts at --level layer only (the authors' filter level is not "
+                         "reproduced; see the README)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,13 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         own, source = load_state(args.self_path), load_state(args.source_path)
         try:
             grafted, result = graft_state(own, source, a=args.a, c=args.c, bins=args.bins, level=args.level,
-                                          round_alpha=args.round_alpha)
+                                          round_alpha=args.round_alpha, reference=args.reference,
+                                          code=args.authors_code)
         except ValueError as exc:
             raise InputError(f"{args.self_path} and {args.source_path} cannot be grafted: {exc}") from exc
         _save_atomic(grafted, Path(args.out), torch.save)
         if args.report:
             doc = {"self": str(args.self_path), "source": str(args.source_path), "out": str(args.out),
-                   "a": args.a, "c": args.c, "bins": args.bins, "round_alpha": args.round_alpha, **result.to_dict()}
+                   "a": args.a, "c": args.c, "bins": args.bins, "round_alpha": args.round_alpha,
+                   "reference": args.reference, "authors_code": args.authors_code, **result.to_dict()}
             _save_atomic(doc, Path(args.report), lambda d, p: p.write_text(json.dumps(d, indent=1) + "\n"))
     except (InputError, OSError) as exc:
         return report(PROG, exc, EXIT_USAGE)

@@ -35,12 +35,14 @@ def list_datasets() -> list[str]:
     return ["digits", "cifar10", "cifar100", "imagenet", "imagenet_h5"]
 
 
-def build_datasets(name: str, root: str | None = None, image_size: int = 224) -> tuple[ImageSet, ImageSet]:
-    """(train, test) of a data set by name; a missing or malformed data set raises :class:`DataError`."""
+def build_datasets(name: str, root: str | None = None, image_size: int = 224,
+                   reference: str = "paper") -> tuple[ImageSet, ImageSet]:
+    """(train, test) of a data set by name; a missing or malformed data set raises :class:`DataError`.
+    ``reference="authors"``: CIFAR as the authors' code prepares it (``data.reference``)."""
     if name == "digits":
         return load_digits_split()
     if name in ("cifar10", "cifar100"):
-        return load_cifar(name, root)
+        return load_cifar(name, root, reference)
     if name in ("imagenet", "imagenet_h5"):
         from hpcgraft.data.imagenet import load_imagenet
 
@@ -53,7 +55,8 @@ class BatchLoader:
 
     Training: each epoch is a permutation drawn from ``(seed, stream, epoch)``; the peer's global batch
     of ``batch_size`` is cut into ``replicas`` equal slices and this rank takes slice ``replica``.
-    Incomplete last batches are dropped so every peer and replica takes the same number of steps.
+    Incomplete last batches are dropped so every peer and replica takes the same number of steps, unless
+    ``keep_last`` (one replica only): the authors' loader keeps it (391 CIFAR steps of 128, not 390).
     Evaluation (``shuffle=False``): the data in order, every ``replicas``-th image from ``replica``.
     """
 
@@ -70,7 +73,10 @@ class BatchLoader:
         augment: bool = False,
         workers: int = 0,
         pin_memory: bool = False,
+        keep_last: bool = False,
     ) -> None:
+        if keep_last and replicas > 1:
+            raise ValueError("keep_last needs one replica: a partial batch cannot be split evenly")
         if batch_size % replicas:
             raise ValueError(f"batch size {batch_size} is not divisible by {replicas} replicas")
         self.dataset = dataset
@@ -81,12 +87,13 @@ class BatchLoader:
         self.augment = augment
         self.workers = workers
         self.pin_memory = pin_memory
+        self.keep_last = keep_last
         if shuffle and len(dataset) < batch_size:
             raise DataError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}")
 
     def __len__(self) -> int:
         if self.shuffle:
-            return len(self.dataset) // self.batch_size
+            return -(-len(self.dataset) // self.batch_size) if self.keep_last else len(self.dataset) // self.batch_size
         n = len(range(self.replica, len(self.dataset), self.replicas))
         per_rank = self.batch_size // self.replicas
         return (n + per_rank - 1) // per_rank
@@ -97,6 +104,8 @@ class BatchLoader:
             return list(own.split(self.batch_size // self.replicas))
         order = torch.randperm(len(self.dataset), generator=seeding.generator(seeding.DATA_ORDER, self.seed,
                                                                               self.stream, epoch))
+        if self.keep_last:
+            return list(order.split(self.batch_size))
         per_rank = self.batch_size // self.replicas
         batches = order[: len(self) * self.batch_size].view(len(self), self.batch_size)
         return list(batches[:, self.replica * per_rank : (self.replica + 1) * per_rank])

@@ -20,6 +20,9 @@ _STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
+# The authors' CIFAR pipeline (grafting_cifar/*.py): a std that is not the training set's, and CIFAR-10's
+# statistics for CIFAR-100 too (``data.reference=authors``).
+_AUTHORS_STATS = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 _LAYOUT = {
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
     "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
@@ -65,12 +68,14 @@ def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def load_cifar(name: str, root: str | None) -> tuple[InMemoryImages, InMemoryImages]:
-    """Train and test splits of ``cifar10`` or ``cifar100`` with crop(4)+flip augmentation."""
+def load_cifar(name: str, root: str | None, reference: str = "paper") -> tuple[InMemoryImages, InMemoryImages]:
+    """Train and test splits of ``cifar10`` or ``cifar100`` with crop(4)+flip augmentation;
+    ``reference="authors"``: with the authors' statistics and black crop padding."""
     directory = _find_dir(name, root)
     _, train_files, test_files, label_key = _LAYOUT[name]
     num_classes = 10 if name == "cifar10" else 100
-    mean, std = (torch.tensor(v) for v in _STATS[name])
+    authors = reference == "authors"
+    mean, std = (torch.tensor(v) for v in (_AUTHORS_STATS if authors else _STATS[name]))
 
     def split(files: list[str]) -> InMemoryImages:
         parts = [_read(directory / f, label_key) for f in files]
@@ -78,6 +83,6 @@ def load_cifar(name: str, root: str | None) -> tuple[InMemoryImages, InMemoryIma
         labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise DataError(f"{directory}: labels outside 0..{num_classes - 1}; is this really {name}?")
-        return InMemoryImages(images, labels, num_classes, mean, std, crop_padding=4, flip=True)
+        return InMemoryImages(images, labels, num_classes, mean, std, crop_padding=4, flip=True, pad_black=authors)
 
     return split(train_files), split(test_files)

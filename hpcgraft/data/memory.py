@@ -20,6 +20,7 @@ class InMemoryImages:
         *,
         crop_padding: int = 4,
         flip: bool = True,
+        pad_black: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -32,6 +33,8 @@ class InMemoryImages:
         self.std = std.to(torch.float32)
         self.crop_padding = crop_padding
         self.flip = flip
+        # The authors pad the raw image with black, then normalise: the border is (0 - mean) / std, not 0.
+        self.pad_fill = (torch.zeros_like(self.mean) - self.mean).div_(self.std) if pad_black else None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -44,7 +47,7 @@ class InMemoryImages:
         """Images and labels at ``indices``; augmented with ``augment``'s randomness when given."""
         x = normalize(self.images[indices], self.mean, self.std)
         if augment is not None:
-            x = random_crop(x, self.crop_padding, augment)
+            x = random_crop(x, self.crop_padding, augment, self.pad_fill)
             if self.flip:
                 x = random_flip(x, augment)
         return x, self.labels[indices]

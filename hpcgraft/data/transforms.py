@@ -15,12 +15,17 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
 
 
-def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``padding`` and cut a random window of the original size, per image."""
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Pad by ``padding`` with zeros (or ``fill``, one value per channel) and cut a random window of the
+    original size, per image."""
     if padding <= 0:
         return x
     n, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+    if fill is None:
+        padded = F.pad(x, (padding, padding, padding, padding))
+    else:
+        padded = fill.view(1, c, 1, 1).expand(n, c, h + 2 * padding, w + 2 * padding).clone()
+        padded[:, :, padding:-padding, padding:-padding] = x
     oy = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
     ox = torch.randint(0, 2 * padding + 1, (n,), generator=gen)
     # Two gathers (rows, then columns) pick the same pixels as one 4-d advanced index, 1.6-1.8x faster.

@@ -160,10 +160,11 @@ class PackedTensors:
 
 @cache
 def mpi_type(dtype: torch.dtype) -> MPI.Datatype:
-    """The MPI datatype that carries ``dtype`` (half precisions travel as their 16 bits)."""
+    """The MPI datatype that carries ``dtype`` (half precisions travel as their 16 bits; int64 for the
+    authors' reference, which mixes ``num_batches_tracked``)."""
     MPI = mpi()
     return {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE, torch.float16: MPI.SHORT,
-            torch.bfloat16: MPI.SHORT}[dtype]
+            torch.bfloat16: MPI.SHORT, torch.int64: MPI.INT64_T}[dtype]
 
 
 def _as_mpi(t: torch.Tensor) -> object:
@@ -176,6 +177,8 @@ def _as_mpi(t: torch.Tensor) -> object:
 
 
 Guard = Callable[[str], contextlib.AbstractContextManager[None]]
+# mixes sources into targets in place, one coefficient per target (grafting.mix_ or the authors' arithmetic)
+Mixer = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
 
 
 class Transport(Protocol):
@@ -199,8 +202,8 @@ class Transport(Protocol):
 class WholeTransport:
     """One rank per peer: the whole packed model travels (ring ``Sendrecv`` or one ``Allreduce``)."""
 
-    def __init__(self, packed: PackedTensors, tensors: list[torch.Tensor]) -> None:
-        self.packed, self.tensors = packed, tensors
+    def __init__(self, packed: PackedTensors, tensors: list[torch.Tensor], mix: Mixer = grafting.mix_) -> None:
+        self.packed, self.tensors, self.mix = packed, tensors, mix
         self.nbytes = packed.nbytes
 
     def ring_transfer(self, comm: MPI.Comm, succ: int, pred: int, guard: Guard) -> None:
@@ -208,7 +211,7 @@ class WholeTransport:
             self.packed.sendrecv(comm, succ, pred, staged=True)
 
     def ring_mix(self, coefficients: list[torch.Tensor], guard: Guard) -> None:
-        grafting.mix_(self.tensors, self.packed.received(), coefficients)
+        self.mix(self.tensors, self.packed.received(), coefficients)
 
     def reduce(self, comm: MPI.Comm, guard: Guard) -> None:
         with guard("graft: Allreduce"):
@@ -241,6 +244,8 @@ class GraftExchange:
         c: float = 500.0,
         bins: int = 10,
         round_alpha: bool = False,
+        reference: str = "paper",
+        code: str = "grafting_cifar",
         on_nonfinite: str = "skip",
         source_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
         transport: Callable[[PackedTensors, list[torch.Tensor]], Transport] = WholeTransport,
@@ -248,10 +253,12 @@ class GraftExchange:
         self.state, self.comm = state, comm
         self.peer, self.peers = comm.Get_rank(), comm.Get_size()
         self.topology, self.level = topology, level
-        self.a, self.c, self.bins, self.round_alpha = a, c, bins, round_alpha
+        self.math = grafting.GraftMath(reference, level, a, c, bins, round_alpha, code)
         self.on_nonfinite = on_nonfinite
         self.source_fn = source_fn
-        self.plan: list[LayerGroup] = grafting.plan_layers(state)
+        if self.math.authors and (source_fn is not None or topology != "ring"):
+            raise ValueError("the authors' reference grafts from one peer around the ring only")
+        self.plan: list[LayerGroup] = self.math.plan(state)
         self.keys = grafting.member_keys(self.plan)
         self.tensors = [state[k] for k in self.keys]
         if source_fn is None and self.peers < 2:
@@ -259,7 +266,7 @@ class GraftExchange:
         if topology == "allreduce" and any(t.dtype not in (torch.float32, torch.float64) for t in self.tensors):
             raise ValueError("graft.topology=allreduce needs float32/float64 weights; use graft.topology=ring")
         self.packed = PackedTensors(self.tensors, host_staging=not cuda_aware_mpi())
-        self.transport = transport(self.packed, self.tensors)
+        self.transport = transport(self.packed, self.tensors, mix=self.math.mix_)
 
     @property
     def source_peer(self) -> int:
@@ -269,7 +276,7 @@ class GraftExchange:
     def graft(self, on_wait: Callable[[str], contextlib.AbstractContextManager[None]] | None = None) -> RoundResult:
         """One synchronous round; every peer of ``comm`` must call it at the same point."""
         guard = on_wait or (lambda what: contextlib.nullcontext())
-        h_self = grafting.layer_entropies(self.state, self.plan, self.level, self.bins)
+        h_self = self.math.entropies(self.state, self.plan)
         finite = self.packed.all_finite()  # also stages the ring's packed block
         if self.source_fn is not None:
             if not finite:
@@ -296,7 +303,7 @@ class GraftExchange:
         if self.peer in bad or pred in bad:
             return self._nonfinite(bad, f"peer {pred if pred in bad else self.peer} holds NaN/Inf weights")
         h_src = [h.to(hs.device) for h, hs in zip(entropies[pred], h_self, strict=True)]
-        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)
+        alphas = self.math.coefficients(h_self, h_src)
         self.transport.ring_mix(grafting.per_member(self.plan, alphas), guard)
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level),
                            nonfinite_peers=bad, bytes_sent=self.transport.nbytes)
@@ -331,13 +338,13 @@ class GraftExchange:
     # -- helpers -------------------------------------------------------------------------------------
     def _mix(self, h_self: list[torch.Tensor], sources: list[torch.Tensor], h_src: list[torch.Tensor]
              ) -> RoundResult:
-        alphas = grafting.layer_coefficients(h_self, h_src, self.a, self.c, self.round_alpha)
-        grafting.mix_(self.tensors, sources, grafting.per_member(self.plan, alphas))
+        alphas = self.math.coefficients(h_self, h_src)
+        self.math.mix_(self.tensors, sources, grafting.per_member(self.plan, alphas))
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level))
 
     def _entropies_of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         view = dict(zip(self.keys, tensors, strict=True))
-        return grafting.layer_entropies(view, self.plan, self.level, self.bins)
+        return self.math.entropies(view, self.plan)
 
     def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
         sizes = [1 if self.level == "layer" or not g.per_filter else g.filters for g in self.plan]

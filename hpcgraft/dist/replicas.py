@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hpcgraft.dist import mpi
-from hpcgraft.dist.exchange import GraftExchange, Guard, PackedTensors
+from hpcgraft.dist.exchange import GraftExchange, Guard, Mixer, PackedTensors
 from hpcgraft.dist.world import World, log
 from hpcgraft.errors import ConfigError, ReplicaMismatchError
 from hpcgraft.method import grafting
@@ -236,8 +236,9 @@ class ShardedTransport:
     Every replica ends a round with identical weights, whatever the topology.
     """
 
-    def __init__(self, packed: PackedTensors, tensors: list[torch.Tensor], peer_comm: MPI.Comm) -> None:
-        self.packed, self.tensors, self.peer_comm = packed, tensors, peer_comm
+    def __init__(self, packed: PackedTensors, tensors: list[torch.Tensor], peer_comm: MPI.Comm,
+                 mix: Mixer = grafting.mix_) -> None:
+        self.packed, self.tensors, self.peer_comm, self.mix = packed, tensors, peer_comm, mix
         self.replica, self.replicas = peer_comm.Get_rank(), peer_comm.Get_size()
         self.bounds = {dt: shard_bounds(buf.numel(), self.replicas) for dt, buf in packed.send.items()}
         self.nbytes = sum((self.bounds[dt][self.replica][1] - self.bounds[dt][self.replica][0])
@@ -263,7 +264,7 @@ class ShardedTransport:
     def ring_mix(self, coefficients: list[torch.Tensor], guard: Guard) -> None:
         self.packed.received()  # staged: brings the received share to the device
         send, recv = self.packed.send, self.packed.recv
-        grafting.mix_([send[dt][a:b] for _, dt, a, b, _ in self.pieces],
+        self.mix([send[dt][a:b] for _, dt, a, b, _ in self.pieces],
                       [recv[dt][a:b] for _, dt, a, b, _ in self.pieces],
                       [_coefficient_slice(coefficients[i], self.tensors[i], start, b - a)
                        for i, _, a, b, start in self.pieces])

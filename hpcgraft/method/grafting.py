@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hpcgraft.method import authors as _authors_code
+from hpcgraft.method.groups import LayerGroup
+
+__all__ = ["LayerGroup"]  # re-exported: the exchange and tools plan with it
 State = Mapping[str, torch.Tensor]
 WEIGHT_EPS = 1e-6  # keeps entropy weights positive in the allreduce topology
 
@@ -85,16 +89,6 @@ def layer_coefficients(h_self: Sequence[torch.Tensor], h_source: Sequence[torch.
 
 
 # ---------------------------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
-class LayerGroup:
-    """Tensors mixed with one coefficient (or one per output filter)."""
-
-    anchor: str  # the key whose entropy decides: a conv/linear weight
-    members: tuple[str, ...]  # all keys of the group, anchor first
-    filters: int  # output filters (first dimension of the anchor)
-    per_filter: bool  # False for groups that have no filters (1-D standalone tensors)
-
-
 def plan_layers(state: State) -> list[LayerGroup]:
     """Group a state dict's floating tensors into layers, in state-dict (= registration) order.
 
@@ -256,6 +250,56 @@ def make_report(plan: Sequence[LayerGroup], h_self: Sequence[torch.Tensor], h_so
 
 
 # ------------------------------------------------------------------------------------------- graft
+REFERENCES = ("paper", "authors")
+
+
+@dataclass(frozen=True)
+class GraftMath:
+    """Which arithmetic a round uses: the paper's method (``reference="paper"``) or the authors' code
+    (``"authors"``, :mod:`hpcgraft.method.authors`, with the script ``code`` that grafted the model).
+    The exchange and :func:`graft_state` both go through it, so offline and live grafts agree."""
+
+    reference: str = "paper"
+    level: str = "layer"
+    a: float = 0.4
+    c: float = 500.0
+    bins: int = 10
+    round_alpha: bool = False
+    code: str = "grafting_cifar"
+
+    def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
+        if self.reference == "authors" and self.level != "layer":
+            raise ValueError("the authors' reference grafts at layer level only")
+
+    @property
+    def authors(self) -> bool:
+        return self.reference == "authors"
+
+    def plan(self, state: State) -> list[LayerGroup]:
+        if self.authors:
+            return _authors_code.plan(state, self.code)
+        return plan_layers(state)
+
+    def entropies(self, state: State, plan: Sequence[LayerGroup]) -> list[torch.Tensor]:
+        if self.authors:
+            return _authors_code.entropies(state, plan, self.bins)
+        return layer_entropies(state, plan, self.level, self.bins)
+
+    def coefficients(self, h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if self.authors:
+            return _authors_code.coefficients(h_self, h_source, self.a, self.c, self.code)
+        return layer_coefficients(h_self, h_source, self.a, self.c, self.round_alpha)
+
+    def mix_(self, targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor],
+             alphas: Sequence[torch.Tensor]) -> None:
+        if self.authors:
+            _authors_code.mix_(targets, sources, alphas)
+        else:
+            mix_(targets, sources, alphas)
+
+
 def graft_state(
     self_state: State,
     source_state: State,
@@ -265,20 +309,24 @@ def graft_state(
     bins: int = 10,
     level: str = "layer",
     round_alpha: bool = False,
+    reference: str = "paper",
+    code: str = "grafting_cifar",
 ) -> tuple[dict[str, torch.Tensor], GraftReport]:
     """Graft ``source_state`` into ``self_state`` (same architecture); returns a new state and a report.
 
     W_self <- alpha * W_self + (1 - alpha) * W_source per layer (or per filter), with alpha from the
-    entropies of both anchors. Neither input is modified; integer buffers are copied from ``self_state``.
+    entropies of both anchors. Neither input is modified; integer buffers are copied from ``self_state``
+    (``reference="authors"``: mixed and truncated, as the authors' ``code`` does).
     """
     check_compatible(self_state, source_state)
-    plan = plan_layers(self_state)
-    h_self = layer_entropies(self_state, plan, level, bins)
-    h_source = layer_entropies(source_state, plan, level, bins)
-    alphas = layer_coefficients(h_self, h_source, a, c, round_alpha)
+    math_ = GraftMath(reference, level, a, c, bins, round_alpha, code)
+    plan = math_.plan(self_state)
+    h_self = math_.entropies(self_state, plan)
+    h_source = math_.entropies(source_state, plan)
+    alphas = math_.coefficients(h_self, h_source)
     out = {k: v.clone() for k, v in self_state.items()}
     keys = member_keys(plan)
-    mix_([out[k] for k in keys], [source_state[k] for k in keys], per_member(plan, alphas))
+    math_.mix_([out[k] for k in keys], [source_state[k] for k in keys], per_member(plan, alphas))
     return out, make_report(plan, h_self, h_source, alphas, level)
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpcgraft.models.registry import register_model
-from hpcgraft.models.vgg import conv_bn, kaiming_init
+from hpcgraft.models.vgg import conv_bn, initialise
 
 # (expansion, out channels, blocks, stride of the first block); stride 2 -> 1 in the 24-channel stage for CIFAR
 CIFAR_CFG = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
@@ -52,7 +52,7 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, last_channels: int = 1280,
-                 reference: bool = False) -> None:
+                 reference: bool = False, init: str = "kaiming") -> None:
         super().__init__()
         act = nn.ReLU if reference else nn.ReLU6
         layers: list[nn.Module] = [conv_bn(in_channels, 32, 3, act=act)]
@@ -64,7 +64,7 @@ class MobileNetV2(nn.Module):
         layers.append(conv_bn(in_planes, last_channels, 1, act=act))
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(last_channels, num_classes)
-        kaiming_init(self)
+        initialise(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))

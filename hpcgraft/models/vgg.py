@@ -37,9 +37,21 @@ def kaiming_init(model: nn.Module) -> nn.Module:
     return model
 
 
+INITS = ("kaiming", "pytorch")
+
+
+def initialise(model: nn.Module, init: str) -> nn.Module:
+    """``kaiming``: He-normal conv and linear weights (hpcgraft's default for every model); ``pytorch``:
+    the layers' own defaults, which is what the authors' VGG and MobileNetV2 train from (item 8 of the
+    README's differences): reproducing their numbers needs their starting point."""
+    if init not in INITS:
+        raise ValueError(f"model.init={init!r} is not allowed; use one of: {', '.join(INITS)}")
+    return kaiming_init(model) if init == "kaiming" else model
+
+
 class VGG(nn.Module):
     def __init__(self, cfg: tuple[int | str, ...] = VGG16, num_classes: int = 10, in_channels: int = 3,
-                 width: int = 64) -> None:
+                 width: int = 64, init: str = "kaiming") -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for v in cfg:
@@ -51,7 +63,7 @@ class VGG(nn.Module):
                 in_channels = planes
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(in_channels, num_classes)
-        kaiming_init(self)
+        initialise(self, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # At 32x32 the features are already 1x1; pooling lets larger inputs through too.

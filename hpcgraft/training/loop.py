@@ -94,7 +94,8 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
         peer.progress.epoch += 1
         peer.progress.batch = 0
         row, ensemble = evaluate(peer)
-        if grafts_at_epoch_end(cfg, peer.progress.epoch):
+        grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
+        if grafted:
             graft(peer)
         row["alpha_mean"] = peer.progress.alpha_sum / peer.progress.grafts if peer.progress.grafts else None
         with peer.watchdog.guard("report: gather of metrics"):
@@ -108,7 +109,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             header = False
         peer.graft_rows = []
         if store.save_due(peer.progress.epoch):
-            store.save(peer, metric=row["test_acc"])
+            store.save(peer, metric=stored_metric(peer, row["test_acc"], grafted, store.ranks_best))
     stop.close()
     if store.log:
         store.log.status(state="finished", epoch=peer.progress.epoch, step=peer.progress.step)
@@ -233,11 +234,20 @@ def _source_name(peer: Peer) -> str:
     return f"peer {(peer.world.peer - 1) % peer.world.peers}" if g.topology == "ring" else "mean of others"
 
 
+def stored_metric(peer: Peer, test_acc: float, grafted: bool, ranks_best: bool) -> float | None:
+    """The metric a checkpoint is ranked by must belong to the weights it stores. The epoch's test
+    accuracy was measured before the graft; a checkpoint written after one holds other weights, so those
+    are evaluated again (only where the best checkpoint is kept: otherwise no metric is recorded rather
+    than a wrong one)."""
+    if not grafted:
+        return test_acc
+    return stored_accuracy(peer) if ranks_best else None
+
+
 @torch.no_grad()
-def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
-    """This peer's metrics row for the epoch (test accuracy, train statistics, invalid filters) and the
-    ensemble's accuracy (mean of the peers' softmax)."""
-    model, world, prog = peer.model, peer.world, peer.progress
+def _test_predictions(peer: Peer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of this peer's model on its share of the test set, and the labels."""
+    model = peer.model
     model.eval()
     probs, labels = [], []
     for x, y in peer.test_loader.epoch(0):
@@ -249,6 +259,25 @@ def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
         labels.append(y)
     p = torch.cat(probs) if probs else torch.zeros(0, 1)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    return p, y
+
+
+def stored_accuracy(peer: Peer) -> float:
+    """Test accuracy (percent) of the peer's weights as they are now, over all its replicas."""
+    p, y = _test_predictions(peer)
+    counts = np.array([int((p.argmax(1) == y).sum()), len(y)], dtype=np.float64)
+    totals = np.empty_like(counts)
+    with peer.watchdog.guard("checkpoint metric: Allreduce of test counts"):
+        peer.world.peer_comm.Allreduce(counts, totals, op=mpi().SUM)
+    return 100.0 * totals[0] / max(1.0, totals[1])
+
+
+@torch.no_grad()
+def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
+    """This peer's metrics row for the epoch (test accuracy, train statistics, invalid filters) and the
+    ensemble's accuracy (mean of the peers' softmax)."""
+    model, world, prog = peer.model, peer.world, peer.progress
+    p, y = _test_predictions(peer)
     own_correct = int((p.argmax(1) == y).sum())
     summed = torch.empty_like(p)
     total = mpi().SUM

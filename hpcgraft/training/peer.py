@@ -19,7 +19,7 @@ from hpcgraft.dist.logits import PeerLogits
 from hpcgraft.dist.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
 from hpcgraft.dist.world import World, torch_threads
 from hpcgraft.errors import ConfigError
-from hpcgraft.method import grafting, seeding
+from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.models import create_model
 
@@ -135,11 +135,12 @@ def build_peer(cfg: Config, world: World) -> Peer:
     device = select_device(cfg.dist.device, world.local_rank)
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.threads or torch_threads(world.local_size))
-    train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size)
+    train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
     num_classes = cfg.model.num_classes or train_set.num_classes
     seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
     try:
-        model = create_model(cfg.model.name, num_classes).to(device)
+        options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
+        model = create_model(cfg.model.name, num_classes, **options).to(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if cfg.dist.channels_last:
@@ -155,7 +156,8 @@ def build_peer(cfg: Config, world: World) -> Peer:
     pin = device.type == "cuda"
     train_loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, stream=stream,
                                replica=world.replica, replicas=world.replicas, augment=cfg.data.augment,
-                               workers=cfg.data.workers, pin_memory=pin)
+                               workers=cfg.data.workers, pin_memory=pin,
+                               keep_last=cfg.data.reference == "authors")
     test_loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False, replica=world.replica,
                               replicas=world.replicas, workers=cfg.data.workers, pin_memory=pin)
     schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
@@ -177,4 +179,6 @@ def make_exchange(peer: Peer) -> GraftExchange | None:
     elif g.mode == "self":
         source_fn = grafting.self_source
     return peer.replicas.exchange(peer.model.state_dict(), source_fn, topology=g.topology, level=g.level, a=g.a,
-                                  c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite)
+                                  c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite,
+                                  reference=g.reference, code=authors.code_for(peer.cfg.model.name,
+                                                                               peer.cfg.data.name))

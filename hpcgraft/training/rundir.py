@@ -87,6 +87,11 @@ class RunStore:
             self.log.append(GRAFTS, rows)
             self._grafts.extend(rows)
 
+    @property
+    def ranks_best(self) -> bool:
+        """Whether checkpoints are ranked by their metric (``checkpoint.keep_best``)."""
+        return self.manager is not None and self.manager.keep_best
+
     def save_due(self, epoch: int) -> bool:
         """Whether the epoch just completed ends with a checkpoint (the last one always does)."""
         return self.manager is not None and self.manager.due(epoch, last=epoch == self.cfg.train.epochs)
