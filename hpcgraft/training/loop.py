@@ -32,7 +32,7 @@ from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.storage.runlog import METRICS, epoch_table
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
-from hpcgraft.training.rundir import RunStore
+from hpcgraft.training.rundir import RunStore, claim_run_dir
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -56,12 +56,13 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
+    # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
+    agreed(comm, lambda: claim_run_dir(run_dir, restart=restart) if world.is_root else None)
     peer: Peer = agreed(comm, lambda: build_peer(cfg, world))
     signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())
     agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))
     peer.exchange = make_exchange(peer)
-    store = agreed(comm, lambda: RunStore(run_dir, cfg, world, restart=restart))
-    store.record_config()  # after the agreement above: no rank is still reading the old config
+    store = agreed(comm, lambda: RunStore(run_dir, cfg, world))
 
     t = cfg.train
     log(f"hpcgraft: {world.peers} peers x {world.replicas} replica(s), model {cfg.model.name}, data "

@@ -7,6 +7,7 @@ Rank 0 writes the small files; every rank takes part in checkpoints (:mod:`hpcgr
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -24,27 +25,80 @@ from hpcgraft.dist.world import World, log
 from hpcgraft.errors import ConfigError
 from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointManager
+from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.training.peer import Peer
+
+#: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
+#: (or, from before it existed, a config.yaml), never another project's files.
+MARKER = ".hpcgraft-run"
+CONFIG = "config.yaml"
+_LOCK: RunDirLock | None = None  # rank 0's lock on the run directory, held until the process ends
+
+
+def claim_run_dir(run_dir: Path, *, restart: bool) -> None:
+    """Rank 0, before anything slow: make sure ``run_dir`` is a directory this job may use, take its lock for
+    the job's lifetime, and clear it on ``--restart``. Every refusal is a user error (exit 2)."""
+    global _LOCK
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is an existing file, not a directory; pass a directory path")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".hpcgraft-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir} cannot be written ({exc.strerror}); pass a writable directory") from None
+    names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
+    if names and not names & {MARKER, CONFIG}:
+        raise ConfigError(f"--out {run_dir} is not an hpcgraft run directory (it holds {', '.join(sorted(names)[:3])}"
+                          f"{', ...' if len(names) > 3 else ''} and no {MARKER}); hpcgraft neither resumes nor clears "
+                          "it: pass an empty or new directory")
+    if _LOCK is None or _LOCK.path.parent != run_dir:
+        release_run_dir()
+        lock = RunDirLock(run_dir)
+        lock.acquire()
+        _LOCK = lock
+    if restart:
+        _clear_run(run_dir)
+    (run_dir / MARKER).touch()
+
+
+def release_run_dir() -> None:
+    """Give the run directory's lock back (the process's end does it too)."""
+    global _LOCK
+    if _LOCK is not None:
+        _LOCK.release()
+        _LOCK = None
+
+
+def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: Path) -> None:
+    """The config a run was started with must be the one that continues it."""
+    try:
+        data = yaml.safe_load(old_yaml) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {type(data).__name__}, not a mapping")
+        old = config_from_dict(data).flat()
+    except (UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
+        raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
+                          "--restart to start over, or use another --out") from None
+    new = cfg.flat()
+    diff = [k for k in new if old.get(k) != new[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{run_dir} holds a run with {k}={old.get(k)!r} ({where}), not {new[k]!r}; resume it "
+                          "with the same config, pass --restart to start over, or use another --out")
 
 
 class RunStore:
     """One run directory, seen from every rank: checked at start, resumed from, logged to, saved into."""
 
-    def __init__(self, run_dir: Path, cfg: Config, world: World, *, restart: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, world: World) -> None:
         self.dir, self.cfg, self.world = run_dir, cfg, world
-        self.config_path = saved = run_dir / "config.yaml"
-        if restart and world.is_root:
-            _clear_run(run_dir)
-        world.comm.Barrier()
-        if saved.exists():
-            old = config_from_dict(yaml.safe_load(saved.read_text()) or {}).flat()
-            new = cfg.flat()
-            diff = [k for k in new if old.get(k) != new[k]]
-            if diff:
-                k = diff[0]
-                raise ConfigError(f"{run_dir} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; resume it with "
-                                  "the same config, pass --restart to start over, or use another --out")
+        self.config_path = saved = run_dir / CONFIG
+        self.had_config = saved.exists()
+        if self.had_config:
+            _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir)
             status = RunLog(run_dir).read_status()
             if status.get("state") == "finished":
                 raise ConfigError(f"{run_dir} holds a finished run ({status.get('epoch')} epochs); pass --restart "
@@ -58,17 +112,24 @@ class RunStore:
         self._grafts: list[dict[str, Any]] = []  # graft.jsonl as it stands, for run.h5's grafting history
 
     def record_config(self) -> None:
-        """Write the run's config.yaml; called once every rank has checked the old one (see ``__init__``)."""
+        """Write the run's config.yaml; called once every rank has checked the old one and the checkpoint's."""
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.config_path, self.cfg.to_yaml())
             self.log = RunLog(self.dir)
 
     def resume(self, peer: Peer) -> None:
+        """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
+        copy of the config (run.h5) decides whether this config may continue it."""
         info = self.manager.latest() if self.manager else None
+        if info is not None and not self.had_config and self.world.is_root:
+            stored = self.manager.load_run(info).get("config")
+            if isinstance(stored, str | bytes):
+                _check_same_config(f"in {info.path.name}/run.h5; its config.yaml is gone", stored, self.cfg, self.dir)
+        self.record_config()
         if info is None:
             if self.log:
-                self.log.truncate_after(0, 0)
+                self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
             raise ConfigError(f"the checkpoint {info.path} has {info.peers} peers; start with mpirun -np "
@@ -76,10 +137,15 @@ class RunStore:
         peer.load_state_dict(self.manager.load_peer(info, self.world.peer))
         prog = peer.progress
         if self.log:
-            self.log.truncate_after(prog.epoch, prog.step)
+            self._say_torn(self.log.truncate_after(prog.epoch, prog.step))
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
         where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
         log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
+
+    def _say_torn(self, torn: list[str]) -> None:
+        for name in torn:
+            log(f"hpcgraft: {self.dir / name} ended in a torn line (a kill or a full disk during the append); "
+                "dropped it, the checkpoint holds the truth", world=self.world)
 
     def log_grafts(self, rows: list[dict[str, Any]]) -> None:
         """Rank 0: append a round's graft reports to graft.jsonl."""
