@@ -6,9 +6,13 @@ Failures must not hang an allocation: a rank left waiting in a collective holds 
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
+import os
 import signal
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -24,9 +28,35 @@ if TYPE_CHECKING:
     from mpi4py import MPI
 
 
-def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE) -> None:
-    """Print one line naming this rank, then take every rank of the job down."""
-    print(f"hpcgraft: rank {comm.Get_rank()}: {message}", file=sys.stderr, flush=True)
+#: How long an aborting rank waits for the launcher to read its last words (seconds); the abort follows anyway.
+DRAIN_S = 5.0
+
+
+def say_last_words(text: str, fd: int = 2) -> None:
+    """Write ``text`` to ``fd`` whole, then wait until the reader has taken it from the pipe.
+
+    MPI_Abort makes the launcher kill every rank and stop forwarding their output; a message still in a
+    buffer, or still in the pipe when that happens, is lost, and the job's output ends at "Traceback (most
+    recent call last):" (issue 11, item 4). So the message goes out in as few write calls as the pipe
+    allows, past Python's buffers, and on a pipe the rank waits (bounded) until the launcher has read it."""
+    with contextlib.suppress(ValueError, OSError):
+        sys.stderr.flush()
+    data = text.encode("utf-8", "replace")
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data):]
+        deadline = time.monotonic() + DRAIN_S
+        unread = array.array("i", [1])
+        while time.monotonic() < deadline:
+            fcntl.ioctl(fd, termios.FIONREAD, unread)  # a pipe's unread bytes; fails on files, ending the wait
+            if unread[0] <= 0:
+                break
+            time.sleep(0.005)
+
+
+def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE, detail: str = "") -> None:
+    """Print one line naming this rank (after ``detail``, a traceback), then take every rank of the job down."""
+    say_last_words(f"{detail}hpcgraft: rank {comm.Get_rank()}: {message}\n")
     if comm.Get_size() > 1:
         comm.Abort(code)
     sys.exit(code)
@@ -45,8 +75,7 @@ def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
     except BaseException as exc:  # noqa: BLE001 - any failure must take the job down
         if isinstance(exc, UserError):
             abort(comm, f"error: {exc}")
-        traceback.print_exc(file=sys.stderr)
-        abort(comm, f"failed with {type(exc).__name__}: {exc}")
+        abort(comm, f"failed with {type(exc).__name__}: {exc}", detail=traceback.format_exc())
 
 
 class Watchdog:

@@ -65,3 +65,28 @@ def test_a_job_started_while_another_runs_is_refused_and_a_killed_holder_is_take
     third = train(0, out, "graft.mode=none", "train.epochs=1", "log.progress=off", timeout=600)
     assert third.returncode == 0, third.stderr
     assert _rows(out) == [(1, 0), (1, None)]
+
+
+# ------------------------------------------------------------------------------------------ item 4
+@pytest.fixture
+def busy_cores() -> object:
+    """Two spinning processes: the failing rank's message must arrive on a loaded machine too."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    yield
+    for s in spinners:
+        s.kill()
+        s.wait()
+
+
+def test_the_failing_ranks_cause_always_arrives(busy_cores):
+    """20 aborts in a row under load: every one ends with the traceback's last line and the cause line."""
+    script = str(ROOT / "tests/e2e/ranks/abort_rank.py")
+    lost = []
+    for i in range(20):
+        r = subprocess.run([MPIRUN, "-np", "2", sys.executable, script, str(i)], capture_output=True, text=True,
+                           env=env(), cwd=ROOT, timeout=300)
+        assert r.returncode != 0
+        cause = f"hpcgraft: rank 1: failed with RuntimeError: injected cause {i}"
+        if cause not in r.stderr or f"RuntimeError: injected cause {i}\n" not in r.stderr:
+            lost.append((i, r.stderr[-400:]))
+    assert not lost, lost
