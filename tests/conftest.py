@@ -82,8 +82,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     SELECTED.update(item.path.parent.name for item in items)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every MPI process this session starts appends the /dev/shm/mpich_shm_* files it mapped to one log
+    (HPCGRAFT_SHM_LOG, inherited through the environment); at the end none of them may still exist,
+    however its job ended. Only this session's files are checked: other jobs on the machine make them too."""
+    from hpcgraft.supervise import SHM_LOG
+
+    log = tmp_path_factory.mktemp("shm") / "segments.txt"
+    log.touch()
+    before = os.environ.get(SHM_LOG)
+    os.environ[SHM_LOG] = str(log)
+    yield log
+    if before is None:
+        del os.environ[SHM_LOG]
+    else:
+        os.environ[SHM_LOG] = before
+    left = sorted({p for p in log.read_text().split() if os.path.exists(p)})
+    assert not left, f"jobs of this test session left shared memory behind: {left}"
+
+
 @pytest.fixture(scope="session")
-def run_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunCache]:
+def run_cache(tmp_path_factory: pytest.TempPathFactory, no_shared_memory_left: Path) -> Iterator[RunCache]:
     cache = RunCache(tmp_path_factory.mktemp("runs"))
     yield cache
     cache.close()

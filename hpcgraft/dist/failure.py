@@ -23,6 +23,7 @@ import numpy as np
 
 from hpcgraft.dist import mpi
 from hpcgraft.errors import EXIT_FAILURE, AgreedError, UserError
+from hpcgraft.supervise import STOP_SIGNALS, unlink_shared_memory
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -57,6 +58,7 @@ def say_last_words(text: str, fd: int = 2) -> None:
 def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE, detail: str = "") -> None:
     """Print one line naming this rank (after ``detail``, a traceback), then take every rank of the job down."""
     say_last_words(f"{detail}hpcgraft: rank {comm.Get_rank()}: {message}\n")
+    unlink_shared_memory()  # MPI_Finalize, which would remove it, never comes (issue 11, item 14)
     if comm.Get_size() > 1:
         comm.Abort(code)
     sys.exit(code)
@@ -123,9 +125,11 @@ def _on_stop_signal(signum: int, frame: object) -> None:
 
 
 def catch_stop_signals() -> None:
-    """Record SIGUSR1/SIGTERM instead of dying; call first thing, so a signal during set-up is kept too."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    """Record SIGUSR1/SIGTERM instead of dying, and take the ones held since the process started
+    (:func:`hpcgraft.supervise.hold_stop_signals`): a signal during start-up is honoured at the first step."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class StopRequest:

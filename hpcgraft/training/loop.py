@@ -57,7 +57,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
     # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
-    agreed(comm, lambda: claim_run_dir(run_dir, restart=restart) if world.is_root else None)
+    agreed(comm, lambda: claim_run_dir(run_dir, restart=restart), root_only=True)
     peer: Peer = agreed(comm, lambda: build_peer(cfg, world))
     signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())
     agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))

@@ -95,6 +95,9 @@ def test_agreement_turns_any_ranks_error_into_one_line_on_every_rank():
     with pytest.raises(SetupError, match=r"^rank 1: data\.root=/x does not exist$"):  # one rank: named
         agreed(FakeComm(others="data.root=/x does not exist"), lambda: 7)
     assert agreed(FakeComm(others=None), lambda: 7) == 7
+    # A step for the job as a whole (the run directory's lock) runs on rank 0; its error is everyone's.
+    with pytest.raises(SetupError, match=r"^run is in use$"):
+        agreed(FakeComm(rank=1, others="run is in use"), lambda: 7, root_only=True)
 
 
 def test_layout_errors_name_the_rank_count_to_start():
