@@ -24,6 +24,7 @@ from torch import nn
 
 from hpcgraft.config import Config, load_config
 from hpcgraft.dist import mpi
+from hpcgraft.dist.exchange import all_finite
 from hpcgraft.dist.failure import StopRequest
 from hpcgraft.dist.world import agreed, check_peers_agree, init_world, log
 from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunError
@@ -95,6 +96,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
         peer.progress.epoch += 1
         peer.progress.batch = 0
         row, ensemble = evaluate(peer)
+        check_some_peer_finite(peer, store)
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
@@ -144,8 +146,9 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
                 with peer.watchdog.guard("cultivation: Allgather of logits"):
                     everyone = peer.logits.gather(logits)
                 target = mean_of_others(everyone, peer.world.peer, cfg.cultivate.temperature)
-                loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
-                                                                        cfg.cultivate.temperature)
+                if target is not None:
+                    loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
+                                                                            cfg.cultivate.temperature)
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
         peer.optimizer.step()
@@ -226,6 +229,21 @@ def graft(peer: Peer) -> None:
         rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
     if world.is_root and rows:
         peer.graft_rows.extend(rows)
+
+
+def check_some_peer_finite(peer: Peer, store: RunStore) -> None:
+    """A run in which every peer's weights are NaN/Inf has nothing left to train or graft from: it fails
+    (exit 1, status "failed") instead of "finishing" with NaN weights. Agreed through one allgather."""
+    own = all_finite(list(peer.model.state_dict().values()))
+    with peer.watchdog.guard("epoch end: allgather of finiteness"):
+        finite = peer.world.comm.allgather(own)
+    if any(finite):
+        return
+    message = (f"every peer's weights are NaN/Inf after epoch {peer.progress.epoch} (step {peer.progress.step}); "
+               "lower train.lr (or graft.a) and start over with --restart")
+    if store.log:
+        store.log.status(state="failed", epoch=peer.progress.epoch, step=peer.progress.step, reason=message)
+    raise RunError(message)
 
 
 def _source_name(peer: Peer) -> str:

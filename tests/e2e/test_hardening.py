@@ -122,3 +122,21 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path, s
     else:
         assert status["state"] == "stopped" and status["step"] <= 2, status
         assert list((out / "checkpoints").glob("step-*"))
+
+
+# ------------------------------------------------------------------------------------------ item 13
+def test_a_nan_peer_does_not_poison_cultivation_and_all_nan_fails(tmp_path):
+    """Peer 1 goes NaN at step 3 while cultivating: peer 0 trains on, finite. When every peer goes NaN
+    the run fails (exit 1, status "failed") instead of finishing."""
+    one = train(2, tmp_path / "one", "graft.mode=none", "cultivate.lambda=1", "train.epochs=1", "log.progress=off",
+                environ={**env(), "HPCGRAFT_INJECT": "1:3:nan"}, timeout=600)
+    assert one.returncode == 0, one.stderr
+    rows = {r["peer"]: r for r in jsonl(tmp_path / "one" / "metrics.jsonl") if r["peer"] is not None}
+    assert rows[0]["train_loss"] == rows[0]["train_loss"] and rows[1]["train_loss"] != rows[1]["train_loss"], rows
+    every = train(2, tmp_path / "all", "graft.mode=none", "train.epochs=2", "log.progress=off",
+                  environ={**env(), "HPCGRAFT_INJECT": "0:3:nan,1:3:nan"}, timeout=600)
+    assert every.returncode == 1, every.stderr
+    errors = [line for line in every.stderr.splitlines() if line.startswith("hpcgraft: error:")]
+    assert errors == ["hpcgraft: error: every peer's weights are NaN/Inf after epoch 1 (step 22); lower train.lr "
+                      "(or graft.a) and start over with --restart"], every.stderr
+    assert json.loads((tmp_path / "all" / "status.json").read_text())["state"] == "failed"
