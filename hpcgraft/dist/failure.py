@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -77,6 +78,9 @@ def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
     except BaseException as exc:  # noqa: BLE001 - any failure must take the job down
         if isinstance(exc, UserError):
             abort(comm, f"error: {exc}")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the cause, not a traceback
+            abort(comm, f"failed: no space left on the device of {exc.filename or 'a file being written'} "
+                        f"({exc.strerror}); free space and re-run the same command to resume from the last checkpoint")
         abort(comm, f"failed with {type(exc).__name__}: {exc}", detail=traceback.format_exc())
 
 
