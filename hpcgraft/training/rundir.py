@@ -8,6 +8,7 @@ Rank 0 writes the small files; every rank takes part in checkpoints (:mod:`hpcgr
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ from hpcgraft.dist import mpi
 from hpcgraft.dist.world import World, log
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
-from hpcgraft.storage.checkpoints import CheckpointManager
+from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.training.peer import Peer
@@ -135,13 +136,46 @@ class RunStore:
         if info.peers != self.world.peers:
             raise ConfigError(f"the checkpoint {info.path} has {info.peers} peers; start with mpirun -np "
                              f"{info.peers * self.world.replicas} to resume it")
-        peer.load_state_dict(self.manager.load_peer(info, self.world.peer))
+        info, state = self._fitting_checkpoint(info, peer)
+        peer.load_state_dict(state)
         prog = peer.progress
         if self.log:
             self._say_torn(self.log.truncate_after(prog.epoch, prog.step))
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
         where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
         log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
+
+    def _fitting_checkpoint(self, info: CheckpointInfo, peer: Peer) -> tuple[CheckpointInfo, dict[str, Any]]:
+        """COLLECTIVE: the newest intact checkpoint that also fits this run, and this peer's state in it.
+
+        CRCs prove the files are as written, not that the writer was right: a tool that rewrote a dataset
+        (and its CRC) with another shape or dtype, or one peer's progress far from the others', would fail
+        inside loading, or let one rank finish while the others train on. Such a checkpoint is passed over
+        like a damaged one."""
+        unfit: list[str] = []
+        while True:
+            try:
+                state: dict[str, Any] | None = self.manager.load_peer(info, self.world.peer)
+                problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather below
+                state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
+            prog = state["progress"] if state and not problem else {}
+            found = self.world.comm.allgather((problem, [prog.get(k) for k in ("epoch", "step", "batch")]))
+            bad = next(((r, p) for r, (p, _) in enumerate(found) if p), None)
+            if bad is None and len({tuple(where) for _, where in found}) > 1:
+                bad = (0, "the peers' progress (epoch, step, batch) differs: "
+                          + ", ".join(f"rank {r} {tuple(w)}" for r, (_, w) in enumerate(found)))
+            if bad is None:
+                return info, state  # type: ignore[return-value]
+            unfit.append(info.path.name)
+            nxt = self.manager.latest(exclude=unfit)
+            tail = f"falling back to {nxt.path.name}" if nxt else "no earlier checkpoint"
+            log(f"hpcgraft: checkpoint {info.path.name} does not fit this run (rank {bad[0]}: {bad[1]}); {tail}",
+                world=self.world)
+            if nxt is None:
+                raise CheckpointError(f"no checkpoint in {self.manager.root} fits this run ({info.path.name}, rank "
+                                      f"{bad[0]}: {bad[1]}); restore the files or start over with --restart")
+            info = nxt
 
     def _say_torn(self, torn: list[str]) -> None:
         for name in torn:
@@ -192,6 +226,44 @@ class RunStore:
                     f"needs about {_mib(needed)}; free space (or lower checkpoint.keep) and re-run the same command "
                     "to resume from the last checkpoint")
         return f"{exc}; the last checkpoint in {self.dir} is intact: re-run the same command to resume from it"
+
+
+def _state_problem(saved: Any, mine: dict[str, Any], epochs: int) -> str | None:
+    """What makes a peer's saved state unusable for this model, or None: missing or extra weights, another
+    shape or dtype (momentum too: one per parameter stepped so far), progress out of range."""
+    if not isinstance(saved, dict):
+        return "it holds no peer state"
+    model = _flat(mine["model"])
+    parts = (("model", model, _flat(saved.get("model", {})), True),
+             ("optimizer.momentum", model, _flat(saved.get("optimizer", {}).get("momentum", {})), False))
+    for part, want, got, complete in parts:
+        for name in sorted(set(want) | set(got)):
+            if name not in want:
+                return f"{part}.{name} is not part of the model"
+            if name not in got:
+                if complete:
+                    return f"{part}.{name} is missing"
+                continue
+            a, b = want[name], got[name]
+            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(a.shape) or b.dtype != a.dtype:
+                kind = f"{b.dtype} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+                return f"{part}.{name} is {kind}, the model's {a.dtype} {tuple(a.shape)}"
+    prog = saved.get("progress")
+    if not isinstance(prog, dict) or set(prog) != set(mine["progress"]):
+        return "its progress record is not this version's"
+    counters = [prog[k] for k in ("epoch", "step", "batch")]
+    if not all(isinstance(v, numbers.Integral) and v >= 0 for v in counters) or prog["epoch"] > epochs:
+        return f"its progress (epoch {prog['epoch']}, step {prog['step']}) is outside 0..{epochs} epochs"
+    return None
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _tree_bytes(tree: Any) -> int:

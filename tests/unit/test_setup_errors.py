@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from hpcgraft import train
@@ -208,7 +211,7 @@ def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_to
     rc, _, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
     assert rc == 75, err
     monkeypatch.delenv("HPCGRAFT_INJECT")
-    monkeypatch.setattr(failure, "_stop_signal", None)  # this process is the next "job" too
+    failure._stop_signal = None  # this process is the next "job" too (stop_signals_kept resets it after)
     (out / "config.yaml").unlink()
     rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2", "train.lr=0.05")
     assert rc == 2 and len(errors) == 1, err
@@ -245,3 +248,50 @@ def test_a_full_disk_is_one_line_naming_the_directory_and_the_space(capsys, tmp_
                                 "free, a checkpoint needs about "), err
     assert "Traceback" not in err
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
+
+
+def _rewrite_with_crc(ckpt: Path, name: str, edit: Callable[[h5py.File], None]) -> None:
+    """Change a checkpoint file and regenerate its manifest entry, as a buggy tool would: the CRC passes."""
+    from hpcgraft.storage.atomic import crc_of
+
+    with h5py.File(ckpt / name, "r+") as f:
+        edit(f)
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    size, crc = crc_of(ckpt / name)
+    manifest["files"][name].update(size=size, crc32=f"{crc:08x}")
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def _wrong_shape(f: h5py.File) -> None:
+    name = "model/conv1.weight" if "model/conv1.weight" in f else next(
+        f"model/{k}" for k in f["model"] if isinstance(f["model"][k], h5py.Dataset))
+    attrs = dict(f[name].attrs)
+    del f[name]
+    f.create_dataset(name, data=np.zeros((3, 3), dtype=np.float32))
+    f[name].attrs.update(attrs)
+
+
+def _far_progress(f: h5py.File) -> None:
+    epoch = f["progress"]["epoch"] if isinstance(f["progress"], h5py.Group) and "epoch" in f["progress"] else None
+    if isinstance(epoch, h5py.Dataset):
+        epoch[()] = 1000
+    else:
+        f["progress"].attrs["epoch"] = 1000
+
+
+@pytest.mark.parametrize("tamper", [_wrong_shape, _far_progress], ids=["wrong-shape", "progress-epoch-1000"])
+def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
+        capsys, tmp_path, stop_signals_kept, monkeypatch, tamper):
+    """Item 10: CRCs regenerated over a wrong dataset; the run falls back to the previous checkpoint."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("HPCGRAFT_INJECT", "0:25:usr1")
+    rc, _, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
+    assert rc == 75, err
+    monkeypatch.delenv("HPCGRAFT_INJECT")
+    failure._stop_signal = None
+    newest, older = sorted((out / "checkpoints").glob("step-*"), reverse=True)[:2]
+    _rewrite_with_crc(newest, "peer-000.h5", tamper)
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
+    assert rc == 0 and not errors, err
+    assert f"hpcgraft: checkpoint {newest.name} does not fit this run (rank 0: " in err, err
+    assert f"; falling back to {older.name}" in err and f"resuming {out} from {older.name}" in err, err
