@@ -63,7 +63,8 @@ def claim_run_dir(run_dir: Path, *, restart: bool) -> None:
         _LOCK = lock
     if restart:
         _clear_run(run_dir)
-    (run_dir / MARKER).touch()
+    if not (run_dir / MARKER).exists():  # a refused resume must leave the run as it was
+        (run_dir / MARKER).touch()
 
 
 def release_run_dir() -> None:
