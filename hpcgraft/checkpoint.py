@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from hpcgraft.errors import EXIT_FAILURE, CheckpointError, report
+from hpcgraft.errors import EXIT_USAGE, CheckpointError, report
 from hpcgraft.storage.atomic import write_bytes_durable
 from hpcgraft.storage.checkpoints import (
     MANIFEST,
@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _export(args.path, args.peer, args.out)
     except CheckpointError as exc:
-        return report("hpcgraft", exc, EXIT_FAILURE)
+        return report("hpcgraft", exc, EXIT_USAGE)
     except BrokenPipeError:  # output piped into head: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        return report("hpcgraft", f"{exc.filename or args.path}: {exc.strerror}", EXIT_FAILURE)
+        return report("hpcgraft", f"{exc.filename or args.path}: {exc.strerror}", EXIT_USAGE)
     return 0
 
 

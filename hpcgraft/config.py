@@ -235,9 +235,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file '{p}' does not exist; pick one of configs/*.yaml")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file '{p}' is not a text (UTF-8) file; pass a YAML file such as "
+                              "configs/digits.yaml") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{p}' must hold a mapping of sections, not {type(data).__name__}")
         for k, v in data.items():
@@ -302,12 +305,16 @@ def validate(cfg: Config) -> None:
     _check(g.bins >= 2, f"graft.bins={g.bins} must be at least 2; the paper uses 10")
     _check(g.interval_steps >= 0, f"graft.interval_steps={g.interval_steps} must be >= 0 (0: every epoch end)")
     _check(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0")
-    _check(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be a finite number > 0")
     _check(0 <= t.momentum < 1, f"train.momentum={t.momentum} must be in [0, 1)")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
     _check(0 < t.gamma <= 1, f"train.gamma={t.gamma} must be in (0, 1]")
     _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(cfg.model.num_classes is None or cfg.model.num_classes >= 1,
+           f"model.num_classes={cfg.model.num_classes} must be >= 1, or left unset to take the data set's classes")
+    _check(len(cfg.log.thresholds) > 0 and all(math.isfinite(x) and x >= 0 for x in cfg.log.thresholds),
+           f"log.thresholds={cfg.log.thresholds} must list at least one l1 norm >= 0, e.g. [0.1, 0.01]")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _check(d.test_batch_size >= 1, f"data.test_batch_size={d.test_batch_size} must be >= 1")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0")

@@ -21,6 +21,7 @@ from hpcgraft.dist import mpi
 from hpcgraft.dist.failure import abort_on_error, catch_stop_signals
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, AgreedError, SetupError, report
 from hpcgraft.training.loop import run
+from hpcgraft.training.rundir import release_run_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="run directory (default: runs/<config name>); re-running resumes it")
     p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+    # Overrides may come anywhere, also after --out (argparse's plain parsing stops at the first option).
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     except AgreedError as exc:
         status = EXIT_USAGE if isinstance(exc, SetupError) else EXIT_FAILURE
         return report("hpcgraft", exc, status) if world_comm.Get_rank() == 0 else status
+    finally:
+        release_run_dir()
 
 
 if __name__ == "__main__":

@@ -69,8 +69,12 @@ def _one_torch_thread() -> Iterator[None]:
 def stop_signals_kept() -> Iterator[None]:
     """For tests that call the training command's main in process: it records SIGUSR1/SIGTERM, and the test
     process gets its own handlers back afterwards."""
+    from hpcgraft.dist import failure
+
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    failure._stop_signal = None  # a signal recorded by an earlier in-process run is not this test's
     yield
+    failure._stop_signal = None
     for sig, handler in before.items():
         signal.signal(sig, handler)
 
@@ -82,8 +86,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     SELECTED.update(item.path.parent.name for item in items)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every MPI process this session starts appends the /dev/shm/mpich_shm_* files it mapped to one log
+    (HPCGRAFT_SHM_LOG, inherited through the environment); at the end none of them may still exist,
+    however its job ended. Only this session's files are checked: other jobs on the machine make them too."""
+    from hpcgraft.supervise import SHM_LOG, shared_memory_files
+
+    log = tmp_path_factory.mktemp("shm") / "segments.txt"
+    log.touch()
+    before = os.environ.get(SHM_LOG)
+    os.environ[SHM_LOG] = str(log)
+    yield log
+    if before is None:
+        del os.environ[SHM_LOG]
+    else:
+        os.environ[SHM_LOG] = before
+    # In-process tests initialise MPI in this very process, which finalises (and removes its file) at exit.
+    left = sorted({p for p in log.read_text().split() if os.path.exists(p)} - set(shared_memory_files()))
+    assert not left, f"jobs of this test session left shared memory behind: {left}"
+
+
 @pytest.fixture(scope="session")
-def run_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunCache]:
+def run_cache(tmp_path_factory: pytest.TempPathFactory, no_shared_memory_left: Path) -> Iterator[RunCache]:
     cache = RunCache(tmp_path_factory.mktemp("runs"))
     yield cache
     cache.close()

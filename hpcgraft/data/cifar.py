@@ -61,10 +61,16 @@ def _read(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     try:
         with path.open("rb") as f:
             entry = _BatchUnpickler(f, encoding="bytes").load()
+        if not isinstance(entry, dict):
+            raise TypeError(f"it holds a {type(entry).__name__}, not a dict")
         data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
-        raise DataError(f"{path} is not a CIFAR batch file ({type(exc).__name__}: {exc})") from None
+        labels = np.asarray(entry[label_key], dtype=np.int64).reshape(-1)
+    except (pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError, AttributeError) as exc:
+        raise DataError(f"{path} is not a CIFAR batch file ({type(exc).__name__}: {exc}); replace it with the "
+                        "python version of the data set") from None
+    if len(data) != len(labels):
+        raise DataError(f"{path} holds {len(data)} images but {len(labels)} labels; the file is damaged, replace it "
+                        "with the python version of the data set")
     return data, labels
 
 

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from hpcgraft.supervise import note_shared_memory
+
+_noted = False
+
 
 def mpi() -> ModuleType:
     """The ``mpi4py.MPI`` module; importing it initialises MPI, hence only when a rank needs it."""
+    global _noted
     from mpi4py import MPI
 
+    if not _noted:  # once MPI exists: its shared-memory files, for the supervisor to remove (supervise.py)
+        _noted = True
+        note_shared_memory()
     return MPI

@@ -6,9 +6,14 @@ Failures must not hang an allocation: a rank left waiting in a collective holds 
 
 from __future__ import annotations
 
+import array
 import contextlib
+import errno
+import fcntl
+import os
 import signal
 import sys
+import termios
 import threading
 import time
 import traceback
@@ -19,14 +24,42 @@ import numpy as np
 
 from hpcgraft.dist import mpi
 from hpcgraft.errors import EXIT_FAILURE, AgreedError, UserError
+from hpcgraft.supervise import STOP_SIGNALS, unlink_shared_memory
 
 if TYPE_CHECKING:
     from mpi4py import MPI
 
 
-def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE) -> None:
-    """Print one line naming this rank, then take every rank of the job down."""
-    print(f"hpcgraft: rank {comm.Get_rank()}: {message}", file=sys.stderr, flush=True)
+#: How long an aborting rank waits for the launcher to read its last words (seconds); the abort follows anyway.
+DRAIN_S = 5.0
+
+
+def say_last_words(text: str, fd: int = 2) -> None:
+    """Write ``text`` to ``fd`` whole, then wait until the reader has taken it from the pipe.
+
+    MPI_Abort makes the launcher kill every rank and stop forwarding their output; a message still in a
+    buffer, or still in the pipe when that happens, is lost, and the job's output ends at "Traceback (most
+    recent call last):" (issue 11, item 4). So the message goes out in as few write calls as the pipe
+    allows, past Python's buffers, and on a pipe the rank waits (bounded) until the launcher has read it."""
+    with contextlib.suppress(ValueError, OSError):
+        sys.stderr.flush()
+    data = text.encode("utf-8", "replace")
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data):]
+        deadline = time.monotonic() + DRAIN_S
+        unread = array.array("i", [1])
+        while time.monotonic() < deadline:
+            fcntl.ioctl(fd, termios.FIONREAD, unread)  # a pipe's unread bytes; fails on files, ending the wait
+            if unread[0] <= 0:
+                break
+            time.sleep(0.005)
+
+
+def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE, detail: str = "") -> None:
+    """Print one line naming this rank (after ``detail``, a traceback), then take every rank of the job down."""
+    say_last_words(f"{detail}hpcgraft: rank {comm.Get_rank()}: {message}\n")
+    unlink_shared_memory()  # MPI_Finalize, which would remove it, never comes (issue 11, item 14)
     if comm.Get_size() > 1:
         comm.Abort(code)
     sys.exit(code)
@@ -45,8 +78,10 @@ def abort_on_error(comm: MPI.Comm) -> Iterator[None]:
     except BaseException as exc:  # noqa: BLE001 - any failure must take the job down
         if isinstance(exc, UserError):
             abort(comm, f"error: {exc}")
-        traceback.print_exc(file=sys.stderr)
-        abort(comm, f"failed with {type(exc).__name__}: {exc}")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the cause, not a traceback
+            abort(comm, f"failed: no space left on the device of {exc.filename or 'a file being written'} "
+                        f"({exc.strerror}); free space and re-run the same command to resume from the last checkpoint")
+        abort(comm, f"failed with {type(exc).__name__}: {exc}", detail=traceback.format_exc())
 
 
 class Watchdog:
@@ -94,9 +129,11 @@ def _on_stop_signal(signum: int, frame: object) -> None:
 
 
 def catch_stop_signals() -> None:
-    """Record SIGUSR1/SIGTERM instead of dying; call first thing, so a signal during set-up is kept too."""
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
+    """Record SIGUSR1/SIGTERM instead of dying, and take the ones held since the process started
+    (:func:`hpcgraft.supervise.hold_stop_signals`): a signal during start-up is honoured at the first step."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _on_stop_signal)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class StopRequest:

@@ -81,21 +81,22 @@ def log(message: str, *, world: World | None = None, all_ranks: bool = False) ->
 AGREED_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
 
 
-def agreed(comm: MPI.Comm, fn: Callable[[], T]) -> T:
-    """Run a setup step on every rank; if it fails on any, all ranks raise the same SetupError.
+def agreed(comm: MPI.Comm, fn: Callable[[], T], *, root_only: bool = False) -> T:
+    """Run a setup step on every rank (``root_only``: on rank 0, for the job as a whole); if it fails on
+    any, all ranks raise the same SetupError.
 
     Setup errors (a bad key, missing data on one node) must end the job with one clear line, not an
     abort on one rank and a hang on the others.
     """
     try:
-        result, error = fn(), None
+        result, error = (None if root_only and comm.Get_rank() != 0 else fn()), None
     except AGREED_ERRORS as exc:
         result, error = None, str(exc)
     errors = comm.allgather(error)
     failed = [(r, e) for r, e in enumerate(errors) if e]
     if failed:
         messages = {e for _, e in failed}
-        if len(messages) == 1 and len(failed) == len(errors):
+        if len(messages) == 1 and (root_only or len(failed) == len(errors)):
             raise SetupError(failed[0][1])
         raise SetupError(f"rank {failed[0][0]}: {failed[0][1]}")
     return result  # type: ignore[return-value]

@@ -17,8 +17,14 @@ def distillation_loss(logits: torch.Tensor, target_probs: torch.Tensor, temperat
     return temperature**2 * F.kl_div(log_q, target_probs, reduction="batchmean")
 
 
-def mean_of_others(all_logits: torch.Tensor, own: int, temperature: float) -> torch.Tensor:
-    """Mean softened prediction of every peer but ``own``; ``all_logits`` is (K, B, C)."""
-    probs = F.softmax(all_logits.float() / temperature, dim=2)
-    keep = [k for k in range(all_logits.shape[0]) if k != own]
-    return probs[keep].mean(dim=0)
+def mean_of_others(all_logits: torch.Tensor, own: int, temperature: float) -> torch.Tensor | None:
+    """Mean softened prediction of every peer but ``own``; ``all_logits`` is (K, B, C).
+
+    A peer whose logits are not finite is left out, as grafting leaves out its weights: one NaN target
+    would make every peer NaN within a step. None when no other peer is finite (no distillation then)."""
+    finite = torch.isfinite(all_logits.reshape(all_logits.shape[0], -1)).all(dim=1).tolist()
+    keep = [k for k in range(all_logits.shape[0]) if k != own and finite[k]]
+    if not keep:
+        return None
+    probs = F.softmax(all_logits[keep].float() / temperature, dim=2)
+    return probs.mean(dim=0)

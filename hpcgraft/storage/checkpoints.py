@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -377,8 +377,9 @@ class CheckpointManager:
 
     # ---- resume -----------------------------------------------------------------------------------
 
-    def latest(self) -> CheckpointInfo | None:
-        """COLLECTIVE: the newest complete checkpoint whose files verify, the same on every rank.
+    def latest(self, exclude: Collection[str] = ()) -> CheckpointInfo | None:
+        """COLLECTIVE: the newest complete checkpoint whose files verify, the same on every rank; ``exclude``:
+        names of step directories the caller found unfit (they are passed over like damaged ones).
 
         The files are checked in parallel, each peer file by the rank that writes (and will load) it,
         run.h5 by rank 0, so that load_peer right after need not read the file a second time.
@@ -395,7 +396,7 @@ class CheckpointManager:
         listing: list[_Candidate] | str | None = None
         if self.rank == 0:
             try:
-                listing = _candidates(self.root)
+                listing = [c for c in _candidates(self.root) if c.path.name not in exclude]
             except OSError as exc:
                 listing = one_line(exc)
         listing = self.comm.bcast(listing, root=0)

@@ -24,9 +24,27 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> None:
-    rows = [r for r in read_jsonl(path) if keep(r)]
-    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def _read_tolerant(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """Rows of a log being resumed, and whether its last line was torn. A kill or ENOSPC during an append
+    leaves a partial last line; it holds nothing the checkpoint does not, so it is dropped rather than
+    blocking every later resume. Damage anywhere else is not an interrupted append and stays an error."""
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                return rows, True
+            raise
+        rows.append(row)
+    return rows, False
+
+
+def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> bool:
+    rows, torn = _read_tolerant(path)
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in rows if keep(r)))
+    return torn
 
 
 class RunLog:
@@ -36,12 +54,14 @@ class RunLog:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def truncate_after(self, epoch: int, step: int) -> None:
-        """Forget what a run logged after the checkpoint it resumes from (epoch done, global step)."""
-        if (self.dir / METRICS).exists():
-            _rewrite(self.dir / METRICS, lambda r: r["epoch"] <= epoch)
-        if (self.dir / GRAFTS).exists():
-            _rewrite(self.dir / GRAFTS, lambda r: r["step"] <= step)
+    def truncate_after(self, epoch: int, step: int) -> list[str]:
+        """Forget what a run logged after the checkpoint it resumes from (epoch done, global step); returns
+        the names of the logs whose torn last line was dropped."""
+        torn = []
+        for name, keep in ((METRICS, lambda r: r["epoch"] <= epoch), (GRAFTS, lambda r: r["step"] <= step)):
+            if (self.dir / name).exists() and _rewrite(self.dir / name, keep):
+                torn.append(name)
+        return torn
 
     def append(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         with (self.dir / name).open("a") as f:

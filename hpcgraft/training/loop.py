@@ -24,6 +24,7 @@ from torch import nn
 
 from hpcgraft.config import Config, load_config
 from hpcgraft.dist import mpi
+from hpcgraft.dist.exchange import all_finite
 from hpcgraft.dist.failure import StopRequest
 from hpcgraft.dist.world import agreed, check_peers_agree, init_world, log
 from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunError
@@ -32,7 +33,7 @@ from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.storage.runlog import METRICS, epoch_table
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
-from hpcgraft.training.rundir import RunStore
+from hpcgraft.training.rundir import RunStore, claim_run_dir
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -56,12 +57,13 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
+    # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
+    agreed(comm, lambda: claim_run_dir(run_dir, restart=restart), root_only=True)
     peer: Peer = agreed(comm, lambda: build_peer(cfg, world))
     signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())
     agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))
     peer.exchange = make_exchange(peer)
-    store = agreed(comm, lambda: RunStore(run_dir, cfg, world, restart=restart))
-    store.record_config()  # after the agreement above: no rank is still reading the old config
+    store = agreed(comm, lambda: RunStore(run_dir, cfg, world))
 
     t = cfg.train
     log(f"hpcgraft: {world.peers} peers x {world.replicas} replica(s), model {cfg.model.name}, data "
@@ -94,6 +96,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
         peer.progress.epoch += 1
         peer.progress.batch = 0
         row, ensemble = evaluate(peer)
+        check_some_peer_finite(peer, store)
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
@@ -143,8 +146,9 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
                 with peer.watchdog.guard("cultivation: Allgather of logits"):
                     everyone = peer.logits.gather(logits)
                 target = mean_of_others(everyone, peer.world.peer, cfg.cultivate.temperature)
-                loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
-                                                                        cfg.cultivate.temperature)
+                if target is not None:
+                    loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
+                                                                            cfg.cultivate.temperature)
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
         peer.optimizer.step()
@@ -225,6 +229,21 @@ def graft(peer: Peer) -> None:
         rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
     if world.is_root and rows:
         peer.graft_rows.extend(rows)
+
+
+def check_some_peer_finite(peer: Peer, store: RunStore) -> None:
+    """A run in which every peer's weights are NaN/Inf has nothing left to train or graft from: it fails
+    (exit 1, status "failed") instead of "finishing" with NaN weights. Agreed through one allgather."""
+    own = all_finite(list(peer.model.state_dict().values()))
+    with peer.watchdog.guard("epoch end: allgather of finiteness"):
+        finite = peer.world.comm.allgather(own)
+    if any(finite):
+        return
+    message = (f"every peer's weights are NaN/Inf after epoch {peer.progress.epoch} (step {peer.progress.step}); "
+               "lower train.lr (or graft.a) and start over with --restart")
+    if store.log:
+        store.log.status(state="failed", epoch=peer.progress.epoch, step=peer.progress.step, reason=message)
+    raise RunError(message)
 
 
 def _source_name(peer: Peer) -> str:

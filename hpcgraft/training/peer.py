@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hpcgraft.config import Config
-from hpcgraft.data import BatchLoader, build_datasets
+from hpcgraft.data import BatchLoader, ImageSet, build_datasets
 from hpcgraft.data.memory import InMemoryImages
 from hpcgraft.dist.exchange import GraftExchange
 from hpcgraft.dist.failure import Watchdog
@@ -132,6 +132,33 @@ def check_peer_count(cfg: Config, peers: int, replicas: int = 1) -> None:
         )
 
 
+@torch.no_grad()
+def check_model_fits_data(cfg: Config, model: nn.Module, data: ImageSet, device: torch.device) -> None:
+    """A model with too few outputs or the wrong input channels fails only at the first step, on each rank
+    at its own moment (an IndexError deep in the loss, or a message lost to the abort); one image through
+    the model in eval mode (no statistics updated, no randomness drawn) decides it before training."""
+    need = data.num_classes
+    if cfg.model.num_classes is not None and cfg.model.num_classes < need:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is fewer than the {need} classes of "
+                          f"data.name={cfg.data.name}; set model.num_classes>={need} or leave it unset")
+    if len(data) == 0:
+        return
+    x, _ = data.get_batch(torch.zeros(1, dtype=torch.int64), None)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x.to(device))
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"model.name={cfg.model.name} does not take the images of data.name={cfg.data.name} "
+                          f"(shape {tuple(x.shape[1:])}): {first}; pick a model made for this data") from None
+    finally:
+        model.train(was_training)
+    if out.dim() != 2 or out.shape[1] < need:
+        raise ConfigError(f"model.name={cfg.model.name} gives outputs of shape {tuple(out.shape[1:])} for "
+                          f"data.name={cfg.data.name} with {need} classes; pick a model made for this data")
+
+
 def build_peer(cfg: Config, world: World) -> Peer:
     device = select_device(cfg.dist.device, world.local_rank)
     if device.type == "cpu":
@@ -144,6 +171,7 @@ def build_peer(cfg: Config, world: World) -> Peer:
         model = create_model(cfg.model.name, num_classes, **options).to(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    check_model_fits_data(cfg, model, test_set, device)
     if cfg.dist.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,

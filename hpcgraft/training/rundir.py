@@ -7,6 +7,9 @@ Rank 0 writes the small files; every rank takes part in checkpoints (:mod:`hpcgr
 
 from __future__ import annotations
 
+import contextlib
+import numbers
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -21,30 +24,84 @@ import yaml
 from hpcgraft.config import Config, config_from_dict
 from hpcgraft.dist import mpi
 from hpcgraft.dist.world import World, log
-from hpcgraft.errors import ConfigError
+from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
-from hpcgraft.storage.checkpoints import CheckpointManager
+from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
+from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.training.peer import Peer
+
+#: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
+#: (or, from before it existed, a config.yaml), never another project's files.
+MARKER = ".hpcgraft-run"
+CONFIG = "config.yaml"
+_LOCK: RunDirLock | None = None  # rank 0's lock on the run directory, held until the process ends
+
+
+def claim_run_dir(run_dir: Path, *, restart: bool) -> None:
+    """Rank 0, before anything slow: make sure ``run_dir`` is a directory this job may use, take its lock for
+    the job's lifetime, and clear it on ``--restart``. Every refusal is a user error (exit 2)."""
+    global _LOCK
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is an existing file, not a directory; pass a directory path")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".hpcgraft-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {run_dir} cannot be written ({exc.strerror}); pass a writable directory") from None
+    names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
+    if names and not names & {MARKER, CONFIG}:
+        raise ConfigError(f"--out {run_dir} is not an hpcgraft run directory (it holds {', '.join(sorted(names)[:3])}"
+                          f"{', ...' if len(names) > 3 else ''} and no {MARKER}); hpcgraft neither resumes nor clears "
+                          "it: pass an empty or new directory")
+    if _LOCK is None or _LOCK.path.parent != run_dir:
+        release_run_dir()
+        lock = RunDirLock(run_dir)
+        lock.acquire()
+        _LOCK = lock
+    if restart:
+        _clear_run(run_dir)
+    if not (run_dir / MARKER).exists():  # a refused resume must leave the run as it was
+        (run_dir / MARKER).touch()
+
+
+def release_run_dir() -> None:
+    """Give the run directory's lock back (the process's end does it too)."""
+    global _LOCK
+    if _LOCK is not None:
+        _LOCK.release()
+        _LOCK = None
+
+
+def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: Path) -> None:
+    """The config a run was started with must be the one that continues it."""
+    try:
+        data = yaml.safe_load(old_yaml) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {type(data).__name__}, not a mapping")
+        old = config_from_dict(data).flat()
+    except (UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
+        raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
+                          "--restart to start over, or use another --out") from None
+    new = cfg.flat()
+    diff = [k for k in new if old.get(k) != new[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{run_dir} holds a run with {k}={old.get(k)!r} ({where}), not {new[k]!r}; resume it "
+                          "with the same config, pass --restart to start over, or use another --out")
 
 
 class RunStore:
     """One run directory, seen from every rank: checked at start, resumed from, logged to, saved into."""
 
-    def __init__(self, run_dir: Path, cfg: Config, world: World, *, restart: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, world: World) -> None:
         self.dir, self.cfg, self.world = run_dir, cfg, world
-        self.config_path = saved = run_dir / "config.yaml"
-        if restart and world.is_root:
-            _clear_run(run_dir)
-        world.comm.Barrier()
-        if saved.exists():
-            old = config_from_dict(yaml.safe_load(saved.read_text()) or {}).flat()
-            new = cfg.flat()
-            diff = [k for k in new if old.get(k) != new[k]]
-            if diff:
-                k = diff[0]
-                raise ConfigError(f"{run_dir} holds a run with {k}={old.get(k)!r}, not {new[k]!r}; resume it with "
-                                  "the same config, pass --restart to start over, or use another --out")
+        self.config_path = saved = run_dir / CONFIG
+        self.had_config = saved.exists()
+        if self.had_config:
+            _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir)
             status = RunLog(run_dir).read_status()
             if status.get("state") == "finished":
                 raise ConfigError(f"{run_dir} holds a finished run ({status.get('epoch')} epochs); pass --restart "
@@ -58,28 +115,73 @@ class RunStore:
         self._grafts: list[dict[str, Any]] = []  # graft.jsonl as it stands, for run.h5's grafting history
 
     def record_config(self) -> None:
-        """Write the run's config.yaml; called once every rank has checked the old one (see ``__init__``)."""
+        """Write the run's config.yaml; called once every rank has checked the old one and the checkpoint's."""
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.config_path, self.cfg.to_yaml())
             self.log = RunLog(self.dir)
 
     def resume(self, peer: Peer) -> None:
+        """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
+        copy of the config (run.h5) decides whether this config may continue it."""
         info = self.manager.latest() if self.manager else None
+        if info is not None and not self.had_config and self.world.is_root:
+            stored = self.manager.load_run(info).get("config")
+            if isinstance(stored, str | bytes):
+                _check_same_config(f"in {info.path.name}/run.h5; its config.yaml is gone", stored, self.cfg, self.dir)
+        self.record_config()
         if info is None:
             if self.log:
-                self.log.truncate_after(0, 0)
+                self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
             raise ConfigError(f"the checkpoint {info.path} has {info.peers} peers; start with mpirun -np "
                              f"{info.peers * self.world.replicas} to resume it")
-        peer.load_state_dict(self.manager.load_peer(info, self.world.peer))
+        info, state = self._fitting_checkpoint(info, peer)
+        peer.load_state_dict(state)
         prog = peer.progress
         if self.log:
-            self.log.truncate_after(prog.epoch, prog.step)
+            self._say_torn(self.log.truncate_after(prog.epoch, prog.step))
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
         where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
         log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
+
+    def _fitting_checkpoint(self, info: CheckpointInfo, peer: Peer) -> tuple[CheckpointInfo, dict[str, Any]]:
+        """COLLECTIVE: the newest intact checkpoint that also fits this run, and this peer's state in it.
+
+        CRCs prove the files are as written, not that the writer was right: a tool that rewrote a dataset
+        (and its CRC) with another shape or dtype, or one peer's progress far from the others', would fail
+        inside loading, or let one rank finish while the others train on. Such a checkpoint is passed over
+        like a damaged one."""
+        unfit: list[str] = []
+        while True:
+            try:
+                state: dict[str, Any] | None = self.manager.load_peer(info, self.world.peer)
+                problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather below
+                state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
+            prog = state["progress"] if state and not problem else {}
+            found = self.world.comm.allgather((problem, [prog.get(k) for k in ("epoch", "step", "batch")]))
+            bad = next(((r, p) for r, (p, _) in enumerate(found) if p), None)
+            if bad is None and len({tuple(where) for _, where in found}) > 1:
+                bad = (0, "the peers' progress (epoch, step, batch) differs: "
+                          + ", ".join(f"rank {r} {tuple(w)}" for r, (_, w) in enumerate(found)))
+            if bad is None:
+                return info, state  # type: ignore[return-value]
+            unfit.append(info.path.name)
+            nxt = self.manager.latest(exclude=unfit)
+            tail = f"falling back to {nxt.path.name}" if nxt else "no earlier checkpoint"
+            log(f"hpcgraft: checkpoint {info.path.name} does not fit this run (rank {bad[0]}: {bad[1]}); {tail}",
+                world=self.world)
+            if nxt is None:
+                raise CheckpointError(f"no checkpoint in {self.manager.root} fits this run ({info.path.name}, rank "
+                                      f"{bad[0]}: {bad[1]}); restore the files or start over with --restart")
+            info = nxt
+
+    def _say_torn(self, torn: list[str]) -> None:
+        for name in torn:
+            log(f"hpcgraft: {self.dir / name} ended in a torn line (a kill or a full disk during the append); "
+                "dropped it, the checkpoint holds the truth", world=self.world)
 
     def log_grafts(self, rows: list[dict[str, Any]]) -> None:
         """Rank 0: append a round's graft reports to graft.jsonl."""
@@ -102,8 +204,83 @@ class RunStore:
         run_tree = None
         if self.world.is_root:
             run_tree = {"config": self.cfg.to_yaml(), "versions": _versions(), "grafts": _graft_history(self._grafts)}
-        with peer.watchdog.guard("checkpoint: save"):
-            self.manager.save(peer.progress.step, peer.progress.epoch, peer.state_dict(), run_tree, metric=metric)
+        state = peer.state_dict()
+        try:
+            with peer.watchdog.guard("checkpoint: save"):
+                self.manager.save(peer.progress.step, peer.progress.epoch, state, run_tree, metric=metric)
+        except CheckpointError as exc:  # raised on every rank alike: one line, exit 1, no abort
+            raise RunError(self._save_failure(exc, state, peer.progress.epoch, peer.progress.step)) from None
+
+    def _save_failure(self, exc: CheckpointError, state: dict[str, Any], epoch: int, step: int) -> str:
+        """A full disk explains itself in HDF5's words only, hundreds of lines deep: say it in one line, with
+        the space a checkpoint needs. The last checkpoint is intact, and a re-run resumes from it."""
+        needed = _tree_bytes(state) * self.world.peers
+        try:
+            free: int | None = shutil.disk_usage(self.dir).free
+        except OSError:
+            free = None
+        if self.log:
+            with contextlib.suppress(OSError):
+                self.log.status(state="failed", epoch=epoch, step=step)
+        if free is not None and free < needed * 1.1:
+            return (f"no space left in {self.dir} for the checkpoint at step {step}: {_mib(free)} free, a checkpoint "
+                    f"needs about {_mib(needed)}; free space (or lower checkpoint.keep) and re-run the same command "
+                    "to resume from the last checkpoint")
+        return f"{exc}; the last checkpoint in {self.dir} is intact: re-run the same command to resume from it"
+
+
+def _state_problem(saved: Any, mine: dict[str, Any], epochs: int) -> str | None:
+    """What makes a peer's saved state unusable for this model, or None: missing or extra weights, another
+    shape or dtype (momentum too: one per parameter stepped so far), progress out of range."""
+    if not isinstance(saved, dict):
+        return "it holds no peer state"
+    model = _flat(mine["model"])
+    parts = (("model", model, _flat(saved.get("model", {})), True),
+             ("optimizer.momentum", model, _flat(saved.get("optimizer", {}).get("momentum", {})), False))
+    for part, want, got, complete in parts:
+        for name in sorted(set(want) | set(got)):
+            if name not in want:
+                return f"{part}.{name} is not part of the model"
+            if name not in got:
+                if complete:
+                    return f"{part}.{name} is missing"
+                continue
+            a, b = want[name], got[name]
+            if not isinstance(b, torch.Tensor) or tuple(b.shape) != tuple(a.shape) or b.dtype != a.dtype:
+                kind = f"{b.dtype} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+                return f"{part}.{name} is {kind}, the model's {a.dtype} {tuple(a.shape)}"
+    prog = saved.get("progress")
+    if not isinstance(prog, dict) or set(prog) != set(mine["progress"]):
+        return "its progress record is not this version's"
+    counters = [prog[k] for k in ("epoch", "step", "batch")]
+    if not all(isinstance(v, numbers.Integral) and v >= 0 for v in counters) or prog["epoch"] > epochs:
+        return f"its progress (epoch {prog['epoch']}, step {prog['step']}) is outside 0..{epochs} epochs"
+    return None
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _tree_bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, np.ndarray):
+        return tree.nbytes
+    if isinstance(tree, dict):
+        return sum(_tree_bytes(v) for v in tree.values())
+    if isinstance(tree, list | tuple):
+        return sum(_tree_bytes(v) for v in tree)
+    return 8
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _graft_history(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -333,7 +333,7 @@ def test_cli_errors_are_one_line(run_with_checkpoints, tmp_path, capsys):
     ckpt = run_dir / CKPT / "step-000000006"
 
     def error(argv: list[str]) -> str:
-        assert main(argv) == 1
+        assert main(argv) == 2  # bad input, as the README promises (issue 11, item 7)
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("hpcgraft: error: ")
         return err
@@ -342,8 +342,12 @@ def test_cli_errors_are_one_line(run_with_checkpoints, tmp_path, capsys):
     # The same through `python -m`, as a user runs it.
     res = subprocess.run([sys.executable, "-m", "hpcgraft.checkpoint", "inspect", str(tmp_path / "nope")],
                          capture_output=True, text=True, env=env(), timeout=120)
-    assert (res.returncode, res.stdout, res.stderr) == (1, "", f"hpcgraft: error: {tmp_path / 'nope'} does not exist\n")
+    assert (res.returncode, res.stdout, res.stderr) == (2, "", f"hpcgraft: error: {tmp_path / 'nope'} does not exist\n")
     assert "peer 2 does not exist" in error(["export", str(run_dir), "--peer", "2", "--out", str(tmp_path / "m.pt")])
+    assert "peer 7 does not exist" in error(["export", str(run_dir), "--peer", "7", "--out", str(tmp_path / "m.pt")])
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    assert "hpcgraft: error: " in error(["inspect", str(garbage)])
     assert "--peer" in error(["export", str(ckpt), "--out", str(tmp_path / "m.pt")])
     _damage(ckpt, "flipped bytes")
     assert "checkpoint step-000000006 is damaged (peer-000.h5: checksum mismatch)" in error(["inspect", str(ckpt)])

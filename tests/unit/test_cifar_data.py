@@ -137,3 +137,19 @@ def test_a_batch_file_that_would_run_code_is_refused(tmp_path, cifar10):
                                         r"is not part of a CIFAR batch\)"):
         build_datasets("cifar10", str(folder))
     assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize(("content", "why"), [(7, "TypeError: it holds a int, not a dict"),
+                                              ({b"data": 7, b"labels": [1]}, "ValueError"),
+                                              ({b"data": np.zeros((320, 3072), np.uint8), b"labels": [0] * 266},
+                                               "holds 320 images but 266 labels")],
+                         ids=["an-int", "data-an-int", "images-and-labels-differ"])
+def test_a_batch_of_the_wrong_content_is_one_line(tmp_path, cifar10, content, why):
+    """Allowed types in the wrong places must end as the same one-line refusal, not a TypeError later."""
+    folder = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(cifar10[0], folder)
+    with open(folder / "data_batch_1", "wb") as f:
+        pickle.dump(content, f, protocol=2)
+    with pytest.raises(DataError) as info:
+        build_datasets("cifar10", str(folder))
+    assert "data_batch_1" in str(info.value) and why in str(info.value) and "\n" not in str(info.value)

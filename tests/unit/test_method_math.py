@@ -51,6 +51,15 @@ def test_mean_of_others_excludes_the_peer_itself(peers):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_mean_of_others_leaves_out_non_finite_peers():
+    """Issue 11, item 13: one NaN peer must not make every distillation target NaN."""
+    logits = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
+    logits[2, 1, 3] = float("nan")
+    np.testing.assert_array_equal(mean_of_others(logits, 0, 2.0).numpy(), mean_of_others(logits[:2], 0, 2.0).numpy())
+    logits[1, 0, 0] = float("inf")
+    assert mean_of_others(logits, 0, 2.0) is None  # no finite other peer: no target at all
+
+
 # ------------------------------------------------------------------------------------ real models
 SMALL = {"vgg16_bn": {"width": 16}}
 

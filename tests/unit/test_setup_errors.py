@@ -4,12 +4,18 @@ end-to-end exit-2 check through mpirun stays in tests/e2e/test_train.py."""
 
 from __future__ import annotations
 
+import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from hpcgraft import train
 from hpcgraft.config import load_config
+from hpcgraft.dist import failure
 from hpcgraft.dist.replicas import require_horovod
 from hpcgraft.dist.world import agreed, check_peers_agree, init_world
 from hpcgraft.errors import ConfigError, LayoutError, PeerMismatchError, SetupError
@@ -92,6 +98,9 @@ def test_agreement_turns_any_ranks_error_into_one_line_on_every_rank():
     with pytest.raises(SetupError, match=r"^rank 1: data\.root=/x does not exist$"):  # one rank: named
         agreed(FakeComm(others="data.root=/x does not exist"), lambda: 7)
     assert agreed(FakeComm(others=None), lambda: 7) == 7
+    # A step for the job as a whole (the run directory's lock) runs on rank 0; its error is everyone's.
+    with pytest.raises(SetupError, match=r"^run is in use$"):
+        agreed(FakeComm(rank=1, others="run is in use"), lambda: 7, root_only=True)
 
 
 def test_layout_errors_name_the_rank_count_to_start():
@@ -113,3 +122,176 @@ def test_missing_horovod_is_one_line_naming_the_install(monkeypatch):
     message = str(info.value)
     assert "dist.replicas=2 needs Horovod, but 'import horovod.torch' failed" in message
     assert "install it with bash tools/build_horovod.sh .venv" in message and "dist.replicas=1" in message
+
+
+# ------------------------------------------------------------------ issue 11: bad input decided before training
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("model.num_classes=3",), "model.num_classes=3 is fewer than the 10 classes of data.name=digits"),
+        (("model.num_classes=0",), "model.num_classes=0 must be >= 1"),
+        (("model.name=resnet20",), "model.name=resnet20 does not take the images of data.name=digits"),
+        (("log.thresholds=[]",), "log.thresholds=[] must list at least one l1 norm"),
+        (("train.lr=.inf",), "train.lr=inf must be a finite number > 0"),
+    ],
+    ids=["too-few-classes", "zero-classes", "wrong-channels", "no-thresholds", "infinite-lr"],
+)
+def test_bad_values_are_refused_before_training(capsys, tmp_path, stop_signals_kept, overrides, message):
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none", *overrides)
+    assert rc == 2, err
+    assert len(errors) == 1 and message in errors[0], err
+    assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_binary_config_file_is_one_line(capsys, tmp_path, stop_signals_kept):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)))
+    rc = train.main(["--config", str(binary), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"hpcgraft: error: config file '{binary}' is not a text (UTF-8) file" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["existing-file", "read-only"])
+def test_an_unusable_out_is_refused_before_the_data_is_loaded(capsys, tmp_path, stop_signals_kept, monkeypatch, kind):
+    import hpcgraft.training.peer as peer_module
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("the data was loaded before --out was checked")
+
+    monkeypatch.setattr(peer_module, "build_datasets", never)
+    out = tmp_path / "file"
+    if kind == "existing-file":
+        out.write_text("x")
+        message = f"--out {out} is an existing file, not a directory"
+    else:
+        out = Path("/sys/hpcgraft-test-run")  # sysfs: no directory can be made there, whoever runs the test
+        message = f"--out {out} cannot be written"
+    rc = train.main(["--config", str(ROOT / "configs/digits.yaml"), "--out", str(out), "graft.mode=none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"hpcgraft: error: {message}" in err, err
+    assert "Traceback" not in err
+
+
+def test_overrides_may_follow_out(capsys, tmp_path, stop_signals_kept):
+    rc = train.main(["--config", str(ROOT / "configs/digits.yaml"), "train.epochs=1", "--out", str(tmp_path / "run"),
+                     "graft.mode=none", "log.progress=off"])
+    assert rc == 0, capsys.readouterr().err
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.train.epochs, saved.graft.mode) == (1, "none")
+
+
+def test_a_foreign_directory_is_neither_cleared_nor_resumed(capsys, tmp_path, stop_signals_kept):
+    """Another project's run: --restart must not delete its checkpoints, resume must not read its logs."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "resnet_best").mkdir(parents=True)
+    (out / "checkpoints" / "resnet_best" / "model.pth").write_bytes(b"weights")
+    (out / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    for restart in ([], ["--restart"]):
+        rc = train.main(["--config", str(ROOT / "configs/digits.yaml"), *restart, "--out", str(out), "graft.mode=none"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"hpcgraft: error: --out {out} is not an hpcgraft run directory" in err, err
+    assert (out / "checkpoints" / "resnet_best" / "model.pth").read_bytes() == b"weights"
+    assert (out / "metrics.jsonl").read_text() == '{"loss": 1.0}\n'
+
+
+def test_a_garbage_saved_config_is_one_line(capsys, tmp_path, stop_signals_kept):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_bytes(b"\x00\xff garbage: [")
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none")
+    assert rc == 2 and len(errors) == 1 and f"the config of the run in {out} (config.yaml) is damaged" in errors[0], err
+
+
+def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_torn_log_line(
+        capsys, tmp_path, stop_signals_kept, monkeypatch):
+    """Item 9: run.h5 holds the config when config.yaml is gone; item 11: a torn last metrics line is dropped."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("HPCGRAFT_INJECT", "0:25:usr1")  # a stop in epoch 2, after epoch 1's checkpoint
+    rc, _, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
+    assert rc == 75, err
+    monkeypatch.delenv("HPCGRAFT_INJECT")
+    failure._stop_signal = None  # this process is the next "job" too (stop_signals_kept resets it after)
+    (out / "config.yaml").unlink()
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2", "train.lr=0.05")
+    assert rc == 2 and len(errors) == 1, err
+    assert f"{out} holds a run with train.lr=0.1 (in step-" in errors[0], err
+    assert "run.h5; its config.yaml is gone" in errors[0], err
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "pe')
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
+    assert rc == 0 and not errors, err
+    assert f"{out / 'metrics.jsonl'} ended in a torn line" in err
+    rows = [(r["epoch"], r["peer"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    assert rows == [(1, 0), (1, None), (2, 0), (2, None)]
+
+
+def test_a_full_disk_is_one_line_naming_the_directory_and_the_space(capsys, tmp_path, stop_signals_kept, monkeypatch):
+    """Item 12: HDF5 failing for lack of space ends the run with exit 1 and one line, not its error stack;
+    the disk is made "full" where the checkpoint is written and where free space is read."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    import hpcgraft.storage.checkpoints as checkpoints_module
+
+    def full(path, tree, meta):
+        raise OSError(28, "Unable to synchronously create dataset (file write failed: errno = 28, error message "
+                          "= 'No space left on device')")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints_module, "_write_h5", full)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 * 2**20, 10 * 2**20 - 4096, 4096))
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none")
+    out = tmp_path / "run"
+    assert rc == 1 and len(errors) == 1, err
+    assert errors[0].startswith(f"hpcgraft: error: no space left in {out} for the checkpoint at step 22: 0.0 MiB "
+                                "free, a checkpoint needs about "), err
+    assert "Traceback" not in err
+    assert json.loads((out / "status.json").read_text())["state"] == "failed"
+
+
+def _rewrite_with_crc(ckpt: Path, name: str, edit: Callable[[h5py.File], None]) -> None:
+    """Change a checkpoint file and regenerate its manifest entry, as a buggy tool would: the CRC passes."""
+    from hpcgraft.storage.atomic import crc_of
+
+    with h5py.File(ckpt / name, "r+") as f:
+        edit(f)
+    manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+    size, crc = crc_of(ckpt / name)
+    manifest["files"][name].update(size=size, crc32=f"{crc:08x}")
+    (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def _wrong_shape(f: h5py.File) -> None:
+    name = "model/conv1.weight" if "model/conv1.weight" in f else next(
+        f"model/{k}" for k in f["model"] if isinstance(f["model"][k], h5py.Dataset))
+    attrs = dict(f[name].attrs)
+    del f[name]
+    f.create_dataset(name, data=np.zeros((3, 3), dtype=np.float32))
+    f[name].attrs.update(attrs)
+
+
+def _far_progress(f: h5py.File) -> None:
+    epoch = f["progress"]["epoch"] if isinstance(f["progress"], h5py.Group) and "epoch" in f["progress"] else None
+    if isinstance(epoch, h5py.Dataset):
+        epoch[()] = 1000
+    else:
+        f["progress"].attrs["epoch"] = 1000
+
+
+@pytest.mark.parametrize("tamper", [_wrong_shape, _far_progress], ids=["wrong-shape", "progress-epoch-1000"])
+def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
+        capsys, tmp_path, stop_signals_kept, monkeypatch, tamper):
+    """Item 10: CRCs regenerated over a wrong dataset; the run falls back to the previous checkpoint."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("HPCGRAFT_INJECT", "0:25:usr1")
+    rc, _, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
+    assert rc == 75, err
+    monkeypatch.delenv("HPCGRAFT_INJECT")
+    failure._stop_signal = None
+    newest, older = sorted((out / "checkpoints").glob("step-*"), reverse=True)[:2]
+    _rewrite_with_crc(newest, "peer-000.h5", tamper)
+    rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
+    assert rc == 0 and not errors, err
+    assert f"hpcgraft: checkpoint {newest.name} does not fit this run (rank 0: " in err, err
+    assert f"; falling back to {older.name}" in err and f"resuming {out} from {older.name}" in err, err
