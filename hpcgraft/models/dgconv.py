@@ -135,7 +135,8 @@ def apply_dgconv(model: nn.Module, gate_init: str = "random") -> list[str]:
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
         replaced.append(name)
     if not replaced:
-        first = f" (first 3x3 layer '{candidates[0][0]}': {_unfit(candidates[0][1])})" if candidates else ""
+        square = [(n, m) for n, m in candidates if m.in_channels == m.out_channels] or candidates
+        first = f" (layer '{square[0][0]}': {_unfit(square[0][1])})" if square else ""
         raise ValueError(f"model.dgconv=true: the model has no square 3x3 conv of power-of-two width{first}")
     return replaced
 

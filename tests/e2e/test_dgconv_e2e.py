@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpcgraft import report
 from hpcgraft.errors import EXIT_REQUEUE
 from hpcgraft.models import create_model
 from hpcgraft.models.dgconv import apply_dgconv, dgconv_layers
@@ -69,3 +70,9 @@ def test_export_loads_into_the_same_model_and_offline_graft_keeps_gates(runs, tm
     model.load_state_dict(out)
     gates = [n + ".gate" for n in dgconv_layers(model)]
     assert any(not torch.equal(out[g], state[g]) for g in gates)  # the gates were mixed too
+
+
+def test_report_plots_the_group_counts(runs, tmp_path) -> None:
+    assert report.main([str(runs["whole"]), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "whole_dgconv_groups.png").stat().st_size > 0
+    assert "DGConv groups in" in (tmp_path / "summary.md").read_text()
