@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from hpcgraft.config import load_config
+from hpcgraft.errors import ConfigError
 from hpcgraft.method import grafting
 from hpcgraft.models import create_model
 from hpcgraft.models.dgconv import DGConv2d, apply_dgconv, budget_scale, effective_weight, kron_mask
@@ -114,3 +116,18 @@ def test_masked_entries_do_not_leak_a_peers_stale_weights() -> None:
     off_diagonal = ~torch.eye(8, dtype=torch.bool)  # whatever alpha is, the peer contributes zero there
     assert float(out["conv.weight"][off_diagonal].abs().max()) <= float(own["conv.weight"].abs().max())
     assert float(peer["conv.weight"][off_diagonal].min()) > 900  # the input is untouched
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.dgconv_budget=100"], "needs model.dgconv=true"),
+    (["model.dgconv=true", "model.dgconv_budget=0"], "must be > 0"),
+    (["model.dgconv=true", "model.dgconv_init=dense"], "model.dgconv_init"),
+])
+def test_config_rejects_bad_dgconv_settings(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_accepts_a_budget() -> None:
+    cfg = load_config(None, ["model.dgconv=true", "model.dgconv_budget=512", "model.dgconv_init=depthwise"]).model
+    assert (cfg.dgconv, cfg.dgconv_budget, cfg.dgconv_init) == (True, 512.0, "depthwise")
