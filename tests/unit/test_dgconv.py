@@ -89,7 +89,7 @@ def test_models_convert_and_keep_their_function(name: str, count: int) -> None:
 
 
 def test_mobilenet_is_an_error_naming_a_layer() -> None:
-    with pytest.raises(ValueError, match="layer 'features.0.0.0': it is already grouped"):
+    with pytest.raises(ValueError, match=r"layer 'features\.1\.body\.0\.0': it is already grouped"):
         apply_dgconv(create_model("mobilenetv2", 10))
 
 
