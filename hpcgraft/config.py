@@ -23,6 +23,10 @@ class ModelConfig:
     name: str = "digits_resnet"
     num_classes: int | None = None  # None: taken from the data set
     init: str = "kaiming"  # kaiming (He-normal) | pytorch (layer defaults: the authors' VGG and MobileNetV2)
+    dgconv: bool = False  # square 3x3 convs of power-of-two width become DGConv (learned groups, GroupNet)
+    dgconv_init: str = "random"  # random: gates +-1e-8 with random sign (the reference) | depthwise: all closed
+    dgconv_budget: float | None = None  # o of the loss factor (o / zeta)^a; None: no resource constraint
+    dgconv_exponent: float = -0.02  # a while zeta > o (a = 0 under the budget), the reproduction's value
 
 
 @dataclass
@@ -287,6 +291,9 @@ def validate(cfg: Config) -> None:
                    f"has only {' and '.join(needed)}); use one of: {', '.join(needed)}")
     _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
     _choice("model.init", cfg.model.init, ("kaiming", "pytorch"))
+    _choice("model.dgconv_init", cfg.model.dgconv_init, ("random", "depthwise"))
+    _check(cfg.model.dgconv_budget is None or (cfg.model.dgconv and cfg.model.dgconv_budget > 0),
+           "model.dgconv_budget must be > 0 and needs model.dgconv=true")
     _check(cfg.model.init == "kaiming" or cfg.model.name in ("vgg16_bn", "mobilenetv2", "mobilenetv2_ref"),
            f"model.init={cfg.model.init!r} is not allowed for model.name={cfg.model.name!r} (the authors' ResNets "
            "use kaiming too); use one of: kaiming")

@@ -321,6 +321,31 @@ def graft_matrix(run: Run, peer: int, key: str) -> tuple[list[str], list[tuple[i
     return names, [(g["epoch"], g["step"]) for g in rows], values
 
 
+def plot_dgconv_groups(run: Run, path: Path) -> bool:
+    """The learning dynamics of the group numbers (GroupNet's figure): per peer, each DGConv layer's
+    group count by epoch, on a log2 axis since counts are powers of two. False for runs without DGConv."""
+    series = {p: [(e, run.rows[e, p]["dgconv_groups"]) for e in run.epochs
+                  if "dgconv_groups" in run.rows.get((e, p), {})] for p in run.peers}
+    if not any(series.values()):
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 4), squeeze=False, sharey=True)
+    for ax, (p, rows) in zip(axes.flat, series.items(), strict=True):
+        epochs = [e for e, _ in rows]
+        for layer, counts in enumerate(zip(*(g for _, g in rows), strict=True)):
+            ax.plot(epochs, counts, lw=1.0, marker=".", label=f"DGConv {layer}")
+        ax.set_yscale("log", base=2)
+        ax.set_title(f"{run.name}: peer {p}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("groups")
+    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def plot_graft_heatmap(run: Run, key: str, path: Path) -> bool:
     """Heat map of ``alpha`` or ``h_self`` per layer (rows) and graft point (columns), one panel per peer."""
     plt = _pyplot()
@@ -414,6 +439,10 @@ def write_report(runs: list[Run], out: Path) -> Path:
         for key, what in (("alpha", "alpha per layer and graft point"), ("h_self", "entropy per layer")):
             if plot_graft_heatmap(r, key, out / f"{base}_{key}.png"):
                 md += ["", f"![{what}]({base}_{key}.png)"]
+    for r in runs:
+        if plot_dgconv_groups(r, out / f"{_file_name(r)}_dgconv_groups.png"):
+            md += ["", f"### DGConv groups in {r.name}", "",
+                   f"![groups per DGConv layer and epoch]({_file_name(r)}_dgconv_groups.png)"]
     summary = out / "summary.md"
     summary.write_text("\n".join(md) + "\n")
     return summary

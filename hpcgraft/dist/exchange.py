@@ -276,6 +276,7 @@ class GraftExchange:
     def graft(self, on_wait: Callable[[str], contextlib.AbstractContextManager[None]] | None = None) -> RoundResult:
         """One synchronous round; every peer of ``comm`` must call it at the same point."""
         guard = on_wait or (lambda what: contextlib.nullcontext())
+        grafting.mask_gated_(self.state, self.plan)  # before packing: peers send only what their layers use
         h_self = self.math.entropies(self.state, self.plan)
         finite = self.packed.all_finite()  # also stages the ring's packed block
         if self.source_fn is not None:

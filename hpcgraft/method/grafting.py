@@ -19,6 +19,7 @@ import torch
 
 from hpcgraft.method import authors as _authors_code
 from hpcgraft.method.groups import LayerGroup
+from hpcgraft.models import dgconv
 
 __all__ = ["LayerGroup"]  # re-exported: the exchange and tools plan with it
 State = Mapping[str, torch.Tensor]
@@ -107,9 +108,10 @@ def plan_layers(state: State) -> list[LayerGroup]:
         anchors = [k for k in keys if state[k].dim() >= 2]
         if anchors:
             main = next((k for k in anchors if k.endswith("weight")), anchors[0])
-            rest = tuple(k for k in keys if k != main and state[k].dim() < 2 and state[k].shape[:1] ==
-                         state[main].shape[:1])
-            groups.append(LayerGroup(main, (main, *rest), state[main].shape[0], True))
+            gate = gate_of(state, main)
+            rest = tuple(k for k in keys if k != main and (k == gate or state[k].dim() < 2 and state[k].shape[:1] ==
+                         state[main].shape[:1]))
+            groups.append(LayerGroup(main, (main, *rest), state[main].shape[0], True, gate))
             open_layer = len(groups) - 1
             for k in keys:
                 if k != main and k not in rest:
@@ -127,6 +129,37 @@ def plan_layers(state: State) -> list[LayerGroup]:
         main = next((k for k in keys if k.endswith("weight")), keys[0])
         groups.append(LayerGroup(main, (main, *[k for k in keys if k != main]), 1, False))
     return groups
+
+
+def gate_of(state: State, weight_key: str) -> str | None:
+    """The gate key of a DGConv weight (its module's ``gate``, K logits for 2^K square channels)."""
+    gate = weight_key.rpartition(".")[0] + ".gate"
+    w, g = state[weight_key], state.get(gate)
+    if g is None or w.dim() != 4 or g.dim() != 1 or w.shape[0] != w.shape[1] or w.shape[0] != 2 ** g.numel():
+        return None
+    return gate
+
+
+def used_weight(state: State, weight_key: str) -> torch.Tensor:
+    """The weight a layer computes with: W * U(gate) for a DGConv, so that entropies and l1 norms see
+    the grouping, not the entries it masks; any other weight as stored."""
+    gate = gate_of(state, weight_key)
+    w = state[weight_key].detach()
+    return w if gate is None else dgconv.effective_weight(w, state[gate].detach())
+
+
+def mask_gated_(state: State, plan: Sequence[LayerGroup]) -> None:
+    """In place, W <- W * U(gate) for every DGConv layer, before a graft mixes W.
+
+    Masked entries of W get no gradient and keep whatever a past grouping left there; mixed as they
+    are, a peer's stale entries would enter the effective weight wherever the mixed gates open a block
+    that the peer had closed. Zeroing them first (the layer's function is unchanged) makes each peer
+    contribute exactly the weights it used, and zero elsewhere.
+    """
+    for g in plan:
+        if g.gate is not None:
+            w = state[g.anchor]
+            w.mul_(dgconv.kron_mask(dgconv.binary_gates(state[g.gate].detach()).to(w.dtype)).view(*w.shape[:2], 1, 1))
 
 
 def plan_signature(plan: Sequence[LayerGroup], state: State) -> list[tuple[str, tuple[int, ...], str]]:
@@ -151,14 +184,15 @@ def layer_entropies(state: State, plan: Sequence[LayerGroup], level: str = "laye
     out: list[torch.Tensor | None] = [None] * len(plan)
     batches: dict[tuple, list[int]] = {}
     for i, g in enumerate(plan):
-        w = state[g.anchor]
+        w = used_weight(state, g.anchor) if g.gate else state[g.anchor]
         rows = w.shape[0] if level == "filter" and g.per_filter else 1
         if w.numel() <= BATCH_NUMEL and w.numel():
             batches.setdefault((rows, w.numel(), w.dtype, w.device, w.dim() > 0), []).append(i)
         else:
             out[i] = filter_entropies(w.reshape(rows, -1), bins) if rows > 1 else entropy_tensor(w, bins)
     for (rows, _, _, _, _), idx in batches.items():
-        stacked = torch.cat([state[plan[i].anchor].reshape(rows, -1) for i in idx])
+        stacked = torch.cat([(used_weight(state, plan[i].anchor) if plan[i].gate else state[plan[i].anchor]
+                              ).reshape(rows, -1) for i in idx])
         for i, h in zip(idx, filter_entropies(stacked, bins).split(rows), strict=True):
             out[i] = h if rows > 1 else h.reshape(())
     return out  # type: ignore[return-value]
@@ -196,8 +230,11 @@ def mix_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], alpha
 
 
 def per_member(plan: Sequence[LayerGroup], alphas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The coefficient of every grouped tensor, in plan order (a group's members share theirs)."""
-    return [a for g, a in zip(plan, alphas, strict=True) for _ in g.members]
+    """The coefficient of every grouped tensor, in plan order (a group's members share theirs).
+
+    A DGConv gate takes the mean of its layer's per-filter coefficients: the K gates act on all
+    filters at once, so they can only follow the layer as a whole."""
+    return [a.mean() if k == g.gate and a.dim() else a for g, a in zip(plan, alphas, strict=True) for k in g.members]
 
 
 def member_keys(plan: Sequence[LayerGroup]) -> list[str]:
@@ -325,6 +362,9 @@ def graft_state(
     h_source = math_.entropies(source_state, plan)
     alphas = math_.coefficients(h_self, h_source)
     out = {k: v.clone() for k, v in self_state.items()}
+    source_state = {k: v.clone() for k, v in source_state.items()} if any(g.gate for g in plan) else source_state
+    mask_gated_(out, plan)
+    mask_gated_(source_state, plan)  # type: ignore[arg-type]
     keys = member_keys(plan)
     math_.mix_([out[k] for k in keys], [source_state[k] for k in keys], per_member(plan, alphas))
     return out, make_report(plan, h_self, h_source, alphas, level)
@@ -345,7 +385,7 @@ def check_compatible(first: State, second: State) -> None:
 # ---------------------------------------------------------------------------------- invalid filters
 def filter_l1_norms(state: State) -> dict[str, torch.Tensor]:
     """l1 norm of every output filter of every conv layer (4-D weights)."""
-    return {k: t.detach().abs().flatten(1).sum(1) for k, t in state.items()
+    return {k: used_weight(state, k).abs().flatten(1).sum(1) for k, t in state.items()
             if t.is_floating_point() and t.dim() == 4 and k.endswith("weight")}
 
 

@@ -14,3 +14,4 @@ class LayerGroup:
     members: tuple[str, ...]  # all keys of the group, anchor first
     filters: int  # output filters (first dimension of the anchor)
     per_filter: bool  # False for groups that have no filters (1-D standalone tensors)
+    gate: str | None = None  # a DGConv layer's gate logits (a member too): the anchor is then W * U(gate)

@@ -30,6 +30,7 @@ from hpcgraft.dist.world import agreed, check_peers_agree, init_world, log
 from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunError
 from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
+from hpcgraft.models import dgconv
 from hpcgraft.storage.runlog import METRICS, epoch_table
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
@@ -149,6 +150,8 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
                 if target is not None:
                     loss = loss + cfg.cultivate.lambda_ * distillation_loss(logits.float(), target,
                                                                             cfg.cultivate.temperature)
+            if cfg.model.dgconv_budget is not None:
+                loss = loss * dgconv.budget_scale(model, cfg.model.dgconv_budget, over=cfg.model.dgconv_exponent)
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
         peer.optimizer.step()
@@ -315,6 +318,7 @@ def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
         "train_loss": totals[5] / max(1.0, totals[4]), "train_acc": 100.0 * totals[3] / max(1.0, totals[4]),
         "test_acc": test_acc, "lr": peer.schedule(max(0, prog.step - 1)),
         **{f"invalid_{t:g}": n for t, n in invalid.items()},
+        **({"dgconv_groups": groups} if (groups := [m.groups() for m in dgconv.dgconv_layers(model).values()]) else {}),
         "seconds": prog.seconds,
     }
     return row, ensemble

@@ -23,6 +23,7 @@ from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.models import create_model
+from hpcgraft.models.dgconv import apply_dgconv
 
 
 @dataclass
@@ -168,7 +169,10 @@ def build_peer(cfg: Config, world: World) -> Peer:
     seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
     try:
         options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
-        model = create_model(cfg.model.name, num_classes, **options).to(device)
+        model = create_model(cfg.model.name, num_classes, **options)
+        if cfg.model.dgconv:
+            apply_dgconv(model, cfg.model.dgconv_init)
+        model = model.to(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_model_fits_data(cfg, model, test_set, device)
