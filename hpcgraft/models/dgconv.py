@@ -21,8 +21,11 @@ GATE_INIT_EPS = 1e-8  # the reference's initial |g~|: every gate sits at the sig
 
 def binary_gates(gate: torch.Tensor) -> torch.Tensor:
     """g = (sign(g~) + 1) / 2 in the forward, identity gradient in the backward (straight-through),
-    because sign has zero gradient almost everywhere and the gates would never move otherwise."""
-    hard = (torch.sign(gate) + 1) / 2
+    because sign has zero gradient almost everywhere and the gates would never move otherwise.
+
+    A logit of exactly 0 counts as closed (sign(0) = 0 would give g = 1/2, a mask that is no grouping):
+    grafting at alpha = 1/2 mixes the reference's initial +-1e-8 gates of two peers to exactly 0."""
+    hard = (gate > 0).to(gate.dtype)
     return gate + (hard - gate).detach()
 
 

@@ -131,3 +131,11 @@ def test_config_rejects_bad_dgconv_settings(overrides: list[str], message: str) 
 def test_config_accepts_a_budget() -> None:
     cfg = load_config(None, ["model.dgconv=true", "model.dgconv_budget=512", "model.dgconv_init=depthwise"]).model
     assert (cfg.dgconv, cfg.dgconv_budget, cfg.dgconv_init) == (True, 512.0, "depthwise")
+
+
+def test_a_zero_logit_is_a_closed_gate() -> None:
+    layer = layer_with([1, 1, 1])
+    with torch.no_grad():
+        layer.gate.copy_(torch.tensor([1e-8, -1e-8, 1e-8]) * 0.5 + torch.tensor([-1e-8, 1e-8, 1e-8]) * 0.5)
+    assert set(effective_weight(torch.ones(8, 8, 1, 1), layer.gate).unique().tolist()) == {0.0, 1.0}
+    assert layer.groups() == 4 and float(layer.complexity().detach()) == 16
