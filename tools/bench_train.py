@@ -44,6 +44,7 @@ from bench_data import write_cifar10  # noqa: E402
 from hpcgraft.config import load_config  # noqa: E402
 from hpcgraft.dist.failure import StopRequest  # noqa: E402
 from hpcgraft.dist.world import init_world  # noqa: E402
+from hpcgraft.models import create_model  # noqa: E402
 from hpcgraft.training.loop import train_one_epoch  # noqa: E402
 from hpcgraft.training.peer import build_peer  # noqa: E402
 
@@ -105,13 +106,13 @@ def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[s
                  "graft.mode=none", "checkpoint.enabled=false", f"dist.amp={str(amp).lower()}", *extra]
     if "cifar" in config:
         overrides.append(f"data.root={data_root}")
-    if name in SYNTHETIC:
-        overrides += [f"model.name={name}", f"model.num_classes={SYNTHETIC[name][2]}"]
     cfg = load_config(config, overrides)
     world = init_world(1)
     peer = build_peer(cfg, world)
-    if name == "linear":
-        peer.model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).to(dev)
+    if name in ("linear", *SYNTHETIC):  # swapped in after the peer is built: it does not fit the config's data
+        torch.manual_seed(cfg.seed)
+        peer.model = (create_model(name, SYNTHETIC[name][2]) if name in SYNTHETIC else
+                      torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))).to(dev)
         peer.optimizer = torch.optim.SGD(peer.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
     stop = StopRequest(world.comm)
