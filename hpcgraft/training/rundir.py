@@ -35,6 +35,7 @@ from hpcgraft.training.peer import Peer
 #: (or, from before it existed, a config.yaml), never another project's files.
 MARKER = ".hpcgraft-run"
 CONFIG = "config.yaml"
+LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
 _LOCK: RunDirLock | None = None  # rank 0's lock on the run directory, held until the process ends
 
 
@@ -51,7 +52,8 @@ def claim_run_dir(run_dir: Path, *, restart: bool) -> None:
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"--out {run_dir} cannot be written ({exc.strerror}); pass a writable directory") from None
-    names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE}
+    # hpcgraft.launch's own submitit folder (its logs, written before the first rank starts) belongs to the run
+    names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE, LAUNCH_LOGS}
     if names and not names & {MARKER, CONFIG}:
         raise ConfigError(f"--out {run_dir} is not an hpcgraft run directory (it holds {', '.join(sorted(names)[:3])}"
                           f"{', ...' if len(names) > 3 else ''} and no {MARKER}); hpcgraft neither resumes nor clears "
