@@ -35,14 +35,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from mpi4py import MPI
-
-from hpcgraft.dist.exchange import GraftExchange
-from hpcgraft.method import grafting
-from hpcgraft.models import create_model
+from hpcgraft.supervise import launcher_rank
 
 RANKS = 2
+
+
+def relaunch(argv: list[str]) -> int:
+    mpirun = Path(sys.executable).parent / "mpirun"
+    launcher = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
+    if launcher is None:
+        print("bench_graft: mpirun not found; run `make setup` or start it as mpirun -np 2 python tools/bench_graft.py",
+              file=sys.stderr)
+        return 2
+    os.execv(launcher, [launcher, "-np", str(RANKS), sys.executable, __file__, *argv])
+    return 0  # not reached
+
+
+if __name__ == "__main__" and launcher_rank() is None:
+    # Relaunch before MPI starts here: a singleton MPI that exec replaces leaves its /dev/shm segment behind.
+    sys.exit(relaunch(sys.argv[1:]))
+
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from hpcgraft.dist.exchange import GraftExchange  # noqa: E402
+from hpcgraft.method import grafting  # noqa: E402
+from hpcgraft.models import create_model  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -228,17 +246,6 @@ def report(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def relaunch(argv: list[str]) -> int:
-    mpirun = Path(sys.executable).parent / "mpirun"
-    launcher = str(mpirun) if mpirun.exists() else shutil.which("mpirun")
-    if launcher is None:
-        print("bench_graft: mpirun not found; run `make setup` or start it as mpirun -np 2 python tools/bench_graft.py",
-              file=sys.stderr)
-        return 2
-    os.execv(launcher, [launcher, "-np", str(RANKS), sys.executable, __file__, *argv])
-    return 0  # not reached
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=9)
@@ -247,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: the GPU of the local rank")
     args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
-    if comm.Get_size() == 1:
+    if comm.Get_size() == 1:  # imported and called without a launcher
         return relaunch(sys.argv[1:] if argv is None else argv)
     if comm.Get_size() != RANKS:
         print(f"bench_graft: runs on {RANKS} ranks, got {comm.Get_size()}", file=sys.stderr)
