@@ -159,6 +159,8 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
         loss.backward()
         bn_l1_step(peer)
         peer.optimizer.step()
+        for hook in peer.after_step:
+            hook(model)
         loss_sum.add_(loss.detach(), alpha=len(y))  # in float64, on the device: no sync
         correct += (logits.detach().argmax(1) == y).sum()
         prog.seen += len(y)

@@ -4,6 +4,7 @@ checkpoint holds it (:meth:`Peer.state_dict` / :meth:`Peer.load_state_dict`)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,8 @@ class Peer:
     progress: Progress = field(default_factory=Progress)
     graft_rows: list[dict[str, Any]] = field(default_factory=list)
     monitor: EarlyBirdMonitor | None = None  # prune.monitor: its window of masks is checkpointed
+    # Called with the model after every optimizer step (the pruning command re-applies its masks there).
+    after_step: list[Callable[[nn.Module], None]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of

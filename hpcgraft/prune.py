@@ -1,0 +1,253 @@
+"""Prune a trained run's peers by a criterion, optionally fine-tune them, and measure top-1.
+
+    python -m hpcgraft.prune RUN_OR_CHECKPOINT --criterion lean,l1,bn --keep 0.1,0.3,0.5 \\
+        [--finetune-epochs N] [--peer I] [--set KEY=VALUE ...] --out DIR
+    mpirun -np K python -m hpcgraft.prune ...     # rank r fine-tunes peers r, r+K, ...
+
+Every (criterion, keep) pair is one job per peer: mask (:mod:`hpcgraft.method.pruning`; what keep counts is
+defined there), fine-tune N epochs with the run's config (its schedule restarted over N epochs, no
+grafting, no cultivation, no monitor; ``--set`` overrides more keys, e.g. train.lr=0.01) re-applying the
+mask after every optimizer step, evaluate. Writes DIR/prune.json, one directory per job with each peer's
+weights (peer-NNN.pt) and mask (peer-NNN.mask.pt), and prints a table. Every mask is computed before any
+fine-tuning, so bad input (criterion, keep, no BatchNorm for bn, a stride LEAN does not support) ends the
+command with one line and exit status 2 before any work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpcgraft.config import Config, load_config
+from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
+from hpcgraft.method import lean
+from hpcgraft.method.pruning import CRITERIA, Mask, check_request, make_mask
+from hpcgraft.models import create_model
+from hpcgraft.storage.statefile import load_states
+from hpcgraft.training.rundir import CONFIG
+
+PROG = "hpcgraft.prune"
+RESULTS = "prune.json"
+# Fine-tuning trains a pruned peer alone: no graft (it would mix in unpruned weights), no distillation.
+FINETUNE = ("graft.mode=none", "cultivate.lambda=0", "prune.monitor=off", "checkpoint.enabled=false")
+
+
+def parse_list(text: str, kind: type, name: str) -> list[Any]:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--{name} {text!r} is not a comma-separated list of {kind.__name__}s") from None
+
+
+def find_config(path: Path) -> Path:
+    """The run's config.yaml: beside a run directory, two levels above a checkpoint, three above a file."""
+    for d in [path, *path.parents][:4]:
+        if (d / CONFIG).is_file():
+            return d / CONFIG
+    raise UserError(f"{path} is neither an hpcgraft run directory nor one of its checkpoints (found no "
+                    f"{CONFIG} beside it); give the run directory the training wrote")
+
+
+def peer_index(label: str) -> int:
+    return int(re.match(r"peer (\d+)", label).group(1))  # type: ignore[union-attr]
+
+
+def build_model(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The run's model with ``state`` loaded; its classes from the classifier's weight (the last 2-D one)."""
+    num_classes = cfg.model.num_classes or [v for v in state.values() if v.dim() == 2][-1].shape[0]
+    options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
+    model = create_model(cfg.model.name, num_classes, **options)
+    model.load_state_dict(state)
+    return model
+
+
+@torch.no_grad()
+def predictions(model: nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader.epoch(0):
+        probs.append(F.softmax(model(x.to(device)).float(), dim=1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((probs.argmax(1) == labels).float().mean())
+
+
+def job_dir(out: Path, criterion: str, keep: float) -> Path:
+    return out / f"{criterion}-keep{keep:g}"
+
+
+def finetune(cfg: Config, peer_no: int, peers: int, state: dict[str, torch.Tensor], mask: Mask) -> Any:
+    """Train the masked peer with the training loop itself; the mask is re-applied after every step."""
+    from hpcgraft.dist import mpi
+    from hpcgraft.dist.failure import StopRequest
+    from hpcgraft.dist.world import init_world
+    from hpcgraft.training.loop import train_one_epoch
+    from hpcgraft.training.peer import build_peer
+
+    world = dataclasses.replace(init_world(1, mpi().COMM_SELF), peer=peer_no, peers=peers)
+    peer = build_peer(cfg, world)
+    peer.model.load_state_dict(state)
+    mask.apply(peer.model)
+    peer.after_step.append(mask.apply)
+    stop = StopRequest(world.comm)
+    try:
+        while peer.progress.epoch < cfg.train.epochs:
+            peer.progress.start_epoch()
+            train_one_epoch(peer, stop)
+            peer.progress.epoch += 1
+    finally:
+        stop.close()
+    return peer
+
+
+def run_jobs(cfg: Config, jobs: list[tuple[str, float, int]], states: dict[int, dict[str, torch.Tensor]],
+             masks: dict[tuple[str, float, int], Mask], epochs: int, out: Path) -> dict[tuple[str, float, int], Any]:
+    """This rank's jobs: prune, fine-tune, save, evaluate. -> job -> (top1 pruned, top1, probs, labels)."""
+    from hpcgraft.data import BatchLoader, build_datasets
+
+    _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
+    loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False)
+    device = torch.device("cpu")
+    results = {}
+    for criterion, keep, p in jobs:
+        mask = masks[(criterion, keep, p)]
+        model = build_model(cfg, states[p])
+        mask.apply(model)
+        before = top1(*predictions(model, loader, device))
+        if epochs > 0:
+            peer = finetune(cfg, p, len(states), states[p], mask)
+            model, device = peer.model, peer.device
+        probs, labels = predictions(model, loader, device)
+        d = job_dir(out, criterion, keep)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / f"peer-{p:03d}.pt")
+        torch.save(mask.state_dict(), d / f"peer-{p:03d}.mask.pt")
+        zero = all(bool((prm.detach()[~mask.masks[n].to(prm.device)] == 0).all())
+                   for n, prm in model.named_parameters() if n in mask.masks)
+        results[(criterion, keep, p)] = (before, top1(probs, labels), probs, labels, zero)
+    return results
+
+
+def unpruned_top1(cfg: Config, states: dict[int, dict[str, torch.Tensor]]) -> dict[int, float]:
+    from hpcgraft.data import BatchLoader, build_datasets
+
+    _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
+    loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False)
+    return {p: top1(*predictions(build_model(cfg, s), loader, torch.device("cpu"))) for p, s in states.items()}
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    peers = sorted(doc["unpruned"], key=int)
+    cols = ["criterion", "keep", "kept", *[f"peer {p}" for p in peers], "ensemble"]
+    rows = [["unpruned", "1", "", *[f"{doc['unpruned'][p]:.2f}" for p in peers], ""]]
+    for r in doc["results"]:
+        rows.append([r["criterion"], f"{r['keep']:g}", f"{r['kept']}/{r['total']} {r['unit']}",
+                     *[f"{r['top1'][p]:.2f}" for p in peers], f"{r['ensemble']:.2f}"])
+    widths = [max(len(row[i]) for row in [cols, *rows]) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [cols, *rows]]
+    ft = doc["finetune_epochs"]
+    return f"top-1 (%) after pruning{f' and {ft} fine-tune epoch(s)' if ft else ''}:\n" + "\n".join(lines)
+
+
+def prepare(args: argparse.Namespace) -> tuple[Config, str, dict[int, dict[str, torch.Tensor]], list, dict]:
+    """Everything decided before any work: the request, the run, its config and every mask."""
+    criteria = parse_list(args.criterion, str, "criterion")
+    keeps = parse_list(args.keep, float, "keep")
+    if not criteria or not keeps:
+        raise UserError("--criterion and --keep each need at least one value")
+    for c in criteria:
+        for k in keeps:
+            check_request(c, k)
+    if args.finetune_epochs < 0:
+        raise UserError(f"--finetune-epochs {args.finetune_epochs} must be >= 0")
+    path = Path(args.path)
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or checkpoint")
+    cfg_path = find_config(path if path.is_dir() else path.parent)
+    overrides = [*FINETUNE, f"train.epochs={max(1, args.finetune_epochs)}", *args.set]
+    cfg = load_config(cfg_path, overrides)
+    arm = "baseline" if load_config(cfg_path).graft.mode == "none" else "grafted"
+    states = {peer_index(label): s for label, s in load_states(path, args.peer).items()}
+    masks = {}
+    for p, s in states.items():
+        model = build_model(cfg, s)
+        for c in criteria:
+            for k in keeps:
+                masks[(c, k, p)] = make_mask(model, c, k, args.image_size)
+    jobs = [(c, k, p) for c in criteria for k in keeps for p in states]
+    return cfg, arm, states, jobs, masks
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hpcgraft.prune", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory, a checkpoint step dir or peer-*.h5")
+    ap.add_argument("--criterion", required=True, help=f"one or several, comma-separated: {','.join(CRITERIA)}")
+    ap.add_argument("--keep", required=True, help="kept fraction(s) in (0, 1], comma-separated, e.g. 0.1,0.3,0.5")
+    ap.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tune epochs (default 0)")
+    ap.add_argument("--peer", type=int, help="only this peer (default: all)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for fine-tuning")
+    ap.add_argument("--image-size", type=int, default=lean.DEFAULT_IMAGE_SIZE, help="M of LEAN's operator norms")
+    ap.add_argument("--out", required=True, type=Path, help="directory for prune.json, weights and masks")
+    args = ap.parse_args(argv)
+    comm = None
+    if args.finetune_epochs > 0:
+        from hpcgraft.dist import mpi
+        from hpcgraft.dist.world import agreed
+
+        comm = mpi().COMM_WORLD
+    try:
+        cfg, arm, states, jobs, masks = agreed(comm, lambda: prepare(args)) if comm is not None else prepare(args)
+    except (UserError, SetupError) as exc:
+        return report(PROG, exc)
+    torch.set_num_threads(cfg.dist.threads or torch.get_num_threads())
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    started = time.perf_counter()
+    mine = [j for j in jobs if j[2] % size == rank]
+    results = run_jobs(cfg, mine, states, masks, args.finetune_epochs, args.out)
+    gathered = comm.gather(results, root=0) if comm is not None else [results]
+    if rank != 0:
+        return EXIT_OK
+    allres = {k: v for part in gathered for k, v in part.items()}
+    doc: dict[str, Any] = {"source": str(args.path), "model": cfg.model.name, "data": cfg.data.name,
+                           "arm": arm,
+                           "finetune_epochs": args.finetune_epochs, "overrides": list(args.set),
+                           "unpruned": {str(p): v for p, v in unpruned_top1(cfg, states).items()}, "results": []}
+    seen = []
+    for c, k, _ in jobs:
+        if (c, k) in seen:
+            continue
+        seen.append((c, k))
+        peers = sorted(p for (c2, k2, p) in allres if (c2, k2) == (c, k))
+        m = masks[(c, k, peers[0])]
+        probs = torch.stack([allres[(c, k, p)][2] for p in peers]).mean(0)
+        doc["results"].append({
+            "criterion": c, "keep": k, "unit": m.unit, "kept": m.kept, "total": m.total,
+            "kept_fraction": m.kept / m.total, "dir": str(job_dir(args.out, c, k)),
+            "top1_pruned": {str(p): allres[(c, k, p)][0] for p in peers},
+            "top1": {str(p): allres[(c, k, p)][1] for p in peers},
+            "pruned_zero": all(allres[(c, k, p)][4] for p in peers),
+            "ensemble": top1(probs, allres[(c, k, peers[0])][3]),
+        })
+    doc["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / RESULTS).write_text(json.dumps(doc, indent=1) + "\n")
+    print(format_table(doc), flush=True)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
