@@ -1,11 +1,17 @@
 """Invalid filters of a trained network, per conv layer: by l1 norm (the papers' criterion) and by entropy.
 
     python -m hpcgraft.analyze CHECKPOINT_OR_STATE [--peer I] [--thresholds 0.1 0.01] [--entropy-below 0.5]
+    python -m hpcgraft.analyze RUN_OR_CHECKPOINT --criterion lean,bn [--keep 0.5]
 
 The input is a plain PyTorch file holding a state dict (also one nested under "state_dict", "model" or
 "net"), read so that it cannot run code, or an hpcgraft checkpoint (a run directory, one of its
 ``checkpoints/step-*`` directories, or a ``peer-*.h5`` file): :mod:`hpcgraft.storage.statefile`. The
 criteria are :mod:`hpcgraft.method.validity`. Offline: no MPI.
+
+With ``--criterion`` (a run or checkpoint: the model is rebuilt from the run's config), per conv layer
+the filters each pruning criterion of :mod:`hpcgraft.method.pruning` calls invalid at ``--keep`` (a filter
+it prunes; for a kernel criterion one with every kernel pruned; for bn the conv feeding a pruned BatchNorm
+channel), and how many of them the l1 criterion at the same keep calls invalid too ("&l1").
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ import json
 import sys
 from dataclasses import asdict
 
-from hpcgraft.errors import EXIT_USAGE, InputError, report
+from hpcgraft.errors import EXIT_USAGE, InputError, UserError, report
+from hpcgraft.method.pruning import CRITERIA, LayerOverlap, invalid_overlap
 from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state, totals
+from hpcgraft.storage.runmodel import build_model, run_config
 from hpcgraft.storage.statefile import load_states
 
 PROG = "hpcgraft.analyze"
@@ -41,6 +49,49 @@ def format_table(label: str, stats: list[LayerStats], thresholds: list[float], e
                       f"{entropy_below:g}", line(cols), *[line(r) for r in rows]])
 
 
+def format_overlap(label: str, layers: list[LayerOverlap], keep: float) -> str:
+    criteria = list(layers[0].invalid)
+    cols = ["layer", "filters", *[h for c in criteria for h in ([c] if c == "l1" else [c, f"{c}&l1"])]]
+
+    def cells(name: str, filters: int, inv: dict[str, int], both: dict[str, int]) -> list[str]:
+        return [name, str(filters), *[v for c in criteria
+                                      for v in ([str(inv[c])] if c == "l1" else [str(inv[c]), str(both[c])])]]
+
+    rows = [cells(s.name, s.filters, s.invalid, s.with_l1) for s in layers]
+    total = {c: sum(s.invalid[c] for s in layers) for c in criteria}
+    both = {c: sum(s.with_l1[c] for s in layers) for c in criteria}
+    rows.append(cells("total", sum(s.filters for s in layers), total, both))
+    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    summary = ", ".join(f"{c} {total[c]} ({both[c]} also l1)" for c in criteria if c != "l1")
+    return "\n".join([f"{label}: invalid filters at keep {keep:g}: l1 {total['l1']}; {summary}",
+                      line(cols), *[line(r) for r in rows]])
+
+
+def criteria_main(args: argparse.Namespace) -> int:
+    """``--criterion``: which filters each pruning criterion calls invalid, against the l1 set."""
+    criteria = [c for c in args.criterion.split(",") if c]
+    bad = [c for c in criteria if c not in CRITERIA]
+    if bad or not criteria:
+        return report(PROG, f"unknown criterion {bad[0] if bad else ''!r}; use one or several of {','.join(CRITERIA)}")
+    if not 0 < args.keep <= 1:
+        return report(PROG, f"--keep {args.keep} must lie in (0, 1]")
+    try:
+        cfg = run_config(args.path)
+        results = {label: invalid_overlap(build_model(cfg, s), criteria, args.keep)
+                   for label, s in load_states(args.path, args.peer).items()}
+    except UserError as exc:
+        return report(PROG, exc)
+    if args.json:
+        print(json.dumps({label: [asdict(s) for s in layers] for label, layers in results.items()}, indent=1))
+    else:
+        print("\n\n".join(format_overlap(label, layers, args.keep) for label, layers in results.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hpcgraft.analyze", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", metavar="CHECKPOINT_OR_STATE",
@@ -52,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"count filters whose entropy (nats) is below H (default {DEFAULT_ENTROPY_BELOW})")
     ap.add_argument("--bins", type=int, default=10, help="histogram bins of the entropy (default 10, as grafting)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    ap.add_argument("--criterion", help=f"pruning criteria to compare with l1, comma-separated: {','.join(CRITERIA)}")
+    ap.add_argument("--keep", type=float, default=0.5, help="the criteria's kept fraction (default 0.5)")
     args = ap.parse_args(argv)
+    if args.criterion is not None:
+        return criteria_main(args)
     if args.bins < 2:
         ap.error(f"--bins {args.bins} must be at least 2")
     try:

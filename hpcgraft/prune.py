@@ -31,13 +31,11 @@ from torch import nn
 from hpcgraft.config import Config, load_config
 from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
 from hpcgraft.method import lean
-from hpcgraft.method.pruning import CRITERIA, Mask, check_request, make_mask
-from hpcgraft.models import create_model
+from hpcgraft.method.pruning import CRITERIA, RESULTS_FILE, Mask, check_request, make_mask
+from hpcgraft.storage.runmodel import build_model, find_config
 from hpcgraft.storage.statefile import load_states
-from hpcgraft.training.rundir import CONFIG
 
 PROG = "hpcgraft.prune"
-RESULTS = "prune.json"
 # Fine-tuning trains a pruned peer alone: no graft (it would mix in unpruned weights), no distillation.
 FINETUNE = ("graft.mode=none", "cultivate.lambda=0", "prune.monitor=off", "checkpoint.enabled=false")
 
@@ -49,26 +47,8 @@ def parse_list(text: str, kind: type, name: str) -> list[Any]:
         raise UserError(f"--{name} {text!r} is not a comma-separated list of {kind.__name__}s") from None
 
 
-def find_config(path: Path) -> Path:
-    """The run's config.yaml: beside a run directory, two levels above a checkpoint, three above a file."""
-    for d in [path, *path.parents][:4]:
-        if (d / CONFIG).is_file():
-            return d / CONFIG
-    raise UserError(f"{path} is neither an hpcgraft run directory nor one of its checkpoints (found no "
-                    f"{CONFIG} beside it); give the run directory the training wrote")
-
-
 def peer_index(label: str) -> int:
     return int(re.match(r"peer (\d+)", label).group(1))  # type: ignore[union-attr]
-
-
-def build_model(cfg: Config, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The run's model with ``state`` loaded; its classes from the classifier's weight (the last 2-D one)."""
-    num_classes = cfg.model.num_classes or [v for v in state.values() if v.dim() == 2][-1].shape[0]
-    options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
-    model = create_model(cfg.model.name, num_classes, **options)
-    model.load_state_dict(state)
-    return model
 
 
 @torch.no_grad()
@@ -176,8 +156,8 @@ def prepare(args: argparse.Namespace) -> tuple[Config, str, dict[int, dict[str, 
         raise UserError(f"--finetune-epochs {args.finetune_epochs} must be >= 0")
     path = Path(args.path)
     if not path.exists():
-        raise UserError(f"{path}: no such run directory or checkpoint")
-    cfg_path = find_config(path if path.is_dir() else path.parent)
+        raise UserError(f"{path}: no such run directory or checkpoint; give the run directory the training wrote")
+    cfg_path = find_config(path)
     overrides = [*FINETUNE, f"train.epochs={max(1, args.finetune_epochs)}", *args.set]
     cfg = load_config(cfg_path, overrides)
     arm = "baseline" if load_config(cfg_path).graft.mode == "none" else "grafted"
@@ -244,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         })
     doc["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / RESULTS).write_text(json.dumps(doc, indent=1) + "\n")
+    (args.out / RESULTS_FILE).write_text(json.dumps(doc, indent=1) + "\n")
     print(format_table(doc), flush=True)
     return EXIT_OK
 

@@ -12,6 +12,9 @@ writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
   panel per peer) of the coefficient alpha each layer kept of itself and of the layer's entropy h_self;
 - ``invalid_layers.png`` when the runs wrote checkpoints: invalid filters per conv layer of peer 0 in
   each run's newest checkpoint, the runs side by side (before/after, given a baseline and a grafted run);
+- ``pruning.png`` when a run directory holds results of ``python -m hpcgraft.prune --out RUN_DIR/SUBDIR``:
+  top-1 (mean over peers and over the runs of an arm) vs the kept fraction, one line per criterion and
+  arm (baseline or grafted);
 - ``summary.md``: the runs, their best and final accuracies and invalid-filter counts and, when one run
   is a baseline (graft.mode=none without cultivation), the side-by-side table the papers show.
 """
@@ -32,6 +35,7 @@ import yaml
 from hpcgraft.config import Config, config_from_dict
 from hpcgraft.errors import ConfigError, InputError, report
 from hpcgraft.method.grafting import filter_l1_norms
+from hpcgraft.method.pruning import RESULTS_FILE
 from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state
 from hpcgraft.models import create_model
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, fmt, read_jsonl
@@ -379,6 +383,37 @@ def plot_graft_heatmap(run: Run, key: str, path: Path) -> bool:
     return True
 
 
+def prune_results(runs: list[Run]) -> list[dict[str, Any]]:
+    """The prune.json files directly below the run directories (the pruning command's --out)."""
+    return [json.loads(p.read_text()) for r in runs for p in sorted(r.path.glob(f"*/{RESULTS_FILE}"))]
+
+
+def plot_pruning(docs: list[dict[str, Any]], path: Path) -> bool:
+    """Top-1 vs kept fraction, one line per (criterion, arm), averaged over peers and over runs."""
+    points: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for doc in docs:
+        for res in doc["results"]:
+            line = points.setdefault((res["criterion"], doc["arm"]), {})
+            line.setdefault(res["kept_fraction"], []).append(statistics.fmean(res["top1"].values()))
+    if not points:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (criterion, arm), line in sorted(points.items()):
+        xs = sorted(line)
+        ax.plot(xs, [statistics.fmean(line[x]) for x in xs], "--" if arm == "baseline" else "-", marker="o",
+                ms=3, label=f"{criterion} ({arm})")
+    ax.set_xscale("log")
+    ax.set_xlabel("kept fraction (kernels, filters or BN channels, as the criterion counts)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def _short(name: str) -> str:
     return name.removesuffix(".weight")
 
@@ -443,6 +478,9 @@ def write_report(runs: list[Run], out: Path) -> Path:
         if plot_dgconv_groups(r, out / f"{_file_name(r)}_dgconv_groups.png"):
             md += ["", f"### DGConv groups in {r.name}", "",
                    f"![groups per DGConv layer and epoch]({_file_name(r)}_dgconv_groups.png)"]
+    if plot_pruning(prune_results(runs), out / "pruning.png"):
+        md += ["", "## Pruning", "", "Top-1 after `python -m hpcgraft.prune` (mean over peers and runs) against the "
+               "fraction of each criterion's units kept.", "", "![top-1 vs kept fraction](pruning.png)"]
     summary = out / "summary.md"
     summary.write_text("\n".join(md) + "\n")
     return summary

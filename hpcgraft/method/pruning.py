@@ -34,6 +34,7 @@ from hpcgraft.method.grafting import filter_entropies, filter_l1_norms
 
 CHANNEL_CRITERIA = ("l1", "entropy", "bn")
 CRITERIA = ("l1", "entropy", *lean.KERNEL_CRITERIA, "bn")
+RESULTS_FILE = "prune.json"  # what hpcgraft.prune writes into its --out; hpcgraft.report plots it
 UNITS = {"l1": "filters", "entropy": "filters", "bn": "BatchNorm channels",
          **{c: "kernels" for c in lean.KERNEL_CRITERIA}}
 
@@ -174,3 +175,22 @@ def invalid_filters(model: nn.Module, criterion: str, keep: float,
     a filter with every one of its kernels pruned for the kernel criteria."""
     mask = make_mask(model, criterion, keep, image_size)
     return {k: ~v for k, v in mask.channels().items()}
+
+
+@dataclass
+class LayerOverlap:
+    name: str
+    filters: int
+    invalid: dict[str, int]  # criterion -> filters it calls invalid in this layer
+    with_l1: dict[str, int]  # criterion -> of those, how many the l1 criterion (same keep) calls invalid too
+
+
+def invalid_overlap(model: nn.Module, criteria: list[str], keep: float,
+                    image_size: int = lean.DEFAULT_IMAGE_SIZE) -> list[LayerOverlap]:
+    """Per conv layer: the filters each criterion at ``keep`` calls invalid (:func:`invalid_filters`) and
+    how many of them the l1 criterion at the same ``keep`` calls invalid as well."""
+    sets = {c: invalid_filters(model, c, keep, image_size) for c in dict.fromkeys(["l1", *criteria])}
+    return [LayerOverlap(name, int(l1.numel()),
+                         {c: int(sets[c][name].sum()) for c in sets},
+                         {c: int((sets[c][name] & l1).sum()) for c in sets})
+            for name, l1 in sets["l1"].items()]

@@ -22,6 +22,7 @@ RANK = {
     "dist": 3, "data": 3,
     "training": 4,
     "train": 5, "launch": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5,
+    "prune": 5,
 }
 # The issue's explicit rules, on top of the ranks.
 FORBIDDEN = {
@@ -30,7 +31,7 @@ FORBIDDEN = {
 }
 # The one import between commands: a submitit task of `launch` runs the training command itself.
 ALLOWED = {("launch", "train")}
-OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint")
+OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "prune")  # prune: without fine-tuning
 
 
 def modules() -> dict[str, Path]:
@@ -143,7 +144,7 @@ def test_offline_commands_start_no_mpi(tmp_path):
     code = f"""
 import contextlib, io, sys
 import torch
-from hpcgraft import analyze, checkpoint, graft, report
+from hpcgraft import analyze, checkpoint, graft, prune, report
 with contextlib.redirect_stdout(io.StringIO()):
     assert checkpoint.main(["inspect", {str(run)!r}]) == 0
     assert checkpoint.main(["export", {str(run)!r}, "--peer", "0", "--out", {str(out / "p0.pt")!r}]) == 0
@@ -151,6 +152,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     assert graft.main([{str(out / "p0.pt")!r}, {str(run / "checkpoints/step-000000022/peer-000.h5")!r},
                        "--out", {str(out / "g.pt")!r}]) == 0
     assert report.main([{str(run)!r}, "--out", {str(out / "report")!r}]) == 0
+    assert prune.main([{str(run)!r}, "--criterion", "l1", "--keep", "0.5", "--out", {str(out / "pruned")!r}]) == 0
 assert "mpi4py.MPI" not in sys.modules, "an offline command imported mpi4py.MPI"
 print("ok")
 """
