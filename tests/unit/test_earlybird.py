@@ -118,7 +118,7 @@ def test_bn_detector_finds_the_first_epoch_within_threshold_of_the_four_older_ma
     # later epochs measure on; the early-bird epoch stays the first one
     after = det.update(m("0000000000"), 9)
     assert after["flag"] is False and after["eb_epoch"] == 8
-    assert det.epochs == [5, 6, 7, 8, 9] and len(det.items) == 5
+    assert det.epochs == [6, 7, 8, 9] and len(det.items) == 4  # all a next window compares with
 
 
 def test_spline_detector_compares_with_the_previous_three_and_is_strict():
@@ -255,8 +255,20 @@ def test_monitor_state_survives_an_hdf5_round_trip(tmp_path, kind):
         write_tree(f, first.state_dict())
     with h5py.File(tmp_path / f"{kind}.h5") as f:
         second.load_state_dict(read_tree(f))
-    assert second.detector.epochs == first.detector.epochs == [1, 2, 3]
+    assert second.detector.epochs == first.detector.epochs == [2, 3]  # window 3: the 2 a next epoch compares with
     assert second.detector.eb_epoch == first.detector.eb_epoch
     nxt = [mon.detector.update(mon.measure(model), 4) for mon in (first, second)]
     assert nxt[0] == nxt[1] and nxt[0]["dist_prev"] == 0.0
     assert a["dist_max"] is not None and nxt[0]["dist_max"] > 0
+
+
+def test_monitor_on_a_model_without_batchnorm_is_refused_before_training():
+    from hpcgraft.data import build_datasets
+    from hpcgraft.training.monitors import build_monitor
+
+    _, test_set = build_datasets("digits")
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    for kind in ("bn", "spline"):
+        with pytest.raises(NoBatchNormError, match="prune.monitor=off"):
+            build_monitor(load_config(None, [f"prune.monitor={kind}"]), model, test_set, torch.device("cpu"))
+    assert build_monitor(Config(), model, test_set, torch.device("cpu")) is None
