@@ -191,3 +191,16 @@ def test_lean_refuses_an_unsupported_stride():
     model = nn.Sequential(nn.Conv2d(1, 2, 3, stride=3), nn.BatchNorm2d(2))
     with pytest.raises(UserError, match="stride"):
         make_mask(model, "lean", 0.5)
+
+
+def test_report_plots_prune_results(tmp_path):
+    """hpcgraft.report's pruning figure: one line per (criterion, arm) from the prune.json files it finds."""
+    from hpcgraft.report import plot_pruning
+
+    def doc(arm: str, top1: float) -> dict:
+        return {"arm": arm, "results": [{"criterion": "bn", "kept_fraction": k, "top1": {"0": top1 * k, "1": top1}}
+                                        for k in (0.1, 0.5)]}
+
+    assert not plot_pruning([], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+    assert plot_pruning([doc("baseline", 80.0), doc("grafted", 90.0)], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
