@@ -57,6 +57,40 @@ def stat(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} +- {statistics.stdev(values):.1f}"
 
 
+def note(args: argparse.Namespace, wall: float) -> str:
+    return (f"Top-1 (%) of the peers (mean over K=2 peers, then mean +- std over seeds {args.seeds}), digits, "
+            f"{args.epochs} training epochs; per arm right after pruning and after {args.finetune_epochs} "
+            f"fine-tune epoch(s); wall time {wall:.0f} s.")
+
+
+def table(found: dict[str, dict[int, dict]], criteria_text: str, keep_text: str) -> str:
+    criteria, keeps = criteria_text.split(","), [float(k) for k in keep_text.split(",")]
+
+    def cell(arm: str, criterion: str | None, keep: float | None, key: str = "top1") -> str:
+        values = []
+        for seed in found[arm].values():
+            doc = seed["prune"]
+            if criterion is None:
+                values.append(statistics.fmean(doc["unpruned"].values()))
+            else:
+                res = next(r for r in doc["results"] if r["criterion"] == criterion and r["keep"] == keep)
+                values.append(statistics.fmean(res[key].values()))
+        return stat(values)
+
+    lines = ["| criterion | keep | " + " | ".join(f"{a} pruned | {a} fine-tuned" for a in ARMS) + " |",
+             "|---|---|" + "---|---|" * len(ARMS),
+             "| unpruned | 1 | " + " | ".join(f"{cell(a, None, None)} | " for a in ARMS) + " |"]
+    for c in criteria:
+        for k in keeps:
+            lines.append(f"| {c} | {k:g} | " + " | ".join(f"{cell(a, c, k, 'top1_pruned')} | {cell(a, c, k)}"
+                                                         for a in ARMS) + " |")
+    eb = {a: [e for s in found[a].values() for e in s["eb_epoch"]] for a in ARMS}
+    found_eb = {a: [float(e) for e in eb[a] if e is not None] for a in ARMS}
+    lines.append("| early-bird epoch (bn, p=0.5) | | " + " | ".join(
+        f"{stat(found_eb[a])} ({len(found_eb[a])}/{len(eb[a])} peers) | " for a in ARMS) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "study_prune")
@@ -65,8 +99,14 @@ def main() -> int:
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--keep", default="0.02,0.1,0.5")
     ap.add_argument("--criteria", default="lean,indiv_l1,bn")
+    ap.add_argument("--table-only", action="store_true", help="print the table of OUT/study.json again")
     args = ap.parse_args()
     started = time.perf_counter()
+    if args.table_only:  # the table again from a finished study's numbers
+        saved = json.loads((args.out / "study.json").read_text())
+        found = {a: {int(s): v for s, v in runs.items()} for a, runs in saved["runs"].items()}
+        print(note(args, saved["wall_s"]) + "\n\n" + table(found, args.criteria, args.keep))
+        return 0
     found: dict[str, dict[int, dict]] = {arm: {} for arm in ARMS}
     for seed in args.seeds:
         for arm, overrides in ARMS.items():
@@ -81,35 +121,11 @@ def main() -> int:
             doc = json.loads((run / "prune" / "prune.json").read_text())
             found[arm][seed] = {"prune": doc, "eb_epoch": early_birds(run), "seconds": [t_train, t_prune]}
             print(f"study: {arm} seed {seed}: trained in {t_train:.0f} s, pruned in {t_prune:.0f} s", flush=True)
-    criteria, keeps = args.criteria.split(","), [float(k) for k in args.keep.split(",")]
-
-    def cell(arm: str, criterion: str | None, keep: float | None) -> str:
-        values = []
-        for seed in found[arm].values():
-            doc = seed["prune"]
-            if criterion is None:
-                values.append(statistics.fmean(doc["unpruned"].values()))
-            else:
-                res = next(r for r in doc["results"] if r["criterion"] == criterion and r["keep"] == keep)
-                values.append(statistics.fmean(res["top1"].values()))
-        return stat(values)
-
-    lines = ["| criterion | keep | " + " | ".join(ARMS) + " |", "|---|---|" + "---|" * len(ARMS),
-             "| unpruned | 1 | " + " | ".join(cell(a, None, None) for a in ARMS) + " |"]
-    for c in criteria:
-        for k in keeps:
-            lines.append(f"| {c} | {k:g} | " + " | ".join(cell(a, c, k) for a in ARMS) + " |")
-    eb = {a: [e for s in found[a].values() for e in s["eb_epoch"]] for a in ARMS}
-    lines.append("| early-bird epoch (bn, p=0.5) | | " + " | ".join(
-        f"{stat([float(e) for e in eb[a] if e is not None])} ({sum(e is not None for e in eb[a])}/{len(eb[a])} peers)"
-        for a in ARMS) + " |")
     wall = time.perf_counter() - started
-    table = "\n".join(lines)
-    note = (f"Top-1 (%) of the peers (mean over K=2 peers, then mean +- std over seeds {args.seeds}), digits, "
-            f"{args.epochs} training epochs, {args.finetune_epochs} fine-tune epoch(s); wall time {wall:.0f} s.")
-    print(f"{note}\n\n{table}")
+    text = note(args, wall) + "\n\n" + table(found, args.criteria, args.keep)
+    print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.md").write_text(f"{note}\n\n{table}\n")
+    (args.out / "study.md").write_text(text + "\n")
     (args.out / "study.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                      "wall_s": wall, "runs": found}, indent=1) + "\n")
     return 0
