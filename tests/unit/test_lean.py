@@ -270,7 +270,7 @@ class Padded(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a = conv1x1([[1.5], [1.0]])
+        self.a = conv1x1([[1.5], [1.2]])
         self.b = nn.Conv2d(2, 4, 1, stride=2, bias=False)
         with torch.no_grad():
             self.b.weight.fill_(0.1)
@@ -285,7 +285,7 @@ class Padded(nn.Module):
 def test_zero_padded_shortcut_links_only_existing_channels():
     # a's channel 0 (1.5) reaches sum channel 1 (not 0) by the shortcut, which c weighs by 2: the path
     # 1.5 x 1 x 2 = 3 beats everything, so keep 2 of 14 takes a[0] and c[0, 1]. Had the shortcut ignored
-    # the padding offset, a[1]'s channel would sit under c's 2 instead (and b's kernels are all 0.1).
+    # the padding offset, a[1] (1.2 x 1 x 2 = 2.4) would sit under c's 2 instead (b's kernels are all 0.1).
     masks = kernel_masks(Padded(), "lean", 0.1)
     assert masks["a.weight"].tolist() == [[True], [False]] and not masks["b.weight"].any()
     assert masks["c.weight"].tolist() == [[False, True, False, False]]
