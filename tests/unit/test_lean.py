@@ -270,7 +270,7 @@ class Padded(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a = conv1x1([[1.5], [1.0]])
+        self.a = conv1x1([[1.5], [1.2]])
         self.b = nn.Conv2d(2, 4, 1, stride=2, bias=False)
         with torch.no_grad():
             self.b.weight.fill_(0.1)
@@ -285,7 +285,7 @@ class Padded(nn.Module):
 def test_zero_padded_shortcut_links_only_existing_channels():
     # a's channel 0 (1.5) reaches sum channel 1 (not 0) by the shortcut, which c weighs by 2: the path
     # 1.5 x 1 x 2 = 3 beats everything, so keep 2 of 14 takes a[0] and c[0, 1]. Had the shortcut ignored
-    # the padding offset, a[1]'s channel would sit under c's 2 instead (and b's kernels are all 0.1).
+    # the padding offset, a[1] (1.2 x 1 x 2 = 2.4) would sit under c's 2 instead (b's kernels are all 0.1).
     masks = kernel_masks(Padded(), "lean", 0.1)
     assert masks["a.weight"].tolist() == [[True], [False]] and not masks["b.weight"].any()
     assert masks["c.weight"].tolist() == [[False, True, False, False]]
@@ -319,12 +319,16 @@ SMALL = {"mobilenetv2": {"last_channels": 32}, "mobilenetv2_ref": {"last_channel
 FAMILIES = ("digits_resnet", "resnet20", "vgg16_bn", "mobilenetv2", "mobilenetv2_ref", "resnet18", "resnet50")
 
 
+def narrow(name: str) -> dict[str, int]:
+    return SMALL.get(name, {"width": {"resnet18": 4, "resnet50": 2}.get(name, 8)})
+
+
 def small_model(name: str, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
     """A narrow model of the family, with BN scales spread as after training so that chains form."""
     torch.manual_seed(0)
     if name.startswith("mobilenetv2"):  # no width option: narrow its stage table instead
         monkeypatch.setattr(mobilenetv2, "CIFAR_CFG", ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 2, 2), (6, 64, 1, 1)))
-    model = create_model(name, 10, **SMALL.get(name, {"width": {"resnet18": 4, "resnet50": 2}.get(name, 8)}))
+    model = create_model(name, 10, **narrow(name))
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -333,10 +337,10 @@ def small_model(name: str, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
     return model
 
 
-def test_the_families_cover_every_registered_model():
-    covered = {type(create_model(n, 10)) for n in FAMILIES}
+def test_the_families_cover_every_registered_model(monkeypatch):
+    covered = {type(small_model(n, monkeypatch)) for n in FAMILIES}
     for name in list_models():
-        assert type(create_model(name, 10, **SMALL.get(name, {"width": 4}))) in covered, name
+        assert type(create_model(name, 10, **narrow(name))) in covered, name
 
 
 @pytest.mark.parametrize("name", FAMILIES)
