@@ -99,6 +99,7 @@ class CheckpointConfig:
 class LogConfig:
     progress: str = "auto"  # auto (a tty) | on | off
     thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])  # invalid-filter l1 norms
+    tensorboard: bool = False  # also write TensorBoard event files into RUN/tensorboard/ (hpcgraft[tensorboard])
 
 
 @dataclass

@@ -32,6 +32,7 @@ from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
 from hpcgraft.storage.runlog import METRICS, epoch_table
+from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
 from hpcgraft.training.rundir import RunStore, claim_run_dir
@@ -56,6 +57,7 @@ def grafts_after_step(cfg: Config, step: int) -> bool:
 # ------------------------------------------------------------------------------------------ the run
 def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm) -> int:
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
+    agreed(comm, lambda: require_tensorboard(cfg))
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
     # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
