@@ -8,12 +8,16 @@ writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
 - ``accuracy.png``: test top-1 of every peer and of the ensemble per epoch, one panel per run;
 - ``invalid.png``: invalid filters (l1 norm below each threshold) per epoch, every run in the same
   panel, so a baseline run given beside a grafted run shows the "before/after" of the papers;
-- ``<run>_alpha.png`` and ``<run>_entropy.png`` for grafted runs: heat maps (layer x graft point, one
+- ``training.png``: train loss and learning rate per epoch, every peer of every run;
+- ``<run>_alpha.png`` and ``<run>_h_self.png`` for grafted runs: heat maps (layer x graft point, one
   panel per peer) of the coefficient alpha each layer kept of itself and of the layer's entropy h_self;
 - ``invalid_layers.png`` when the runs wrote checkpoints: invalid filters per conv layer of peer 0 in
-  each run's newest checkpoint, the runs side by side (before/after, given a baseline and a grafted run);
+  each run's newest checkpoint, a heat map with one row per layer and one column per run (before/after,
+  given a baseline and a grafted run);
 - ``summary.md``: the runs, their best and final accuracies and invalid-filter counts and, when one run
   is a baseline (graft.mode=none without cultivation), the side-by-side table the papers show.
+
+Runs that cover different numbers of epochs are compared all the same, with a warning (stderr and summary.md).
 """
 
 from __future__ import annotations
@@ -352,8 +356,7 @@ def plot_layer_invalid(layers: dict[str, tuple[str, list[LayerStats]]], threshol
                              squeeze=False, sharey=True, layout="constrained")
     shares = [st.invalid[f"{t:g}"] / max(1, st.filters) for t in thresholds for _, stats in layers.values()
               for st in stats]
-    cmap = plt.get_cmap("Reds").copy()
-    cmap.set_bad("0.85")  # a layer the run's model does not have
+    cmap = plt.get_cmap("Reds").with_extremes(bad="0.85")  # grey: a layer the run's model does not have
     top = max(0.1, *shares)
     image = None
     for ax, t in zip(axes[0], thresholds, strict=True):
