@@ -17,10 +17,13 @@ cut away on resume); a start from step 0 removes the old files instead.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import socket
+import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -79,7 +82,7 @@ class TensorBoardSink:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._files: dict[str, Any] = {}  # TensorBoard run -> its RecordWriter in this segment
+        self._files: dict[str, BinaryIO] = {}  # TensorBoard run -> its event file in this segment
         self._start: int | None = None  # the step this segment's files start at (None: from scratch)
 
     def truncate_after(self, epoch: int, step: int) -> None:
@@ -104,12 +107,12 @@ class TensorBoardSink:
             run, values = convert(row)
             if values:
                 self._write(run, row["step"], values)
-        for writer in self._files.values():
-            writer.flush()  # readable at once: TensorBoard shows a running run
+        for f in self._files.values():
+            f.flush()  # readable at once: TensorBoard shows a running run
 
     def close(self) -> None:
-        for writer in self._files.values():
-            writer.close()
+        for f in self._files.values():
+            f.close()
         self._files = {}
 
     def _write(self, run: str, step: int, values: dict[str, float]) -> None:
@@ -117,26 +120,50 @@ class TensorBoardSink:
 
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=v)
                                              for tag, v in values.items()])
-        self._writer(run).write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
-                                .SerializeToString())
+        self._writer(run).write(record(event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
+                                       .SerializeToString()))
 
-    def _writer(self, run: str) -> Any:  # noqa: ANN401 - tensorboard's RecordWriter
+    def _writer(self, run: str) -> BinaryIO:
         if run in self._files:
             return self._files[run]
         from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
 
         folder = self.root / run
         folder.mkdir(parents=True, exist_ok=True)
-        writer = RecordWriter(_open_segment(folder))
+        f = _open_segment(folder)
         now = time.time()
-        writer.write(event_pb2.Event(wall_time=now, step=self._start or 0, file_version="brain.Event:2")
-                     .SerializeToString())
+        f.write(record(event_pb2.Event(wall_time=now, step=self._start or 0, file_version="brain.Event:2")
+                       .SerializeToString()))
         if self._start is not None:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            writer.write(event_pb2.Event(wall_time=now, step=self._start, session_log=start).SerializeToString())
-        self._files[run] = writer
-        return writer
+            f.write(record(event_pb2.Event(wall_time=now, step=self._start, session_log=start).SerializeToString()))
+        self._files[run] = f
+        return f
+
+
+def record(data: bytes) -> bytes:
+    """One TFRecord frame: length, masked CRC-32C of the length, the data, masked CRC-32C of the data."""
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c()(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+@functools.cache
+def _crc32c() -> Callable[[bytes], int]:
+    """google-crc32c (in the extra) where installed: TensorBoard's own CRC is pure Python, ~3 us a byte, which
+    made a resnet110 graft report (220 scalars, 7 kB) cost 20 ms per peer on rank 0 instead of 2 us."""
+    try:
+        import google_crc32c
+
+        return google_crc32c.value
+    except ImportError:
+        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c
+
+        return crc32c
 
 
 def _open_segment(folder: Path) -> BinaryIO:

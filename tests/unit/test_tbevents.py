@@ -3,12 +3,16 @@ are started (the kill-and-resume case on a real run is in tests/e2e/test_trackin
 
 from __future__ import annotations
 
+import io
+import sys
 import time
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from hpcgraft.storage import tbevents
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog
-from hpcgraft.storage.tbevents import PREFIX, TensorBoardSink, graft_scalars, metric_scalars
+from hpcgraft.storage.tbevents import PREFIX, TensorBoardSink, graft_scalars, metric_scalars, record
 
 
 def steps(folder, tag):
@@ -69,3 +73,20 @@ def test_a_new_segment_sorts_after_the_old_one_when_the_clock_is_behind(tmp_path
     sink.close()
     names = sorted(p.name for p in folder.iterdir())
     assert len(names) == 2 and names[1].startswith(f"{PREFIX}{ahead + 1:010d}.")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_frames_are_byte_for_byte_tensorboards_own(fast, monkeypatch):
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    if not fast:  # without google-crc32c: TensorBoard's pure-Python CRC
+        monkeypatch.setitem(sys.modules, "google_crc32c", None)
+    tbevents._crc32c.cache_clear()
+    try:
+        for data in (b"", b"x", bytes(range(256)) * 30):
+            theirs = io.BytesIO()
+            RecordWriter(theirs).write(data)
+            assert record(data) == theirs.getvalue()
+        assert tbevents._crc32c().__module__.startswith("google_crc32c" if fast else "tensorboard")
+    finally:
+        tbevents._crc32c.cache_clear()
