@@ -35,7 +35,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
-from hpcgraft.config import load_config
+from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 
@@ -206,6 +206,7 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     if executor not in EXECUTORS:
         raise LaunchError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
     load_config(config, list(overrides))  # raises ConfigError naming the bad key
+    config = config and str(resolve_config(config).absolute())  # a packaged config's name: its file
     ranks = gpus_per_node if gpus_per_node > 0 else (tasks_per_node or 0)
     if ranks < 1:
         raise LaunchError("no ranks: give --gpus-per-node N (one rank per GPU) or --gpus-per-node 0 with "
