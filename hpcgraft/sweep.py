@@ -202,14 +202,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     jobs = p.add_argument_group("job options (with --submitit/--slurm, as python -m hpcgraft.launch)")
     launch.add_job_options(jobs)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
-    return p.parse_intermixed_args(argv)
+    a = p.parse_intermixed_args(argv)
+    if a.slurm:
+        a.submitit, a.executor = True, "slurm"
+    return a
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line; 0 when every run finished (or was submitted), 2 on bad input, 1 when a run failed."""
     a = parse_args(argv)
-    if a.slurm:
-        a.submitit, a.executor = True, "slurm"
     try:
         config = str(resolve_config(a.config).absolute())
         out = Path(a.out or f"runs/sweep-{Path(config).stem}")
