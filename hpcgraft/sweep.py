@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +160,24 @@ def record(out: Path, config: str, arms: dict[str, tuple[str, ...]], seeds: int,
     f.write_text(json.dumps(spec, indent=1) + "\n")
 
 
+def queued(out: Path, run: Planned) -> bool:
+    """Whether the SLURM job this sweep last submitted for ``run`` is still in the queue (pending jobs hold
+    no lock yet, and a second job for the same run would only be refused when it starts)."""
+    spec = json.loads((out / SWEEP_FILE).read_text()) if (out / SWEEP_FILE).is_file() else {}
+    job = spec.get("jobs", {}).get(f"{run.arm}/seed{run.seed}")
+    if not job or shutil.which("squeue") is None:
+        return False
+    r = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=60)
+    return r.returncode == 0 and bool(r.stdout.strip())
+
+
+def note_job(out: Path, run: Planned, job_id: str) -> None:
+    f = out / SWEEP_FILE
+    spec = json.loads(f.read_text())
+    spec.setdefault("jobs", {})[f"{run.arm}/seed{run.seed}"] = str(job_id)
+    f.write_text(json.dumps(spec, indent=1) + "\n")
+
+
 def submissions(runs: list[Planned], config: str, restart: bool, job: dict) -> list[tuple[Planned, dict]]:
     """The :func:`hpcgraft.launch.submit` call of every run: one job per (arm, seed), logs in its run dir."""
     return [(r, dict(config=config, out=r.out, overrides=list(r.overrides), restart=restart, **job)) for r in runs]
@@ -218,12 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = plan(config, arms, a.seeds, out, list(a.overrides))
         ranks = _ranks(a, runs)
         states = {r: ("restart" if a.restart else run_state(r)) for r in runs}
+        if a.submitit:
+            states.update({r: "queued" for r in runs if states[r] in ("new", "unfinished") and queued(out, r)})
         record(out, config, arms, a.seeds, list(a.overrides))
     except (ConfigError, LaunchError) as exc:
         return report(PROG, exc, EXIT_USAGE)
-    todo = [r for r in runs if states[r] not in ("finished", "running")]
+    todo = [r for r in runs if states[r] not in ("finished", "running", "queued")]
     for r in runs:
-        if states[r] in ("finished", "running"):
+        if states[r] in ("finished", "running", "queued"):
             print(f"{PROG}: {r.label}: {states[r]}, skipped ({r.out})", flush=True)
     if a.submitit:
         return _submit_all(a, todo, config, out)
@@ -276,6 +297,7 @@ def _submit_all(a: argparse.Namespace, todo: list[Planned], config: str, out: Pa
             job = launch.submit(**call)
             print(f"{PROG}: {r.label}: submitted job {job.job_id} ({r.out}; logs {job.paths.stdout})", flush=True)
             jobs.append((r, job))
+            note_job(out, r, job.job_id)
     except (LaunchError, ConfigError) as exc:
         return report(PROG, exc, EXIT_USAGE)
     if not a.wait:

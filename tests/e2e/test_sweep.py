@@ -74,7 +74,7 @@ def test_sweep_runs_every_arm_and_seed_then_resumes_and_skips(tmp_path):
     before = {k: (r / "metrics.jsonl").stat().st_mtime_ns for k, r in runs.items() if k != ("baseline", 0)}
     again = sweep_cmd(out)
     assert again.returncode == 0, again.stderr[-3000:]
-    log = again.stdout
+    log = again.stdout + again.stderr
     assert "hpcgraft.sweep: baseline seed 1: finished, skipped" in log
     assert "hpcgraft.sweep: grafting seed 0: finished, skipped" in log
     assert "[1/2] baseline seed 0: starting in" in log and "[2/2] grafting seed 1: resuming in" in log
@@ -156,3 +156,22 @@ def test_every_run_is_one_submitit_job_with_the_launch_options(tmp_path):
                     "account": None, "time_min": 720, "executor": "slurm", "logs": None, "signal_delay_s": 120,
                     "max_requeues": 20, "srun_mpi": "pmi2"}
     assert calls[0][1]["overrides"][1:] == ["graft.mode=none", "cultivate.lambda=0", "train.dlr=false", "seed=0"]
+
+
+@pytest.mark.mpi
+def test_a_sweep_through_submitit_runs_each_run_as_a_job(tmp_path):
+    """The submission path for real, with submitit's local executor (the SLURM executor is the same call of
+    hpcgraft.launch.submit, tested with the cluster in tests/cluster): one job per run, waited for, then
+    the table; the job ids are recorded, and a re-run skips the finished runs without submitting."""
+    out = tmp_path / "sw"
+    args = ["digits", "--arms", "baseline", "--seeds", "1", "--submitit", "--executor", "local", "--np", "2",
+            "--wait", "--out", str(out), *TINY]
+    r = command("hpcgraft.sweep", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "hpcgraft.sweep: baseline seed 0: submitted job " in r.stdout and "| baseline | 1/1 | " in r.stdout
+    assert json.loads((out / "baseline/seed0/status.json").read_text())["state"] == "finished"
+    assert (out / "baseline/seed0/submitit").is_dir()  # the job's logs live in its run directory
+    assert set(json.loads((out / "sweep.json").read_text())["jobs"]) == {"baseline/seed0"}
+    again = command("hpcgraft.sweep", *args)
+    assert again.returncode == 0 and "submitted" not in again.stdout, again.stdout
+    assert "hpcgraft.sweep: baseline seed 0: finished, skipped" in again.stdout
