@@ -102,5 +102,5 @@ def epoch_table(rows: list[dict[str, Any]], ensemble_acc: float, epochs: int, th
         ]
         lines.append(" ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     ens = ["", "ens", "", "", "", "", fmt(ensemble_acc, ".2f"), "", *["" for _ in thresholds], ""]
-    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)))
+    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)).rstrip())
     return "\n".join(lines)
