@@ -102,8 +102,8 @@ def add_bn_l1_subgradient(model: nn.Module, s: float) -> None:
 class EarlyBirdDetector:
     """A window of the newest masks (or sign patterns) and the rule that finds an early bird in it.
 
-    ``window`` items are kept, the newest included; once the window is full, the newest is compared with
-    each older one and the epoch is an early bird when the largest distance is within ``threshold``
+    A window is ``window`` items, the newest included; once it is full, the newest is compared with each
+    older one and the epoch is an early bird when the largest distance is within ``threshold``
     (``<=``: the bn reference fails only on a distance ``> 0.1``) or below it (``strict``: the spline
     reference's ``maxi < 0.16``). The first such epoch is the early-bird epoch; later epochs keep being
     measured (the flag says whether the rule holds at that epoch) but never move it.
@@ -122,15 +122,16 @@ class EarlyBirdDetector:
         """Add the item of ``epoch``; returns the distance to the previous item (None for the first), the
         largest distance over the full window (None until full), the flag and the early-bird epoch."""
         dist_prev = self.distance(item, self.items[-1]) if self.items else None
-        self.items.append(item)
-        self.epochs.append(epoch)
-        del self.items[:-self.window], self.epochs[:-self.window]
         dist_max, flag = None, False
-        if len(self.items) == self.window:
-            dist_max = max(self.distance(item, old) for old in self.items[:-1])
+        if len(self.items) == self.window - 1:
+            dist_max = max(self.distance(item, old) for old in self.items)
             flag = dist_max < self.threshold if self.strict else dist_max <= self.threshold
             if flag and self.eb_epoch is None:
                 self.eb_epoch = epoch
+        # Only the window - 1 newest are ever compared again: what memory and checkpoints hold.
+        self.items.append(item)
+        self.epochs.append(epoch)
+        del self.items[:-(self.window - 1)], self.epochs[:-(self.window - 1)]
         return {"dist_prev": dist_prev, "dist_max": dist_max, "flag": flag, "eb_epoch": self.eb_epoch}
 
 

@@ -118,7 +118,7 @@ def test_bn_detector_finds_the_first_epoch_within_threshold_of_the_four_older_ma
     # later epochs measure on; the early-bird epoch stays the first one
     after = det.update(m("0000000000"), 9)
     assert after["flag"] is False and after["eb_epoch"] == 8
-    assert det.epochs == [5, 6, 7, 8, 9] and len(det.items) == 5
+    assert det.epochs == [6, 7, 8, 9] and len(det.items) == 4  # all a next window compares with
 
 
 def test_spline_detector_compares_with_the_previous_three_and_is_strict():
@@ -255,7 +255,7 @@ def test_monitor_state_survives_an_hdf5_round_trip(tmp_path, kind):
         write_tree(f, first.state_dict())
     with h5py.File(tmp_path / f"{kind}.h5") as f:
         second.load_state_dict(read_tree(f))
-    assert second.detector.epochs == first.detector.epochs == [1, 2, 3]
+    assert second.detector.epochs == first.detector.epochs == [2, 3]  # window 3: the 2 a next epoch compares with
     assert second.detector.eb_epoch == first.detector.eb_epoch
     nxt = [mon.detector.update(mon.measure(model), 4) for mon in (first, second)]
     assert nxt[0] == nxt[1] and nxt[0]["dist_prev"] == 0.0
