@@ -260,3 +260,15 @@ def test_monitor_state_survives_an_hdf5_round_trip(tmp_path, kind):
     nxt = [mon.detector.update(mon.measure(model), 4) for mon in (first, second)]
     assert nxt[0] == nxt[1] and nxt[0]["dist_prev"] == 0.0
     assert a["dist_max"] is not None and nxt[0]["dist_max"] > 0
+
+
+def test_monitor_on_a_model_without_batchnorm_is_refused_before_training():
+    from hpcgraft.data import build_datasets
+    from hpcgraft.training.monitors import build_monitor
+
+    _, test_set = build_datasets("digits")
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    for kind in ("bn", "spline"):
+        with pytest.raises(NoBatchNormError, match="prune.monitor=off"):
+            build_monitor(load_config(None, [f"prune.monitor={kind}"]), model, test_set, torch.device("cpu"))
+    assert build_monitor(Config(), model, test_set, torch.device("cpu")) is None
