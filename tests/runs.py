@@ -54,7 +54,8 @@ RUNS: dict[str, RunSpec] = {
     "stepwise2": RunSpec(2, (*TWO_EPOCHS, "graft.interval_steps=10")),  # four graft points: the heat map
     "stepwise3": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10")),
     "graft2": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),
-    "graft2_again": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),  # same seed: the same numbers
+    # same seed: the same numbers; also watched (log.progress=auto off a terminal: plain progress lines)
+    "graft2_again": RunSpec(2, ("train.epochs=2", "dist.threads=1", "graft.mode=peers", "log.every_s=0.05")),
     "base_solo": RunSpec(0, (*TWO_EPOCHS, "graft.mode=none")),  # peer 0 alone trains as in base2
     # faults at exact steps (HPCGRAFT_INJECT, hpcgraft/training/faults.py): tests/e2e/test_resume.py
     "stepwise3_stopped": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10"),
@@ -67,6 +68,10 @@ RUNS: dict[str, RunSpec] = {
                         env={"HPCGRAFT_INJECT": "1:3:nan"}, status=1),
     "watchdog": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers", "dist.watchdog_s=5"),
                         env={"HPCGRAFT_INJECT": "1:3:sleep"}, status=None),
+    # log.tensorboard=true; rank 1 fails in epoch 4, after epoch 3 was logged but only epoch 2 checkpointed
+    # (checkpoint.interval=2): tests/e2e/test_tracking.py resumes it
+    "tracked_killed": RunSpec(2, ("train.epochs=4", *QUIET, "graft.interval_steps=10", "checkpoint.interval=2",
+                                  "log.tensorboard=true"), env={"HPCGRAFT_INJECT": "1:70:raise"}, status=1),
     # early-bird monitors, and the same runs stopped mid-epoch 3 (after step 51) to resume
     "eb_bn": RunSpec(2, EB_BN),
     "eb_bn_stopped": RunSpec(2, EB_BN, env={"HPCGRAFT_INJECT": "1:50:usr1"}, status=75),
