@@ -1,7 +1,7 @@
 """Does grafting prune better? Baseline vs grafted peers on the digits, pruned by LEAN / IndivL1 / bn.
 
     python tools/study_prune.py [--out runs/study_prune] [--seeds 0 1 2] [--epochs 8] [--finetune-epochs 1]
-        [--keep 0.02,0.1,0.5] [--criteria lean,indiv_l1,bn]
+        [--finetune-lr 0.01] [--keep 0.02,0.1,0.5] [--criteria lean,indiv_l1,bn]
 
 Per seed and arm (baseline: graft.mode=none; grafted: graft.mode=peers), K=2 peers train with
 configs/digits.yaml and the early-bird monitor (prune.monitor=bn) under mpirun, then
@@ -60,7 +60,7 @@ def stat(values: list[float]) -> str:
 def note(args: argparse.Namespace, wall: float) -> str:
     return (f"Top-1 (%) of the peers (mean over K=2 peers, then mean +- std over seeds {args.seeds}), digits, "
             f"{args.epochs} training epochs; per arm right after pruning and after {args.finetune_epochs} "
-            f"fine-tune epoch(s); wall time {wall:.0f} s.")
+            f"fine-tune epoch(s) at lr {args.finetune_lr:g}; wall time {wall:.0f} s.")
 
 
 def table(found: dict[str, dict[int, dict]], criteria_text: str, keep_text: str) -> str:
@@ -97,6 +97,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=8, help="training epochs (>= 6 for an early bird of window 5)")
     ap.add_argument("--finetune-epochs", type=int, default=1)
+    ap.add_argument("--finetune-lr", type=float, default=0.01,
+                    help="train.lr of the fine-tune (the run's 0.1 restarted undoes much of a mild pruning)")
     ap.add_argument("--keep", default="0.02,0.1,0.5")
     ap.add_argument("--criteria", default="lean,indiv_l1,bn")
     ap.add_argument("--table-only", action="store_true", help="print the table of OUT/study.json again")
@@ -117,7 +119,7 @@ def main() -> int:
                               *QUIET, *overrides], f"training {run}")
             t_prune = mpirun(["-m", "hpcgraft.prune", str(run), "--criterion", args.criteria, "--keep", args.keep,
                               "--finetune-epochs", str(args.finetune_epochs), "--out", str(run / "prune"),
-                              "--set", *QUIET], f"pruning {run}")
+                              "--set", f"train.lr={args.finetune_lr:g}", *QUIET], f"pruning {run}")
             doc = json.loads((run / "prune" / "prune.json").read_text())
             found[arm][seed] = {"prune": doc, "eb_epoch": early_birds(run), "seconds": [t_train, t_prune]}
             print(f"study: {arm} seed {seed}: trained in {t_train:.0f} s, pruned in {t_prune:.0f} s", flush=True)
