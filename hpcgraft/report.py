@@ -495,6 +495,7 @@ def plot_pruning(docs: list[dict[str, Any]], path: Path) -> bool:
         ax.plot(xs, [statistics.fmean(line[x]) for x in xs], "--" if arm == "baseline" else "-", marker="o",
                 ms=3, label=f"{criterion} ({arm})")
     ax.set_xscale("log")
+    ax.tick_params(axis="x", which="minor", labelbottom=False)
     ax.set_xlabel("kept fraction (kernels, filters or BN channels, as the criterion counts)")
     ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
