@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import time
@@ -184,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="directory for prune.json, weights and masks")
     args = ap.parse_args(argv)
     comm = None
-    if args.finetune_epochs > 0:
+    # MPI for fine-tuning, and whenever started by mpirun (the ranks then share the jobs, not the files).
+    launched = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1
+    if args.finetune_epochs > 0 or launched:
         from hpcgraft.dist import mpi
         from hpcgraft.dist.world import agreed
 
