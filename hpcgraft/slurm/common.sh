@@ -9,13 +9,25 @@ hpcgraft_die() {
     exit 2
 }
 
-# A path from the variables as the job will see it: relative paths are relative to the repository root.
+# Where the job runs, and what relative paths (CONFIG, DATA, RUN_DIR, PYTHON) are relative to: the
+# repository root when these scripts are the checkout's (hpcgraft/slurm/, also reached as slurm/), else
+# (scripts written out by `python -m hpcgraft.slurm DIR`) the directory they are submitted from.
+# HPCGRAFT_ROOT overrides it; submitting exports it, and HPCGRAFT_SCRIPTS, for the job.
+HPCGRAFT_SCRIPTS=$(cd "$here" && pwd -P)
+if [ -z "${HPCGRAFT_ROOT:-}" ]; then
+    if [ -f "$HPCGRAFT_SCRIPTS/__init__.py" ] && [ -f "$HPCGRAFT_SCRIPTS/../../pyproject.toml" ]; then
+        HPCGRAFT_ROOT=$(cd "$HPCGRAFT_SCRIPTS/../.." && pwd)
+    else
+        HPCGRAFT_ROOT=${SLURM_SUBMIT_DIR:-$PWD}
+    fi
+fi
+
+# A path from the variables as the job will see it: relative paths are relative to HPCGRAFT_ROOT.
 hpcgraft_path() { case $1 in /*) echo "$1" ;; *) echo "$HPCGRAFT_ROOT/$1" ;; esac; }
 
 # Submit mode: `bash slurm/graft_X.sh key=value ...` -> sbatch <shape from the variables> slurm/graft_X.sh key=value ...
 # The log goes to the current directory, as with a plain sbatch.
 hpcgraft_submit() {
-    [ -f "$(hpcgraft_path "$CONFIG")" ] || hpcgraft_die "config $(hpcgraft_path "$CONFIG") not found; set CONFIG in the script or HPCGRAFT_CONFIG"
     if [[ $PYTHON == */* ]]; then [ -x "$(hpcgraft_path "$PYTHON")" ]; else command -v "$PYTHON" >/dev/null; fi || hpcgraft_die "python $PYTHON not found; run 'make setup' or set HPCGRAFT_PYTHON"
     local ranks=$GPUS_PER_NODE
     [ "$GPUS_PER_NODE" -gt 0 ] 2>/dev/null || ranks=$TASKS_PER_NODE
@@ -28,6 +40,11 @@ hpcgraft_submit() {
     esac
     [ "$limit" -gt "${lead:-0}" ] || hpcgraft_die "TIME=$TIME is not longer than the ${lead} s warning before the limit (#SBATCH --signal): every start would stop at once; ask for more time"
     command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
+    # The config with the overrides, and the shape against sinfo (hpcgraft.launch's check): what can never
+    # start is refused here, with the command line that would, instead of pending forever in the queue.
+    (cd "$HPCGRAFT_ROOT" && "$PYTHON" -m hpcgraft.slurm.check --prog "$(basename "$HPCGRAFT_SCRIPT")" \
+        --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --tasks-per-node "$TASKS_PER_NODE" \
+        --cpus-per-task "$CPUS_PER_TASK" --partition "$PARTITION" --config "$CONFIG" --command "bash $0" -- "$@") || exit 2
     local opts=(--nodes="$NODES" --ntasks-per-node="$ranks" --cpus-per-task="$CPUS_PER_TASK" --time="$TIME")
     [ "$GPUS_PER_NODE" -gt 0 ] && opts+=(--gpus-per-task=1)
     [ -n "$PARTITION" ] && opts+=(--partition="$PARTITION")
@@ -58,6 +75,19 @@ hpcgraft_seconds() {
 
 hpcgraft_job_name() { sed -n 's/^#SBATCH --job-name=//p' "$HPCGRAFT_SCRIPT" | head -n1; }
 
+# The number of tasks srun starts: SLURM_NTASKS, which plain sbatch without --ntasks leaves unset; then
+# the sum of SLURM_TASKS_PER_NODE ("2(x3),1" is 2+2+2+1).
+hpcgraft_tasks() {
+    [ -n "${SLURM_NTASKS:-}" ] && { echo "$SLURM_NTASKS"; return; }
+    local n=0 part count times
+    for part in ${SLURM_TASKS_PER_NODE//,/ }; do
+        count=${part%%(*} times=1
+        [[ $part == *'(x'* ]] && times=${part#*(x} && times=${times%)}
+        n=$((n + count * times))
+    done
+    echo "$n"
+}
+
 hpcgraft_run_dir() { echo "${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}"; }
 
 # Job mode: one rank per task; USR1 (time limit near, or scancel --signal=USR1 --batch) is passed on to
@@ -73,8 +103,8 @@ hpcgraft_run() {
     # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # A requeued start after ranks were killed (preemption, a node failure) must not meet their MPI leftovers.
-    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_ROOT/slurm/clean_mpich_shm.sh"
-    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
+    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
+    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)): $(hpcgraft_tasks) ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
     srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
     srun_pid=$!
     # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
@@ -103,7 +133,7 @@ hpcgraft_main() {
         cd "$HPCGRAFT_ROOT" || hpcgraft_die "cannot enter $HPCGRAFT_ROOT"
         hpcgraft_run "$@"
     else
-        export HPCGRAFT_ROOT  # the job runs a copy of the script and finds the repository through it
+        export HPCGRAFT_ROOT HPCGRAFT_SCRIPTS  # the job runs a copy of the script and finds the rest through these
         hpcgraft_submit "$@"
     fi
 }
