@@ -73,8 +73,14 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
         f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
         f"device {peer.device}, run dir {run_dir}", world=world)
     # Launchers and the kernel name processes by pid and host only (MPICH's report, dmesg's OOM lines).
-    pids = comm.allgather(f"{os.getpid()}@{mpi().Get_processor_name()}")
+    host = mpi().Get_processor_name()
+    # Where each rank runs (the SLURM node, which can differ from the host name, and the rank within it):
+    # the basis of the GPU choice (cuda:<local rank>) and of the threads per rank.
+    place = f"{os.environ.get('SLURMD_NODENAME') or host}:{world.local_rank}/{world.local_size},{peer.device}"
+    pids, places = zip(*comm.allgather((f"{os.getpid()}@{host}", place)), strict=True)
     log(f"hpcgraft: rank pids: {' '.join(f'{r}={p}' for r, p in enumerate(pids))}", world=world)
+    log(f"hpcgraft: rank places (node:local rank/ranks there,device): "
+        f"{' '.join(f'{r}={p}' for r, p in enumerate(places))}", world=world)
     agreed(comm, lambda: store.resume(peer))
     peer.replicas.broadcast_state(peer.model, peer.optimizer)  # every replica starts from replica 0's state
     stop = StopRequest(comm)
