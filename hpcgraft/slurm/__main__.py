@@ -37,7 +37,9 @@ def write_scripts(out: str | Path, force: bool = False) -> list[Path]:
         if name.startswith("graft_"):
             if CHECKOUT_PYTHON not in text:
                 raise RuntimeError(f"{SCRIPTS_DIR / name} has no '{CHECKOUT_PYTHON}' line to point at this python")
-            text = text.replace(CHECKOUT_PYTHON, f"PYTHON=${{HPCGRAFT_PYTHON:-{shlex.quote(sys.executable)}}}")
+            line = next(x for x in text.splitlines() if x.startswith(CHECKOUT_PYTHON))
+            text = text.replace(line, f"PYTHON=${{HPCGRAFT_PYTHON:-{shlex.quote(sys.executable)}}}"
+                                      "  # the python that wrote these scripts (python -m hpcgraft.slurm)")
         path = out / name
         path.write_text(text)
         path.chmod(0o755 if name.endswith(".sh") else 0o644)

@@ -328,7 +328,7 @@ def test_submitit_run_on_two_nodes(slurm_cluster, tmp_path, jobs, monkeypatch):
                         executor="slurm", time_min=10)
     jobs.append(job.job_id)
     assert launch.wait(job, timeout_s=600) == [0, 0, 0, 0]
-    log = job.paths.stdout.read_text()
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()  # rank 0's task; hpcgraft logs on stderr
     places = " ".join(f"{2 * k + i}={n}:{i}/2,cpu" for k, n in enumerate(nodes[:2]) for i in range(2))
     assert f"rank places (node:local rank/ranks there,device): {places}" in log, log
     _epochs_once(run, epochs=2, peers=4)
