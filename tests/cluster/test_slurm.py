@@ -237,6 +237,37 @@ def test_printed_example_runs_as_printed_on_two_nodes(slurm_cluster, tmp_path, j
         shutil.rmtree(run, ignore_errors=True)
 
 
+def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_cluster, tmp_path, jobs):
+    """2 nodes x 2 ranks; the training process of rank 3 (node 2, local rank 1) is killed with SIGKILL. Its
+    supervisor on that node names it, the job fails without a requeue, and no rank of either node leaves
+    MPI shared memory behind."""
+    nodes = _nodes()
+    if len(nodes) < 2:
+        pytest.skip("the running local cluster has one node; start it with HPCGRAFT_SLURM_NODES=2")
+    run, shm = tmp_path / "run", tmp_path / "shm.log"
+    e = env() | {"HPCGRAFT_NODES": "2", "HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_TASKS_PER_NODE": "2",
+                 "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20", "HPCGRAFT_CONFIG": "configs/digits.yaml",
+                 "HPCGRAFT_RUN_DIR": str(run), SHM_LOG: str(shm)}
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "dist.watchdog_s=30"], capture_output=True,
+                       text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    _wait_for("epoch 1", lambda: _has_epoch(run, 1))
+    out = subprocess.run(["scontrol", "listpids", str(job)], capture_output=True, text=True, check=True).stdout
+    rank3 = {int(f[0]) for f in (line.split() for line in out.splitlines()[1:]) if f[2] == "0" and f[4] == "3"}
+    # The supervisor and its child (the training) both belong to task 3; the child's parent is the supervisor.
+    child = [p for p in rank3 if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) in rank3]
+    assert len(child) == 1, (out, rank3)
+    os.kill(child[0], signal.SIGKILL)
+    info = _wait_job_end(job)
+    log = (tmp_path / f"graft-cifar-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log
+    assert f"hpcgraft: rank 3 (pid {child[0]} on " in log and "was killed by SIGKILL" in log, log
+    assert "not requeued" in log, log
+    assert _shm_left(shm) == []
+
+
 @pytest.mark.parametrize(("variables", "problem", "fix"), [
     ({}, "HPCGRAFT_GPUS_PER_NODE=4: the nodes of partition 'debug' have at most 0 GPU(s)",
      "HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_TASKS_PER_NODE=2 HPCGRAFT_CPUS_PER_TASK={half}"),
