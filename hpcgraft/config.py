@@ -231,13 +231,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+#: The configs that ship inside the package (``--config cifar10_resnet32``); ``configs/`` of a checkout links here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_names() -> list[str]:
+    """Names of the packaged configs, usable as ``--config NAME`` wherever the package is installed."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The YAML file that ``--config`` names: an existing file, else a packaged config's name (``digits``,
+    ``digits.yaml``), so that an installed package needs no checkout. One line lists the names otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name.removesuffix(".yaml").removesuffix(".yml")
+    packaged = CONFIG_DIR / f"{name}.yaml"
+    # A bare name, or a path into a configs/ folder that is not here (a checkout's path outside the checkout)
+    if packaged.is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return packaged
+    raise ConfigError(f"config '{path}' is neither a file nor a packaged config; give a YAML file or one of: "
+                      f"{', '.join(config_names())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then the overrides, then validation."""
+    """Defaults, then the YAML file (a path or a packaged config's name), then the overrides, then validation."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pick one of configs/*.yaml")
+        p = resolve_config(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:

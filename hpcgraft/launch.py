@@ -34,7 +34,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
-from hpcgraft.config import load_config
+from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
 from hpcgraft.slurm.check import check_slurm_request
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
@@ -90,11 +90,7 @@ class GraftRun(Checkpointable):
             from hpcgraft.train import main
 
             return main(self.argv())
-        mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-        if mpirun is None:
-            raise LaunchError("mpirun not found next to this python or on PATH; install the mpich wheel (make setup)")
-        cmd = [mpirun, "-np", str(self.mpirun_np), sys.executable, "-m", "hpcgraft.train", *self.argv()]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(mpirun_command(self.mpirun_np, self.argv()))
         # mpirun passes USR1/TERM on to the ranks, which checkpoint and exit 75.
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
@@ -103,6 +99,14 @@ class GraftRun(Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """The same call without ``--restart``: the run directory holds everything needed to resume."""
         return DelayedSubmission(dataclasses.replace(self, restart=False), *args, **kwargs)
+
+
+def mpirun_command(ranks: int, train_argv: Sequence[str]) -> list[str]:
+    """``mpirun -np RANKS python -m hpcgraft.train ARGV`` with this interpreter and its environment's mpirun."""
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        raise LaunchError("mpirun not found next to this python or on PATH; install the mpich wheel (make setup)")
+    return [mpirun, "-np", str(ranks), sys.executable, "-m", "hpcgraft.train", *train_argv]
 
 
 def _submitit_requeue_handler() -> Any:
@@ -135,6 +139,7 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     if executor not in EXECUTORS:
         raise LaunchError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
     load_config(config, list(overrides))  # raises ConfigError naming the bad key
+    config = config and str(resolve_config(config).absolute())  # a packaged config's name: its file
     ranks = gpus_per_node if gpus_per_node > 0 else (tasks_per_node or 0)
     if ranks < 1:
         raise LaunchError("no ranks: give --gpus-per-node N (one rank per GPU) or --gpus-per-node 0 with "
@@ -245,6 +250,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
     p.add_argument("--out", required=True, help="run directory; a requeued or resubmitted job resumes it")
+    add_job_options(p)
+    p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end and print its final metrics")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """The job's shape and scheduler options, shared by ``hpcgraft.launch`` and ``hpcgraft.sweep``."""
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU; 0: CPU ranks (--tasks-per-node)")
     p.add_argument("--tasks-per-node", type=int, help="CPU ranks per node when --gpus-per-node is 0 (default 2)")
@@ -258,21 +272,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi= value: pmi2 (MPICH wheel) or the site's pmix")
     p.add_argument("--executor", choices=EXECUTORS, default="auto", help="auto: SLURM where srun exists, else local")
     p.add_argument("--logs", help="submitit's folder for job files and logs (default: RUN_DIR/submitit)")
-    p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
-    p.add_argument("--wait", action="store_true", help="wait for the run to end and print its final metrics")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+
+
+def job_options(a: argparse.Namespace) -> dict[str, Any]:
+    """:func:`submit`'s keyword arguments from the options of :func:`add_job_options`."""
+    tasks_per_node = a.tasks_per_node if a.gpus_per_node > 0 or a.tasks_per_node else 2
+    return dict(nodes=a.nodes, gpus_per_node=a.gpus_per_node, tasks_per_node=tasks_per_node,
+                cpus_per_task=a.cpus_per_task, partition=a.partition, account=a.account, time_min=a.time,
+                executor=a.executor, logs=a.logs, signal_delay_s=a.signal_delay, max_requeues=a.max_requeues,
+                srun_mpi=a.srun_mpi)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: submit, print where things are, optionally wait; 0 on success, 2 on a bad request."""
     a = parse_args(argv)
-    tasks_per_node = a.tasks_per_node if a.gpus_per_node > 0 or a.tasks_per_node else 2
     try:
-        job = submit(a.config, a.out, a.overrides, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-                     tasks_per_node=tasks_per_node, cpus_per_task=a.cpus_per_task, partition=a.partition,
-                     account=a.account, time_min=a.time, executor=a.executor, logs=a.logs, restart=a.restart,
-                     signal_delay_s=a.signal_delay, max_requeues=a.max_requeues, srun_mpi=a.srun_mpi)
+        job = submit(a.config, a.out, a.overrides, restart=a.restart, **job_options(a))
     except (LaunchError, ConfigError) as exc:
         return report(PROG, exc, EXIT_USAGE)
     print(f"submitted job {job.job_id} ({type(job).__name__}, {job.num_tasks} task(s)); "

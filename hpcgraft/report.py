@@ -1,6 +1,7 @@
 """Plots and a Markdown summary of finished (or running) runs: the evidence for or against grafting.
 
     python -m hpcgraft.report RUN_DIR [RUN_DIR ...] [--out DIR]
+    python -m hpcgraft.report SWEEP_DIR [--out DIR]     (a sweep's table: sweep.md)
 
 Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.storage.runlog`) and
 writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
@@ -387,6 +388,69 @@ def _file_name(run: Run) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
 
 
+# ------------------------------------------------------------------------------------------ sweeps
+SWEEP_FILE = "sweep.json"  # written by hpcgraft.sweep: {"config", "overrides", "arms": {name: overrides}, "seeds"}
+
+
+def load_sweep(path: str | Path) -> dict[str, dict[int, Run | None]]:
+    """A sweep directory's runs: arm -> seed -> the run (None where it has not logged an epoch yet)."""
+    p = Path(path)
+    try:
+        spec = json.loads((p / SWEEP_FILE).read_text())
+        arms, seeds = list(spec["arms"]), [int(s) for s in spec["seeds"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{p / SWEEP_FILE} cannot be read ({exc}); give a directory made by python -m "
+                         "hpcgraft.sweep") from None
+    found: dict[str, dict[int, Run | None]] = {}
+    for arm in arms:
+        found[arm] = {}
+        for seed in seeds:
+            d = p / arm / f"seed{seed}"
+            found[arm][seed] = load_run(d) if (d / "config.yaml").is_file() and (d / METRICS).is_file() else None
+    return found
+
+
+def _spread(values: list[float], spec: str = ".2f") -> str:
+    """mean +- sample standard deviation over seeds; the mean alone for one seed."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
+    return f"{statistics.fmean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
+def sweep_table(sweep: dict[str, dict[int, Run | None]]) -> str:
+    """The papers' table of a sweep: per arm, best and final test top-1 (per seed the mean over the peers)
+    and of the ensemble, and the final invalid filters, as mean +- sample std over the finished seeds."""
+    done = {arm: [r for r in runs.values() if r is not None and r.state == "finished"] for arm, runs in sweep.items()}
+    any_run = next((r for runs in done.values() for r in runs), None)
+    thresholds = any_run.cfg.log.thresholds if any_run else []
+    of = f" (of {any_run.filters})" if any_run and any_run.filters else ""
+    head = ["arm", "seeds done", "best top-1", "final top-1", "best ensemble", "final ensemble",
+            *[f"invalid @{t:g}{of}" for t in thresholds]]
+    lines = ["Test top-1 (%): per seed the mean over the peers; mean ± sample std over the finished seeds. "
+             "Invalid filters: final epoch, mean over the peers.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in done.items():
+        cells = [arm, f"{len(runs)}/{len(sweep[arm])}",
+                 _spread([statistics.fmean(r.best(p) for p in r.peers) for r in runs]),
+                 _spread([statistics.fmean(r.final(p) for p in r.peers) for r in runs]),
+                 _spread([max(r.ensemble.values()) for r in runs if r.ensemble]),
+                 _spread([r.ensemble[max(r.ensemble)] for r in runs if r.ensemble])]
+        cells += [_spread([statistics.fmean(r.final(p, f"invalid_{t:g}") for p in r.peers) for r in runs], ".1f")
+                  for t in thresholds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_sweep_report(path: Path, out: Path) -> Path:
+    """``sweep.md`` (the table) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "sweep.md"
+    md.write_text(f"# hpcgraft sweep {path}\n\n{sweep_table(load_sweep(path))}\n")
+    return md
+
+
 # ------------------------------------------------------------------------------------------ the report
 def write_report(runs: list[Run], out: Path) -> Path:
     """All plots and ``summary.md`` into ``out``; returns the summary's path."""
@@ -453,6 +517,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (--out of hpcgraft.train)")
     ap.add_argument("--out", help="where to write the plots and summary.md (default: RUN_DIR/report of the first)")
     args = ap.parse_args(argv)
+    if len(args.runs) == 1 and (Path(args.runs[0]) / SWEEP_FILE).is_file():  # a sweep: its table
+        try:
+            md = write_sweep_report(Path(args.runs[0]), Path(args.out or Path(args.runs[0]) / "report"))
+        except InputError as exc:
+            return report(PROG, exc)
+        print(md.read_text(), end="")
+        print(f"hpcgraft.report: wrote {md}")
+        return 0
     try:
         runs = [load_run(p) for p in args.runs]
     except InputError as exc:

@@ -22,15 +22,16 @@ RANK = {
     "method": 2, "storage": 2,
     "dist": 3, "data": 3,
     "training": 4,
-    "train": 5, "launch": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5,
+    "train": 5, "launch": 5, "sweep": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5,
 }
 # The explicit rules, on top of the ranks.
 FORBIDDEN = {
     "method": {"dist", "storage"},
     "dist": {"config", "data", "storage"},
 }
-# The one import between commands: a submitit task of `launch` runs the training command itself.
-ALLOWED = {("launch", "train")}
+# Imports between commands: a submitit task of `launch` runs the training command itself; `sweep` submits
+# through `launch` and prints the table of `report`.
+ALLOWED = {("launch", "train"), ("sweep", "launch"), ("sweep", "report")}
 OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint")
 
 
