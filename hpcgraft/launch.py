@@ -36,11 +36,12 @@ from submitit.helpers import Checkpointable, DelayedSubmission, environment_vari
 
 from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.slurm import SCRIPTS_DIR
 from hpcgraft.slurm.check import check_slurm_request
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
-CLEAN_SHM = Path(__file__).resolve().parents[1] / "slurm" / "clean_mpich_shm.sh"
+CLEAN_SHM = SCRIPTS_DIR / "clean_mpich_shm.sh"  # package data: there in an installed package too
 EXECUTORS = ("auto", "local", "slurm")
 PROG = "hpcgraft.launch"
 

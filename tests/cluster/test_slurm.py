@@ -254,11 +254,14 @@ def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_clust
     job = _submitted_id(r.stdout)
     jobs.append(str(job))
     _wait_for("epoch 1", lambda: _has_epoch(run, 1))
-    out = subprocess.run(["scontrol", "listpids", str(job)], capture_output=True, text=True, check=True).stdout
-    rank3 = {int(f[0]) for f in (line.split() for line in out.splitlines()[1:]) if f[2] == "0" and f[4] == "3"}
-    # The supervisor and its child (the training) both belong to task 3; the child's parent is the supervisor.
-    child = [p for p in rank3 if int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) in rank3]
-    assert len(child) == 1, (out, rank3)
+    out = subprocess.run(["scontrol", "listpids", str(job), nodes[1]], capture_output=True, text=True,
+                         check=True).stdout  # the processes of the job that node's slurmd runs
+    step = [f for f in (line.split() for line in out.splitlines()[1:]) if f[2] == "0"]
+    # Task 3 is the rank's supervisor; its child, the training, is listed without a task id.
+    supervisor = [int(f[0]) for f in step if f[4] == "3"]
+    child = [int(f[0]) for f in step
+             if int(Path(f"/proc/{f[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]) in supervisor]
+    assert len(supervisor) == 1 and len(child) == 1, out
     os.kill(child[0], signal.SIGKILL)
     info = _wait_job_end(job)
     log = (tmp_path / f"graft-cifar-{job}.out").read_text()
