@@ -123,7 +123,12 @@ hpcgraft_run() {
             echo "hpcgraft: $(date +%T) checkpoint written but the job could not be requeued; resubmit the same command to resume" >&2
         fi
         ;;
-    *) echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2 ;;
+    *)
+        # Ranks that SLURM killed when the step was aborted (a rank lost on another node, MPI_Abort) took
+        # their supervisors with them, and with them the removal of MPICH's shared memory on their node.
+        bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
+        echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2
+        ;;
     esac
     exit "$rc"
 }
