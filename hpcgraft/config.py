@@ -23,6 +23,7 @@ class ModelConfig:
     name: str = "digits_resnet"
     num_classes: int | None = None  # None: taken from the data set
     init: str = "kaiming"  # kaiming (He-normal) | pytorch (layer defaults: the authors' VGG and MobileNetV2)
+    bn_momentum: float | None = None  # BatchNorm running-statistics momentum; None: PyTorch's 0.1
     dgconv: bool = False  # square 3x3 convs of power-of-two width become DGConv (learned groups, GroupNet)
     dgconv_init: str = "random"  # random: gates +-1e-8 with random sign (the reference) | depthwise: all closed
     dgconv_budget: float | None = None  # o of the loss factor (o / zeta)^a; None: no resource constraint
@@ -97,7 +98,8 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    progress: str = "auto"  # auto (a tty) | on | off
+    progress: str = "auto"  # auto | on: a bar on a terminal, plain lines (every_s) elsewhere | off: neither
+    every_s: float = 60.0  # off a terminal: one plain progress line on rank 0 every N seconds (0: none)
     thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])  # invalid-filter l1 norms
 
 
@@ -319,6 +321,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.init == "kaiming" or cfg.model.name in ("vgg16_bn", "mobilenetv2", "mobilenetv2_ref"),
            f"model.init={cfg.model.init!r} is not allowed for model.name={cfg.model.name!r} (the authors' ResNets "
            "use kaiming too); use one of: kaiming")
+    _check(cfg.model.bn_momentum is None or 0 < cfg.model.bn_momentum <= 1,
+           f"model.bn_momentum={cfg.model.bn_momentum} must be in (0, 1], or left unset for PyTorch's 0.1")
     _choice("data.reference", d.reference, ("paper", "authors"))
     _check(d.reference == "paper" or d.name in ("cifar10", "cifar100"),
            f"data.reference={d.reference!r} is not allowed for data.name={d.name!r} (the authors' pipeline is "
@@ -344,6 +348,8 @@ def validate(cfg: Config) -> None:
            f"model.num_classes={cfg.model.num_classes} must be >= 1, or left unset to take the data set's classes")
     _check(len(cfg.log.thresholds) > 0 and all(math.isfinite(x) and x >= 0 for x in cfg.log.thresholds),
            f"log.thresholds={cfg.log.thresholds} must list at least one l1 norm >= 0, e.g. [0.1, 0.01]")
+    _check(cfg.log.every_s >= 0 and math.isfinite(cfg.log.every_s),
+           f"log.every_s={cfg.log.every_s} must be a number of seconds >= 0 (0: no progress lines)")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _check(d.test_batch_size >= 1, f"data.test_batch_size={d.test_batch_size} must be >= 1")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0")

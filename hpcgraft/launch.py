@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,9 @@ from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
 from hpcgraft.slurm import SCRIPTS_DIR
 from hpcgraft.slurm.check import check_slurm_request
+from hpcgraft.storage.follow import JobFollower
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
+from hpcgraft.text import plural
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
 CLEAN_SHM = SCRIPTS_DIR / "clean_mpich_shm.sh"  # package data: there in an installed package too
@@ -188,8 +190,10 @@ def _slurm_state(job_id: str) -> str | None:
     return state or None
 
 
-def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0) -> list[Any]:
-    """Wait until the run is over (through its requeues) and return the tasks' results.
+def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0,
+         on_poll: Callable[[str | None], None] | None = None) -> list[Any]:
+    """Wait until the run is over (through its requeues) and return the tasks' results; ``on_poll`` is
+    handed the job's state at every poll (None once SLURM no longer lists it).
 
     submitit's own wait asks ``sacct``, which clusters without an accounting database lack; a SLURM job is
     also over here once ``squeue`` no longer lists it. Raises :class:`LaunchError` if a task failed or
@@ -203,16 +207,21 @@ def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0)
         # results gets a grace period, as results can lag on shared filesystems.
         gone_since = None
         while True:
-            if _slurm_state(job.job_id) is None:
+            state = _slurm_state(job.job_id)
+            if on_poll is not None:
+                on_poll(state)
+            if state is None:
                 gone_since = gone_since or time.monotonic()
                 if all(t.paths.result_pickle.exists() for t in tasks) or time.monotonic() - gone_since > 15:
                     break
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"job {job.job_id} still runs after {timeout_s:g} s; see {job.paths.stderr}")
             time.sleep(poll_s)
-    elif deadline is not None:
+    elif deadline is not None or on_poll is not None:
         while not job.done():
-            if time.monotonic() > deadline:
+            if on_poll is not None:
+                on_poll(job.state)
+            if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"job {job.job_id} still runs after {timeout_s:g} s; see {job.paths.stderr}")
             time.sleep(poll_s)
     results = []
@@ -253,7 +262,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="run directory; a requeued or resubmitted job resumes it")
     add_job_options(p)
     p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
-    p.add_argument("--wait", action="store_true", help="wait for the run to end and print its final metrics")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end, printing the job's state changes "
+                   "and its log (epoch rows, progress lines) as they come, then its final metrics")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p.parse_args(argv)
 
@@ -291,15 +301,18 @@ def main(argv: list[str] | None = None) -> int:
         job = submit(a.config, a.out, a.overrides, restart=a.restart, **job_options(a))
     except (LaunchError, ConfigError) as exc:
         return report(PROG, exc, EXIT_USAGE)
-    print(f"submitted job {job.job_id} ({type(job).__name__}, {job.num_tasks} task(s)); "
+    print(f"submitted job {job.job_id} ({type(job).__name__}, {plural(job.num_tasks, 'task')}); "
           f"run dir {Path(a.out).absolute()}")
     print(f"  logs: {job.paths.stdout}")
     if not a.wait:
         return 0
+    follower = JobFollower(str(job.job_id), job.paths.stdout)
     try:
-        wait(job)
+        wait(job, on_poll=follower.poll)
     except LaunchError as exc:
+        follower.finish("FAILED")
         return report(PROG, exc, EXIT_FAILURE)
+    follower.finish("COMPLETED")
     print(final_metrics(a.out))
     return 0
 

@@ -50,7 +50,8 @@ RUNS: dict[str, RunSpec] = {
     "stepwise2": RunSpec(2, (*TWO_EPOCHS, "graft.interval_steps=10")),  # four graft points: the heat map
     "stepwise3": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10")),
     "graft2": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),
-    "graft2_again": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),  # same seed: the same numbers
+    # same seed: the same numbers; also watched (log.progress=auto off a terminal: plain progress lines)
+    "graft2_again": RunSpec(2, ("train.epochs=2", "dist.threads=1", "graft.mode=peers", "log.every_s=0.05")),
     "base_solo": RunSpec(0, (*TWO_EPOCHS, "graft.mode=none")),  # peer 0 alone trains as in base2
     # faults at exact steps (HPCGRAFT_INJECT, hpcgraft/training/faults.py): tests/e2e/test_resume.py
     "stepwise3_stopped": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10"),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpcgraft.dist import mpi
 from hpcgraft.errors import LayoutError, PeerMismatchError, SetupError, UserError
+from hpcgraft.text import plural
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -64,7 +65,7 @@ def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
     size, rank = comm.Get_size(), comm.Get_rank()
     if size % replicas:
         raise LayoutError(
-            f"{size} ranks cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
+            f"{plural(size, 'rank')} cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
             f"{replicas} ranks ({start_ranks(str(replicas * max(2, size // replicas)))}) or change dist.replicas"
         )
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)

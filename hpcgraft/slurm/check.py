@@ -26,6 +26,7 @@ from collections.abc import Collection
 
 from hpcgraft.config import load_config
 from hpcgraft.errors import EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.text import plural
 
 
 @dataclasses.dataclass
@@ -114,15 +115,16 @@ def fit(shape: Shape, part: Partition) -> tuple[list[str], Shape]:
     problems: list[str] = []
     fixed = shape
     if shape.nodes > part.nodes:
-        problems.append(f"{{nodes}}: partition '{part.name}' has {part.nodes} node(s)")
+        problems.append(f"{{nodes}}: partition '{part.name}' has {plural(part.nodes, 'node')}")
         fixed = dataclasses.replace(fixed, nodes=part.nodes)
     if shape.gpus_per_node > part.gpus:
-        problems.append(f"{{gpus_per_node}}: the nodes of partition '{part.name}' have at most {part.gpus} GPU(s)")
+        problems.append(f"{{gpus_per_node}}: the nodes of partition '{part.name}' have at most "
+                        f"{plural(part.gpus, 'GPU')}")
         fixed = dataclasses.replace(fixed, gpus_per_node=part.gpus)
     ranks = fixed.ranks_per_node
     if ranks * shape.cpus_per_task > part.cpus:
-        problems.append(f"{{cpus_per_task}} for {ranks} rank(s) per node: the nodes of partition '{part.name}' "
-                        f"have at most {part.cpus} CPUs")
+        problems.append(f"{{cpus_per_task}} for {plural(ranks, 'rank')} per node: the nodes of partition "
+                        f"'{part.name}' have at most {plural(part.cpus, 'CPU')}")
         cpus = part.cpus // ranks
         fixed = dataclasses.replace(fixed, cpus_per_task=max(cpus, 1))
         if cpus < 1 and fixed.gpus_per_node == 0:

@@ -55,7 +55,7 @@ hpcgraft_submit() {
     out=$(sbatch --parsable "${opts[@]}" "$HPCGRAFT_SCRIPT" "$@") || exit $?
     id=${out%%;*}
     echo "Submitted batch job $id"
-    echo "  $NODES node(s) x $ranks rank(s) ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $PWD/$(hpcgraft_job_name)-$id.out"
+    echo "  $(hpcgraft_plural "$NODES" node) x $(hpcgraft_plural "$ranks" rank) per node ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $PWD/$(hpcgraft_job_name)-$id.out"
     echo "  run dir: $(hpcgraft_path "$(SLURM_JOB_ID=$id SLURM_JOB_NAME=$(hpcgraft_job_name) hpcgraft_run_dir)")"
 }
 
@@ -72,6 +72,8 @@ hpcgraft_seconds() {
     IFS=: read -r a b c <<<"$t"
     if [ -n "$c" ]; then echo $((10#$a * 3600 + 10#$b * 60 + 10#$c)); else echo $((10#$a * 60 + 10#${b:-0})); fi
 }
+
+hpcgraft_plural() { if [ "$1" = 1 ]; then echo "$1 $2"; else echo "$1 ${2}s"; fi; }  # as hpcgraft.text.plural
 
 hpcgraft_job_name() { sed -n 's/^#SBATCH --job-name=//p' "$HPCGRAFT_SCRIPT" | head -n1; }
 
@@ -104,7 +106,7 @@ hpcgraft_run() {
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # A requeued start after ranks were killed (preemption, a node failure) must not meet their MPI leftovers.
     [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
-    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)): $(hpcgraft_tasks) ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
+    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)): $(hpcgraft_plural "$(hpcgraft_tasks)" rank) on $(hpcgraft_plural "$SLURM_JOB_NUM_NODES" node) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
     srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
     srun_pid=$!
     # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.

@@ -95,11 +95,12 @@ def epoch_table(rows: list[dict[str, Any]], ensemble_acc: float, epochs: int, th
         lines.append(" ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         cells = [
-            f"{r['epoch']}/{epochs}", str(r["peer"]), fmt(r["lr"], ".4g"), fmt(r["train_loss"], ".4f"),
+            f"{r['epoch']}/{epochs}", str(r["peer"]), fmt(r["lr"], ".4g" if (r["lr"] or 0) >= 1e-3 else ".2e"),
+            fmt(r["train_loss"], ".4f"),
             fmt(r["train_acc"], ".2f"), fmt(r["test_acc"], ".2f"), "", fmt(r["alpha_mean"], ".3f"),
             *[str(r[f"invalid_{t:g}"]) for t in thresholds], fmt(r["seconds"], ".1f"),
         ]
         lines.append(" ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     ens = ["", "ens", "", "", "", "", fmt(ensemble_acc, ".2f"), "", *["" for _ in thresholds], ""]
-    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)))
+    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)).rstrip())
     return "\n".join(lines)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +30,11 @@ from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunErr
 from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
-from hpcgraft.storage.runlog import METRICS, epoch_table
+from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
+from hpcgraft.text import plural
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
+from hpcgraft.training.progress import RunProgress, run_summary
 from hpcgraft.training.rundir import RunStore, claim_run_dir
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ def grafts_after_step(cfg: Config, step: int) -> bool:
 
 # ------------------------------------------------------------------------------------------ the run
 def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm) -> int:
+    started = time.monotonic()
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
@@ -67,7 +69,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     store = agreed(comm, lambda: RunStore(run_dir, cfg, world))
 
     t = cfg.train
-    log(f"hpcgraft: {world.peers} peers x {world.replicas} replica(s), model {cfg.model.name}, data "
+    log(f"hpcgraft: {plural(world.peers, 'peer')} x {plural(world.replicas, 'replica')}, model {cfg.model.name}, data "
         f"{cfg.data.name} ({len(peer.train_loader)} steps/epoch), graft {cfg.graft.mode}"
         f"{'' if cfg.graft.mode == 'none' else f'/{cfg.graft.topology}/{cfg.graft.level}'}, "
         f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
@@ -85,11 +87,12 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     peer.replicas.broadcast_state(peer.model, peer.optimizer)  # every replica starts from replica 0's state
     stop = StopRequest(comm)
     inject = fault_hook(world.rank)
+    watch = RunProgress(peer)  # a bar on a terminal, plain lines every log.every_s seconds in a log
     header = True
     while peer.progress.epoch < t.epochs:
         if peer.progress.batch == 0:
             peer.progress.start_epoch()
-        if train_one_epoch(peer, stop, inject):
+        if train_one_epoch(peer, stop, inject, watch):
             # grafts of the running epoch so far (graft.interval_steps), before the checkpoint covers them
             store.log_grafts(peer.graft_rows)
             peer.graft_rows = []
@@ -123,20 +126,25 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     stop.close()
     if store.log:
         store.log.status(state="finished", epoch=peer.progress.epoch, step=peer.progress.step)
-    log(f"hpcgraft: finished {t.epochs} epochs; metrics in {run_dir / METRICS}", world=world)
+    log(f"hpcgraft: finished {plural(t.epochs, 'epoch')}; metrics in {run_dir / METRICS}", world=world)
+    if store.log:
+        print(run_summary(read_jsonl(run_dir / METRICS), time.monotonic() - started), flush=True)
     return EXIT_OK
 
 
 # ------------------------------------------------------------------------------------------ one epoch
-def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, int], None] | None = None) -> bool:
-    """Train until the epoch ends (False) or a stop was requested (True, mid-epoch)."""
+def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, int], None] | None = None,
+                    watch: RunProgress | None = None) -> bool:
+    """Train until the epoch ends (False) or a stop was requested (True, mid-epoch); ``watch`` shows the
+    progress (every rank passes one, or none does: it meets at agreed steps)."""
     cfg, prog, model = peer.cfg, peer.progress, peer.model
     model.train()
     # Continues the epoch's sum (rather than adding a new one to it), so a resumed epoch sums bit for bit alike.
     loss_sum = torch.tensor(prog.loss_sum, dtype=torch.float64, device=peer.device)
     correct = torch.zeros((), dtype=torch.int64, device=peer.device)
     started = time.perf_counter()
-    bar = _progress_bar(peer)
+    if watch is not None:
+        watch.begin()
     stopped = False
     for x, y in peer.train_loader.epoch(prog.epoch, start=prog.batch):
         lr = peer.schedule(prog.step)
@@ -169,16 +177,16 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
         peer.replicas.check_step(model, peer.optimizer, prog.step)
         if inject is not None:
             inject(model, prog.step)
-        if bar is not None:
-            bar.update(1)
         if grafts_after_step(cfg, prog.step):
             graft(peer)
+        if watch is not None:
+            watch.step(loss_sum)
         with peer.watchdog.guard("training step: Iallreduce of the stop flag"):
             stopped = stop.poll()
         if stopped:
             break
-    if bar is not None:
-        bar.close()
+    if watch is not None:
+        watch.end()
     sync_replicas(peer)
     prog.loss_sum = float(loss_sum)
     prog.correct += int(correct)
@@ -192,16 +200,6 @@ def autocast(peer: Peer, x: torch.Tensor) -> contextlib.AbstractContextManager:
     if peer.cfg.dist.amp and x.is_cuda:
         return torch.autocast(x.device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def _progress_bar(peer: Peer):  # noqa: ANN202 - tqdm or None
-    mode = peer.cfg.log.progress
-    if not peer.world.is_root or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=len(peer.train_loader), initial=peer.progress.batch, leave=False, dynamic_ncols=True,
-                desc=f"epoch {peer.progress.epoch + 1}/{peer.cfg.train.epochs}", file=sys.stderr)
 
 
 def sync_replicas(peer: Peer) -> None:

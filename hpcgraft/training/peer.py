@@ -169,7 +169,7 @@ def build_peer(cfg: Config, world: World) -> Peer:
     seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
     try:
         options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
-        model = create_model(cfg.model.name, num_classes, **options)
+        model = create_model(cfg.model.name, num_classes, cfg.model.bn_momentum, **options)
         if cfg.model.dgconv:
             apply_dgconv(model, cfg.model.dgconv_init)
         model = model.to(device)

@@ -29,6 +29,7 @@ from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
+from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
 
 #: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
@@ -106,8 +107,8 @@ class RunStore:
             _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir)
             status = RunLog(run_dir).read_status()
             if status.get("state") == "finished":
-                raise ConfigError(f"{run_dir} holds a finished run ({status.get('epoch')} epochs); pass --restart "
-                                  "to start over or use another --out")
+                raise ConfigError(f"{run_dir} holds a finished run ({plural(status.get('epoch', 0), 'epoch')}); pass "
+                                  "--restart to start over or use another --out")
         self.manager = None
         if cfg.checkpoint.enabled:
             self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer, peers=world.peers,
@@ -137,7 +138,7 @@ class RunStore:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
-            raise ConfigError(f"the checkpoint {info.path} has {info.peers} peers; start with "
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with "
                              f"{start_ranks(str(info.peers * self.world.replicas))} to resume it")
         info, state = self._fitting_checkpoint(info, peer)
         peer.load_state_dict(state)

@@ -19,6 +19,7 @@ import pytest
 from hpcgraft import launch
 from hpcgraft.errors import ConfigError
 from hpcgraft.supervise import SHM_LOG
+from hpcgraft.text import plural
 from tests._util import ROOT, env, jsonl
 
 pytestmark = pytest.mark.slurm
@@ -104,7 +105,7 @@ def test_sbatch_script_trains_two_grafting_peers(slurm_cluster, tmp_path, jobs):
     info = _wait_job_end(job)
     log = (tmp_path / f"graft-cifar-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
-    assert "2 ranks on 1 node(s)" in log and "finished" in log
+    assert "2 ranks on 1 node (" in log and "finished" in log
     rows = _epochs_once(run, epochs=3)
     grafted = [r for r in rows if r["peer"] is not None and r["epoch"] < 3]
     assert grafted and all(r["alpha_mean"] is not None and 0 < r["alpha_mean"] < 1 for r in grafted)
@@ -226,7 +227,7 @@ def test_printed_example_runs_as_printed(slurm_cluster, tmp_path, jobs):
         log = out.read_text()
         assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
         ranks = 2 * len(nodes)
-        assert f"{ranks} ranks on {len(nodes)} node(s)" in log and "finished" in log, log
+        assert f"{ranks} ranks on {plural(len(nodes), 'node')} (" in log and "finished" in log, log
         places = " ".join(f"{2 * k + i}={n}:{i}/2,cpu" for k, n in enumerate(nodes) for i in range(2))
         assert f"rank places (node:local rank/ranks there,device): {places}" in log, log
         _epochs_once(run, epochs=3, peers=ranks)
@@ -272,12 +273,12 @@ def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_clust
 
 
 @pytest.mark.parametrize(("variables", "problem", "fix"), [
-    ({}, "HPCGRAFT_GPUS_PER_NODE=4: the nodes of partition 'debug' have at most 0 GPU(s)",
+    ({}, "HPCGRAFT_GPUS_PER_NODE=4: the nodes of partition 'debug' have at most 0 GPUs",
      "HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_TASKS_PER_NODE=2 HPCGRAFT_CPUS_PER_TASK={half}"),
-    ({"HPCGRAFT_GPUS_PER_NODE": "0"}, "HPCGRAFT_CPUS_PER_TASK=4 for 2 rank(s) per node: the nodes of partition "
+    ({"HPCGRAFT_GPUS_PER_NODE": "0"}, "HPCGRAFT_CPUS_PER_TASK=4 for 2 ranks per node: the nodes of partition "
      "'debug' have at most {cpus} CPUs", "HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_CPUS_PER_TASK={half}"),
     ({"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_NODES": "9"},
-     "HPCGRAFT_NODES=9: partition 'debug' has {nodes} node(s)",
+     "HPCGRAFT_NODES=9: partition 'debug' has {nodes_word}",
      "HPCGRAFT_NODES={nodes} HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_CPUS_PER_TASK=1"),
 ])
 def test_script_refuses_a_shape_that_can_never_start_with_the_line_that_can(slurm_cluster, tmp_path, jobs,
@@ -286,7 +287,8 @@ def test_script_refuses_a_shape_that_can_never_start_with_the_line_that_can(slur
     or nodes than the partition has) is refused before sbatch, in one line ending in a command line that
     submits; that line, run as printed, is accepted (the job is submitted held, then cancelled)."""
     cpus = os.cpu_count()
-    subs = {"cpus": cpus, "half": max(1, cpus // 2), "nodes": len(_nodes())}
+    nodes = len(_nodes())
+    subs = {"cpus": cpus, "half": max(1, cpus // 2), "nodes": nodes, "nodes_word": plural(nodes, "node")}
     script = str(ROOT / "slurm/graft_cifar.sh")
     e = env() | {"HPCGRAFT_SBATCH_ARGS": "--hold"}
     r = subprocess.run(["bash", script, "train.epochs=1"], capture_output=True, text=True, cwd=tmp_path,
@@ -317,7 +319,7 @@ def test_plain_sbatch_without_a_shape_says_which_option_starts_more_ranks(slurm_
     info = _wait_job_end(job)
     log = (tmp_path / f"graft-imagenet-{job}.out").read_text()
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
-    assert f"job {job}, start 1: 1 ranks on 1 node(s)" in log, log
+    assert f"job {job}, start 1: 1 rank on 1 node (" in log, log
     assert ("grafting between peers needs at least 2 peers but this run has 1; start it with K (K >= 2) SLURM "
             "tasks: sbatch --ntasks-per-node (with --nodes), or for slurm/graft_*.sh HPCGRAFT_TASKS_PER_NODE") in log
     assert "mpirun" not in log, log

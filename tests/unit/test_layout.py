@@ -17,6 +17,7 @@ PACKAGE = ROOT / "hpcgraft"
 # Layers, lowest first: a module may import its own package and the layers of lower rank only.
 RANK = {
     "errors": 0, "supervise": 0,
+    "text": 0,
     "config": 1, "models": 1,
     "slurm": 2,  # the sbatch scripts (package data), their writer and their shape check; launch uses the check
     "method": 2, "storage": 2,

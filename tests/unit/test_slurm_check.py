@@ -31,18 +31,18 @@ def test_gpus_on_gpu_less_nodes_turn_into_cpu_ranks_that_fit():
     """The scripts' defaults (4 GPUs, 4 CPUs per rank) on the local test cluster: both problems in one line,
     and a command line that fixes both, keeping what the user set."""
     why = refusal(Shape(1, 4, 2, 4), CPU_NODES, SCRIPT_VARIABLES, CMD, given=["tasks_per_node"])
-    assert why == ("HPCGRAFT_GPUS_PER_NODE=4: the nodes of partition 'debug' have at most 0 GPU(s); "
-                   "HPCGRAFT_CPUS_PER_TASK=4 for 2 rank(s) per node: the nodes of partition 'debug' have at most "
+    assert why == ("HPCGRAFT_GPUS_PER_NODE=4: the nodes of partition 'debug' have at most 0 GPUs; "
+                   "HPCGRAFT_CPUS_PER_TASK=4 for 2 ranks per node: the nodes of partition 'debug' have at most "
                    "2 CPUs; this can never start; run: HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_TASKS_PER_NODE=2 "
                    "HPCGRAFT_CPUS_PER_TASK=1 bash slurm/graft_cifar.sh train.epochs=3")
 
 
 def test_too_many_nodes_and_cpus_name_the_largest_that_fit():
     why = refusal(Shape(9, 0, 2, 1, "debug"), CPU_NODES, SCRIPT_VARIABLES, CMD, given=["partition", "gpus_per_node"])
-    assert why == ("HPCGRAFT_NODES=9: partition 'debug' has 1 node(s); this can never start; run: HPCGRAFT_NODES=1 "
+    assert why == ("HPCGRAFT_NODES=9: partition 'debug' has 1 node; this can never start; run: HPCGRAFT_NODES=1 "
                    "HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_PARTITION=debug bash slurm/graft_cifar.sh train.epochs=3")
     why = refusal(Shape(2, 4, 4, 32), GPU_NODES)
-    assert why == ("--cpus-per-task 32 for 4 rank(s) per node: the nodes of partition 'gpu' have at most 64 CPUs; "
+    assert why == ("--cpus-per-task 32 for 4 ranks per node: the nodes of partition 'gpu' have at most 64 CPUs; "
                    "this can never start; ask for --cpus-per-task 16")
 
 
@@ -53,7 +53,7 @@ def test_more_cpu_ranks_than_cpus_lower_the_ranks():
 
 def test_launch_options_spell_the_fix_as_options():
     why = refusal(Shape(2, 8, 8, 1), GPU_NODES, LAUNCH_OPTIONS)
-    assert why == ("--gpus-per-node 8: the nodes of partition 'gpu' have at most 4 GPU(s); this can never start; "
+    assert why == ("--gpus-per-node 8: the nodes of partition 'gpu' have at most 4 GPUs; this can never start; "
                    "ask for --gpus-per-node 4")
     why = refusal(Shape(1, 2, 2, 1), CPU_NODES, LAUNCH_OPTIONS)
     assert why is not None and why.endswith("ask for --gpus-per-node 0 --tasks-per-node 2 (CPU ranks)")
