@@ -64,6 +64,10 @@ RUNS: dict[str, RunSpec] = {
                         env={"HPCGRAFT_INJECT": "1:3:nan"}, status=1),
     "watchdog": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers", "dist.watchdog_s=5"),
                         env={"HPCGRAFT_INJECT": "1:3:sleep"}, status=None),
+    # log.tensorboard=true; rank 1 fails in epoch 4, after epoch 3 was logged but only epoch 2 checkpointed
+    # (checkpoint.interval=2): tests/e2e/test_tracking.py resumes it
+    "tracked_killed": RunSpec(2, ("train.epochs=4", *QUIET, "graft.interval_steps=10", "checkpoint.interval=2",
+                                  "log.tensorboard=true"), env={"HPCGRAFT_INJECT": "1:70:raise"}, status=1),
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }

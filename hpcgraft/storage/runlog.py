@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hpcgraft.storage import atomic
 
@@ -47,12 +47,21 @@ def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> bool:
     return torn
 
 
-class RunLog:
-    """Append-only JSON-lines files of one run directory."""
+class Sink(Protocol):
+    """Another form of the logs (TensorBoard event files): fed every row the run log appends."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def truncate_after(self, epoch: int, step: int) -> None: ...
+
+    def record(self, name: str, rows: list[dict[str, Any]]) -> None: ...
+
+
+class RunLog:
+    """Append-only JSON-lines files of one run directory, and the sinks that receive the same rows."""
+
+    def __init__(self, run_dir: str | Path, sinks: Sequence[Sink] = ()) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.sinks = list(sinks)
 
     def truncate_after(self, epoch: int, step: int) -> list[str]:
         """Forget what a run logged after the checkpoint it resumes from (epoch done, global step); returns
@@ -61,13 +70,18 @@ class RunLog:
         for name, keep in ((METRICS, lambda r: r["epoch"] <= epoch), (GRAFTS, lambda r: r["step"] <= step)):
             if (self.dir / name).exists() and _rewrite(self.dir / name, keep):
                 torn.append(name)
+        for sink in self.sinks:
+            sink.truncate_after(epoch, step)
         return torn
 
     def append(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
         with (self.dir / name).open("a") as f:
             for row in rows:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink.record(name, rows)
 
     def status(self, **fields: Any) -> None:
         atomic.write_text(self.dir / STATUS, json.dumps(fields, indent=1) + "\n")

@@ -31,6 +31,7 @@ from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
+from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.text import plural
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
@@ -58,6 +59,7 @@ def grafts_after_step(cfg: Config, step: int) -> bool:
 def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm) -> int:
     started = time.monotonic()
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
+    agreed(comm, lambda: require_tensorboard(cfg))
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
     # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
@@ -105,11 +107,15 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             return EXIT_REQUEUE
         peer.progress.epoch += 1
         peer.progress.batch = 0
+        if cfg.train.precise_bn:
+            recompute_bn_statistics(peer, cfg.train.precise_bn)
         row, ensemble = evaluate(peer)
         check_some_peer_finite(peer, store)
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
+            if cfg.train.precise_bn:  # the checkpoint's statistics belong to its (grafted) weights
+                recompute_bn_statistics(peer, cfg.train.precise_bn)
         row["alpha_mean"] = peer.progress.alpha_sum / peer.progress.grafts if peer.progress.grafts else None
         with peer.watchdog.guard("report: gather of metrics"):
             rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
@@ -207,6 +213,38 @@ def sync_replicas(peer: Peer) -> None:
     the peer as a whole: a graft, an evaluation, a checkpoint."""
     peer.replicas.sync_buffers(peer.model, peer.progress.step)
     peer.replicas.check_synced(peer.model, peer.optimizer, f"buffer sync at step {peer.progress.step}")
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recompute_bn_statistics(peer: Peer, batches: int) -> None:
+    """BatchNorm statistics of the weights as they are now, averaged over ``batches`` training batches
+    ("precise BN"). The running averages describe the weights of the last few steps; where each step
+    moves the weights far (the digits demo's heavy weight decay), evaluation with them swings wildly
+    although the weights are good. The batches replay the epoch just trained (its order and augmentation,
+    so a resumed run recomputes the same statistics), and training never reads these buffers."""
+    model = peer.model
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for i, (x, _) in enumerate(peer.train_loader.epoch(peer.progress.epoch - 1)):
+        if i == batches:
+            break
+        x = x.to(peer.device, non_blocking=True)
+        if peer.cfg.dist.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(peer, x):
+            model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    sync_replicas(peer)
 
 
 def graft(peer: Peer) -> None:

@@ -29,6 +29,7 @@ from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
+from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
 
@@ -122,7 +123,7 @@ class RunStore:
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.config_path, self.cfg.to_yaml())
-            self.log = RunLog(self.dir)
+            self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
 
     def resume(self, peer: Peer) -> None:
         """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
@@ -305,6 +306,7 @@ def _clear_run(run_dir: Path) -> None:
     for name in ("config.yaml", METRICS, GRAFTS, STATUS):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
