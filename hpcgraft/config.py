@@ -106,6 +106,18 @@ class LogConfig:
 
 
 @dataclass
+class PruneConfig:
+    monitor: str = "off"  # off | bn (BatchNorm-gamma channel masks) | spline (sign patterns of BN outputs)
+    ratio: float = 0.5  # fraction of BN channels the bn masks prune; the paper's options: 0.3, 0.5, 0.7
+    bn_l1: float = 0.0  # s of the L1 subgradient on BN gammas, grad += s sign(gamma); 0: off, reference 1e-4
+    window: int = 5  # bn: masks kept; early bird when the newest is within `threshold` of the window-1 older
+    threshold: float = 0.1  # bn: the mask distance of an early bird (reference 0.1)
+    spline_grid: int = 100  # spline: N of the N x N inputs a*img0 + b*img1, a, b in [0, 1] (reference 100)
+    spline_lookback: int = 3  # spline: epochs compared with the newest (reference 3)
+    spline_threshold: float = 0.16  # spline: early bird when the largest distance is below it (reference 0.16)
+
+
+@dataclass
 class Config:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -116,6 +128,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict with the user-facing key names (``cultivate.lambda``)."""
@@ -367,3 +380,20 @@ def validate(cfg: Config) -> None:
         d.batch_size % cfg.dist.replicas == 0,
         f"data.batch_size={d.batch_size} must be divisible by dist.replicas={cfg.dist.replicas}",
     )
+    _validate_prune(cfg)
+
+
+def _validate_prune(cfg: Config) -> None:
+    p = cfg.prune
+    _choice("prune.monitor", p.monitor, ("off", "bn", "spline"))
+    _check(0 < p.ratio < 1, f"prune.ratio={p.ratio} must be in (0, 1); the paper uses 0.3, 0.5 or 0.7")
+    _check(p.bn_l1 >= 0 and math.isfinite(p.bn_l1), f"prune.bn_l1={p.bn_l1} must be a finite number >= 0 "
+           "(0: off; the reference uses 1e-4)")
+    _check(p.bn_l1 == 0 or cfg.dist.replicas == 1, f"prune.bn_l1={p.bn_l1} is not supported with "
+           f"dist.replicas={cfg.dist.replicas} (Horovod would overwrite the added subgradient); use prune.bn_l1=0")
+    _check(p.window >= 2, f"prune.window={p.window} must be >= 2 masks (the reference keeps 5)")
+    _check(0 <= p.threshold <= 1, f"prune.threshold={p.threshold} must be in [0, 1] (the reference uses 0.1)")
+    _check(p.spline_grid >= 2, f"prune.spline_grid={p.spline_grid} must be >= 2 (the reference uses 100)")
+    _check(p.spline_lookback >= 1, f"prune.spline_lookback={p.spline_lookback} must be >= 1 (the reference uses 3)")
+    _check(0 <= p.spline_threshold <= 1,
+           f"prune.spline_threshold={p.spline_threshold} must be in [0, 1] (the reference uses 0.16)")

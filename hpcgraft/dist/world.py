@@ -144,3 +144,11 @@ def torch_threads(local_size: int) -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_size))
+
+
+def gather_peers(world: World, obj: T) -> list[T] | None:
+    """One object per peer, in peer order, on rank 0 (None elsewhere). Only each peer's replica 0 sends:
+    the replicas of a peer hold the same state."""
+    if not world.is_peer_lead:
+        return None
+    return world.graft_comm.gather(obj, root=0)

@@ -34,6 +34,7 @@ from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.text import plural
 from hpcgraft.training.faults import fault_hook
+from hpcgraft.training.monitors import bn_l1_step, monitor_epoch
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
 from hpcgraft.training.progress import RunProgress, run_summary
 from hpcgraft.training.rundir import RunStore, claim_run_dir
@@ -111,6 +112,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             recompute_bn_statistics(peer, cfg.train.precise_bn)
         row, ensemble = evaluate(peer)
         check_some_peer_finite(peer, store)
+        monitored = monitor_epoch(peer, row)  # prune.monitor: early-bird fields, on the weights just evaluated
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
@@ -121,7 +123,8 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
         if store.log and rows:
             store.log.append(METRICS, rows + [{"epoch": peer.progress.epoch, "peer": None,
-                                               "step": peer.progress.step, "ensemble_acc": ensemble}])
+                                               "step": peer.progress.step, "ensemble_acc": ensemble,
+                                               **monitored}])
             store.log_grafts(peer.graft_rows)
             print(epoch_table(rows, ensemble, t.epochs, cfg.log.thresholds, header), flush=True)
             store.log.status(state="running", epoch=peer.progress.epoch, step=peer.progress.step)
@@ -174,6 +177,7 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
                 loss = loss * dgconv.budget_scale(model, cfg.model.dgconv_budget, over=cfg.model.dgconv_exponent)
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
+        bn_l1_step(peer)
         peer.optimizer.step()
         loss_sum.add_(loss.detach(), alpha=len(y))  # in float64, on the device: no sync
         correct += (logits.detach().argmax(1) == y).sum()

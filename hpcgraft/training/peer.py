@@ -24,6 +24,7 @@ from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.models import create_model
 from hpcgraft.models.dgconv import apply_dgconv
+from hpcgraft.training.monitors import EarlyBirdMonitor, build_monitor
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Peer:
     replicas: ReplicaGroup | SingleReplica  # the peer's ranks; a no-op group when it has only this one
     progress: Progress = field(default_factory=Progress)
     graft_rows: list[dict[str, Any]] = field(default_factory=list)
+    monitor: EarlyBirdMonitor | None = None  # prune.monitor: its window of masks is checkpointed
 
     def state_dict(self) -> dict[str, Any]:
         """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of
@@ -82,7 +84,8 @@ class Peer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.model.state_dict(), "optimizer": {"momentum": momentum},
-                "progress": vars(self.progress).copy(), "rng": rng}
+                "progress": vars(self.progress).copy(), "rng": rng,
+                **({"monitor": self.monitor.state_dict()} if self.monitor is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -99,6 +102,8 @@ class Peer:
         random.setstate((p["version"], tuple(int(v) for v in np.asarray(p["state"])), p["gauss"]))
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.monitor is not None and "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
 
 
 def select_device(pref: str, local_rank: int) -> torch.device:
@@ -201,7 +206,7 @@ def build_peer(cfg: Config, world: World) -> Peer:
     schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
     return Peer(cfg, world, device, model, optimizer, schedule, train_loader, test_loader, None,
                 PeerLogits(world.graft_comm) if cultivating else None, Watchdog(world.comm, cfg.dist.watchdog_s),
-                group)
+                group, monitor=build_monitor(cfg, model, test_set, device))
 
 
 def make_exchange(peer: Peer) -> GraftExchange | None:
