@@ -55,6 +55,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2
     label_smoothing: float = 0.0
+    precise_bn: int = 0  # > 0: BatchNorm statistics recomputed over this many training batches before each evaluation
 
 
 @dataclass
@@ -358,6 +359,7 @@ def validate(cfg: Config) -> None:
     _check(0 < t.gamma <= 1, f"train.gamma={t.gamma} must be in (0, 1]")
     _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(t.precise_bn >= 0, f"train.precise_bn={t.precise_bn} must be >= 0 (0: the running averages)")
     _check(cfg.model.num_classes is None or cfg.model.num_classes >= 1,
            f"model.num_classes={cfg.model.num_classes} must be >= 1, or left unset to take the data set's classes")
     _check(len(cfg.log.thresholds) > 0 and all(math.isfinite(x) and x >= 0 for x in cfg.log.thresholds),

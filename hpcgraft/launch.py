@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -37,12 +36,14 @@ from submitit.helpers import Checkpointable, DelayedSubmission, environment_vari
 
 from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.slurm import SCRIPTS_DIR
+from hpcgraft.slurm.check import check_slurm_request
 from hpcgraft.storage.follow import JobFollower
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.text import plural
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
-CLEAN_SHM = Path(__file__).resolve().parents[1] / "slurm" / "clean_mpich_shm.sh"
+CLEAN_SHM = SCRIPTS_DIR / "clean_mpich_shm.sh"  # package data: there in an installed package too
 EXECUTORS = ("auto", "local", "slurm")
 PROG = "hpcgraft.launch"
 
@@ -121,77 +122,6 @@ def _submitit_requeue_handler() -> Any:
         raise LaunchError(f"submitit's preemption signal is SIG{JobEnvironment.USR_SIG}, but hpcgraft.train "
                           f"checkpoints on SIGUSR1; submit with hpcgraft.launch or set SUBMITIT_PREEMPT_SIGNAL=USR1")
     return signal.getsignal(signal.SIGUSR1)
-
-
-# ------------------------------------------------------------------------------------------ cluster checks
-@dataclasses.dataclass
-class Partition:
-    name: str
-    nodes: int
-    cpus: int  # per node, the largest node
-    gpus: int  # per node, the largest node
-    default: bool
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise LaunchError(f"'{' '.join(cmd)}' did not answer within 60 s; is slurmctld up?") from None
-    if r.returncode:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        why = detail[-1] if detail else f"exit status {r.returncode}"
-        raise LaunchError(f"SLURM is not reachable: '{' '.join(cmd)}' failed ({why}); "
-                          "check that slurmctld is up and SLURM_CONF points at its slurm.conf "
-                          "(a local test cluster: tools/slurm_local.sh start)")
-    return r.stdout
-
-
-def slurm_partitions() -> dict[str, Partition]:
-    """The partitions SLURM reports, with their node count and the CPUs and GPUs of their largest node."""
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        raise LaunchError("SLURM is not available here (no sbatch/sinfo on PATH); run on a login node, "
-                          "use --executor local, or start a local test cluster with tools/slurm_local.sh start")
-    parts: dict[str, Partition] = {}
-    seen: set[tuple[str, str]] = set()
-    for line in _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G"]).splitlines():
-        name, node, cpus, gres = line.strip().split("|")
-        default = name.endswith("*")
-        name = name.rstrip("*")
-        p = parts.setdefault(name, Partition(name, 0, 0, 0, default))
-        if (name, node) in seen:
-            continue
-        seen.add((name, node))
-        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,()]+)?:(\d+)", gres))
-        p.nodes, p.cpus, p.gpus = p.nodes + 1, max(p.cpus, int(cpus.rstrip("+"))), max(p.gpus, gpus)
-    return parts
-
-
-def check_slurm_request(partition: str | None, nodes: int, gpus_per_node: int, tasks_per_node: int,
-                        cpus_per_task: int) -> Partition:
-    """Fail now, with the reason, instead of leaving a job pending forever or rejected after a wait."""
-    parts = slurm_partitions()
-    if not parts:
-        raise LaunchError("SLURM reports no partitions (sinfo is empty); ask the administrators or check SLURM_CONF")
-    if partition is None:
-        defaults = [p for p in parts.values() if p.default]
-        if not defaults:
-            raise LaunchError(f"this cluster has no default partition; pass --partition (one of {', '.join(parts)})")
-        part = defaults[0]
-    elif partition not in parts:
-        raise LaunchError(f"partition '{partition}' does not exist; sinfo lists: {', '.join(sorted(parts))}")
-    else:
-        part = parts[partition]
-    if nodes > part.nodes:
-        raise LaunchError(f"--nodes {nodes}: partition '{part.name}' has {part.nodes} node(s)")
-    if gpus_per_node > part.gpus:
-        raise LaunchError(f"--gpus-per-node {gpus_per_node}: the nodes of partition '{part.name}' have at most "
-                          f"{part.gpus} GPU(s); ask for fewer, pick another --partition, or use --gpus-per-node 0 "
-                          "with --tasks-per-node for CPU ranks")
-    if tasks_per_node * cpus_per_task > part.cpus:
-        raise LaunchError(f"{tasks_per_node} task(s) x {cpus_per_task} CPU(s) per node: the nodes of partition "
-                          f"'{part.name}' have at most {part.cpus} CPUs; lower --tasks-per-node or --cpus-per-task")
-    return part
 
 
 # ------------------------------------------------------------------------------------------ submission

@@ -49,6 +49,15 @@ class World:
         return self.replica == 0
 
 
+def start_ranks(count: str) -> str:
+    """How to start ``count`` ranks, for the error lines that ask for another rank count: under SLURM the
+    count is the job's task count, which mpirun advice would not change."""
+    if "SLURM_STEP_ID" in os.environ:  # a task started by srun
+        return (f"{count} SLURM tasks: sbatch --ntasks-per-node (with --nodes), or for slurm/graft_*.sh "
+                "HPCGRAFT_TASKS_PER_NODE (CPU ranks) / HPCGRAFT_GPUS_PER_NODE (a rank per GPU)")
+    return f"mpirun -np {count}"
+
+
 def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
     """Form the peers x replicas layout over ``comm`` (default: the MPI world)."""
     MPI = mpi()
@@ -57,7 +66,7 @@ def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
     if size % replicas:
         raise LayoutError(
             f"{plural(size, 'rank')} cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
-            f"{replicas} ranks (mpirun -np {replicas * max(2, size // replicas)}) or change dist.replicas"
+            f"{replicas} ranks ({start_ranks(str(replicas * max(2, size // replicas)))}) or change dist.replicas"
         )
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()

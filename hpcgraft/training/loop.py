@@ -78,8 +78,14 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
         f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
         f"device {peer.device}, run dir {run_dir}", world=world)
     # Launchers and the kernel name processes by pid and host only (MPICH's report, dmesg's OOM lines).
-    pids = comm.allgather(f"{os.getpid()}@{mpi().Get_processor_name()}")
+    host = mpi().Get_processor_name()
+    # Where each rank runs (the SLURM node, which can differ from the host name, and the rank within it):
+    # the basis of the GPU choice (cuda:<local rank>) and of the threads per rank.
+    place = f"{os.environ.get('SLURMD_NODENAME') or host}:{world.local_rank}/{world.local_size},{peer.device}"
+    pids, places = zip(*comm.allgather((f"{os.getpid()}@{host}", place)), strict=True)
     log(f"hpcgraft: rank pids: {' '.join(f'{r}={p}' for r, p in enumerate(pids))}", world=world)
+    log(f"hpcgraft: rank places (node:local rank/ranks there,device): "
+        f"{' '.join(f'{r}={p}' for r, p in enumerate(places))}", world=world)
     agreed(comm, lambda: store.resume(peer))
     peer.replicas.broadcast_state(peer.model, peer.optimizer)  # every replica starts from replica 0's state
     stop = StopRequest(comm)
@@ -102,12 +108,16 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             return EXIT_REQUEUE
         peer.progress.epoch += 1
         peer.progress.batch = 0
+        if cfg.train.precise_bn:
+            recompute_bn_statistics(peer, cfg.train.precise_bn)
         row, ensemble = evaluate(peer)
         check_some_peer_finite(peer, store)
         monitored = monitor_epoch(peer, row)  # prune.monitor: early-bird fields, on the weights just evaluated
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
+            if cfg.train.precise_bn:  # the checkpoint's statistics belong to its (grafted) weights
+                recompute_bn_statistics(peer, cfg.train.precise_bn)
         row["alpha_mean"] = peer.progress.alpha_sum / peer.progress.grafts if peer.progress.grafts else None
         with peer.watchdog.guard("report: gather of metrics"):
             rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
@@ -209,6 +219,38 @@ def sync_replicas(peer: Peer) -> None:
     the peer as a whole: a graft, an evaluation, a checkpoint."""
     peer.replicas.sync_buffers(peer.model, peer.progress.step)
     peer.replicas.check_synced(peer.model, peer.optimizer, f"buffer sync at step {peer.progress.step}")
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recompute_bn_statistics(peer: Peer, batches: int) -> None:
+    """BatchNorm statistics of the weights as they are now, averaged over ``batches`` training batches
+    ("precise BN"). The running averages describe the weights of the last few steps; where each step
+    moves the weights far (the digits demo's heavy weight decay), evaluation with them swings wildly
+    although the weights are good. The batches replay the epoch just trained (its order and augmentation,
+    so a resumed run recomputes the same statistics), and training never reads these buffers."""
+    model = peer.model
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for i, (x, _) in enumerate(peer.train_loader.epoch(peer.progress.epoch - 1)):
+        if i == batches:
+            break
+        x = x.to(peer.device, non_blocking=True)
+        if peer.cfg.dist.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(peer, x):
+            model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    sync_replicas(peer)
 
 
 def graft(peer: Peer) -> None:

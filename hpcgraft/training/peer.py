@@ -19,7 +19,7 @@ from hpcgraft.dist.exchange import GraftExchange
 from hpcgraft.dist.failure import Watchdog
 from hpcgraft.dist.logits import PeerLogits
 from hpcgraft.dist.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
-from hpcgraft.dist.world import World, torch_threads
+from hpcgraft.dist.world import World, start_ranks, torch_threads
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
@@ -130,14 +130,14 @@ def check_peer_count(cfg: Config, peers: int, replicas: int = 1) -> None:
     if cfg.graft.mode == "peers" and peers < 2:
         raise ConfigError(
             f"grafting between peers needs at least 2 peers but this run has {peers}; start it with "
-            f"mpirun -np K (K >= 2{f' peers x dist.replicas={replicas}' if replicas > 1 else ''}) "
+            f"{start_ranks('K (K >= 2' + (f' peers x dist.replicas={replicas}' if replicas > 1 else '') + ')')} "
             "or set graft.mode=none"
         )
     if cfg.cultivate.lambda_ > 0 and peers < 2:
         # With no other peer the distillation target is a mean over nothing: NaN losses, silently.
         raise ConfigError(
             f"cultivation (cultivate.lambda={cfg.cultivate.lambda_:g}) distils between peers and needs at least 2 "
-            f"but this run has {peers}; start it with mpirun -np K (K >= 2) or set cultivate.lambda=0"
+            f"but this run has {peers}; start it with {start_ranks('K (K >= 2)')} or set cultivate.lambda=0"
         )
 
 

@@ -23,7 +23,7 @@ import yaml
 
 from hpcgraft.config import Config, config_from_dict
 from hpcgraft.dist import mpi
-from hpcgraft.dist.world import World, log
+from hpcgraft.dist.world import World, log, start_ranks
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
@@ -139,8 +139,8 @@ class RunStore:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
-            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with mpirun -np "
-                             f"{info.peers * self.world.replicas} to resume it")
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with "
+                             f"{start_ranks(str(info.peers * self.world.replicas))} to resume it")
         info, state = self._fitting_checkpoint(info, peer)
         peer.load_state_dict(state)
         prog = peer.progress

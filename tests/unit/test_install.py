@@ -13,6 +13,7 @@ import pytest
 
 from hpcgraft.config import CONFIG_DIR, config_names, load_config, resolve_config
 from hpcgraft.errors import ConfigError
+from hpcgraft.slurm import SCRIPTS
 from tests._util import ROOT
 
 
@@ -82,3 +83,9 @@ def test_the_wheel_carries_the_configs_and_they_load_by_name_outside_the_checkou
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env, timeout=120)
     assert (r.returncode, r.stdout) == (0, "resnet32 30\n"), r.stderr
+    # The SLURM scripts travel as package data and are written out by the installed package.
+    assert {f"hpcgraft/slurm/{n}" for n in SCRIPTS} <= set(names)
+    r = subprocess.run([sys.executable, "-m", "hpcgraft.slurm", "scripts"], capture_output=True, text=True, cwd=work,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "wrote graft_cifar.sh" in r.stdout, r.stderr
+    assert (work / "scripts/common.sh").read_text() == (ROOT / "slurm/common.sh").read_text()

@@ -19,6 +19,7 @@ RANK = {
     "errors": 0, "supervise": 0,
     "text": 0,
     "config": 1, "models": 1,
+    "slurm": 2,  # the sbatch scripts (package data), their writer and their shape check; launch uses the check
     "method": 2, "storage": 2,
     "dist": 3, "data": 3,
     "training": 4,
