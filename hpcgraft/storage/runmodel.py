@@ -12,7 +12,7 @@ from hpcgraft.config import Config, load_config
 from hpcgraft.errors import InputError
 from hpcgraft.models import create_model
 
-CONFIG = "config.yaml"  # as hpcgraft.training.rundir writes it
+CONFIG = "config.yaml"  # a run directory's resolved config (hpcgraft.training.rundir writes it)
 
 
 def find_config(path: str | Path) -> Path:

@@ -29,6 +29,7 @@ from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
+from hpcgraft.storage.runmodel import CONFIG
 from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
@@ -36,7 +37,6 @@ from hpcgraft.training.peer import Peer
 #: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
 #: (or, from before it existed, a config.yaml), never another project's files.
 MARKER = ".hpcgraft-run"
-CONFIG = "config.yaml"
 LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
 _LOCK: RunDirLock | None = None  # rank 0's lock on the run directory, held until the process ends
 
