@@ -54,6 +54,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2
     label_smoothing: float = 0.0
+    init_from: str | None = None  # starting weights: a .pt, a peer .h5, a checkpoint or run dir; {peer}: per peer
 
 
 @dataclass

@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
     p.add_argument("--out", help="run directory (default: runs/<config name>); re-running resumes it")
     p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
+    p.add_argument("--extend", action="store_true",
+                   help="continue a (finished) run to a larger train.epochs; the schedule is the new length's (README)")
+    p.add_argument("--from-step", type=int, metavar="N",
+                   help="resume from the complete checkpoint of step N instead of the newest (later ones are dropped)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     # Overrides may come anywhere, also after --out (argparse's plain parsing stops at the first option).
     return p.parse_intermixed_args(argv)
@@ -43,11 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of every rank; returns the process exit status."""
     catch_stop_signals()
     args = parse_args(argv)
+    if args.restart and (args.extend or args.from_step is not None):
+        return report("hpcgraft", "--restart starts over; it cannot be combined with --extend or --from-step")
     run_dir = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'digits'}")
     world_comm = mpi().COMM_WORLD
     try:
         with abort_on_error(world_comm):
-            return run(args.config, args.overrides, run_dir, args.restart, world_comm)
+            return run(args.config, args.overrides, run_dir, args.restart, world_comm, extend=args.extend,
+                       from_step=args.from_step)
     except AgreedError as exc:
         status = EXIT_USAGE if isinstance(exc, SetupError) else EXIT_FAILURE
         return report("hpcgraft", exc, status) if world_comm.Get_rank() == 0 else status

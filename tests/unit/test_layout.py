@@ -21,7 +21,7 @@ RANK = {
     "method": 2, "storage": 2,
     "dist": 3, "data": 3,
     "training": 4,
-    "train": 5, "launch": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5,
+    "train": 5, "launch": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5, "evaluate": 5,
 }
 # The explicit rules, on top of the ranks.
 FORBIDDEN = {
@@ -30,7 +30,7 @@ FORBIDDEN = {
 }
 # The one import between commands: a submitit task of `launch` runs the training command itself.
 ALLOWED = {("launch", "train")}
-OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint")
+OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "evaluate")
 
 
 def modules() -> dict[str, Path]:
