@@ -461,6 +461,16 @@ def complete_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
     return [_info(c.path, c.manifest) for c in _candidates(ckpt_root) if c.manifest is not None]
 
 
+def best_checkpoints(path: Path) -> dict[int, CheckpointInfo]:
+    """Peer -> the checkpoint of a run (directory or its ``checkpoints/``) with the peer's best metric,
+    from the manifests (files not verified: for listings such as ``inspect``)."""
+    complete = [c for c in _candidates(checkpoints_root(path)) if c.manifest is not None]
+    if not complete:
+        return {}
+    best = {p: _best_of(complete, p) for p in range(complete[0].manifest["peers"])}
+    return {p: _info(c.path, c.manifest) for p, c in best.items() if c is not None}
+
+
 def best_checkpoint(path: Path, peer: int) -> CheckpointInfo:
     """Serial: the checkpoint of a run directory holding ``peer``'s best weights, checked against its
     manifest. A damaged best is an error, not a silent fall back to a worse one."""
