@@ -124,7 +124,7 @@ def _inspect(path: Path, show_tree: bool) -> None:
         print(f"{p:>4}  {count:>7}  {nbytes:>12}  {shown:>8}{mark:2}  {name} "
               f"({_size(manifest['files'][name]['size'])})")
     if best:
-        print("best checkpoint per peer (* marks this one): " + ", ".join(f"peer {p} {name}" for p, name in best.items()))
+        print("best checkpoint per peer (* marks this one): " + ", ".join(f"peer {p} {n}" for p, n in best.items()))
     with open_h5(info.path / RUN_FILE) as f:
         print(f"run.h5 keys: {_keys(f)}")
         if show_tree:
