@@ -136,14 +136,14 @@ def test_importing_any_module_starts_no_mpi():
 
 
 def test_offline_commands_start_no_mpi(tmp_path):
-    """graft, analyze, report and checkpoint inspect/export on a checkpoint written by a real run
+    """graft, analyze, report, evaluate and checkpoint inspect/export on a checkpoint written by a real run
     (tests/data/run-before-relayout): they work, and mpi4py.MPI is never imported in their process."""
     run = ROOT / "tests" / "data" / "run-before-relayout"
     out = tmp_path
     code = f"""
 import contextlib, io, sys
 import torch
-from hpcgraft import analyze, checkpoint, graft, report
+from hpcgraft import analyze, checkpoint, evaluate, graft, report
 with contextlib.redirect_stdout(io.StringIO()):
     assert checkpoint.main(["inspect", {str(run)!r}]) == 0
     assert checkpoint.main(["export", {str(run)!r}, "--peer", "0", "--out", {str(out / "p0.pt")!r}]) == 0
@@ -151,6 +151,7 @@ with contextlib.redirect_stdout(io.StringIO()):
     assert graft.main([{str(out / "p0.pt")!r}, {str(run / "checkpoints/step-000000022/peer-000.h5")!r},
                        "--out", {str(out / "g.pt")!r}]) == 0
     assert report.main([{str(run)!r}, "--out", {str(out / "report")!r}]) == 0
+    assert evaluate.main([{str(run)!r}]) == 0
 assert "mpi4py.MPI" not in sys.modules, "an offline command imported mpi4py.MPI"
 print("ok")
 """
