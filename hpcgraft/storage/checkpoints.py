@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +55,8 @@ class CheckpointInfo:
     step: int  # global optimizer step it was taken at
     epoch: int  # epochs completed (a mid-epoch checkpoint: the running epoch; the tree says the batch)
     peers: int
-    metrics: tuple[float | None, ...] = ()  # per peer: the test accuracy of the weights it holds (manifest)
+    # per peer: the test accuracy of the weights it holds (manifest); not part of which checkpoint it is
+    metrics: tuple[float | None, ...] = field(default=(), compare=False)
 
 
 def peer_file(peer: int) -> str:
