@@ -23,6 +23,7 @@ class ModelConfig:
     name: str = "digits_resnet"
     num_classes: int | None = None  # None: taken from the data set
     init: str = "kaiming"  # kaiming (He-normal) | pytorch (layer defaults: the authors' VGG and MobileNetV2)
+    bn_momentum: float | None = None  # BatchNorm running-statistics momentum; None: PyTorch's 0.1
     dgconv: bool = False  # square 3x3 convs of power-of-two width become DGConv (learned groups, GroupNet)
     dgconv_init: str = "random"  # random: gates +-1e-8 with random sign (the reference) | depthwise: all closed
     dgconv_budget: float | None = None  # o of the loss factor (o / zeta)^a; None: no resource constraint
@@ -54,6 +55,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2
     label_smoothing: float = 0.0
+    precise_bn: int = 0  # > 0: BatchNorm statistics recomputed over this many training batches before each evaluation
     init_from: str | None = None  # starting weights: a .pt, a peer .h5, a checkpoint or run dir; {peer}: per peer
 
 
@@ -98,8 +100,22 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    progress: str = "auto"  # auto (a tty) | on | off
+    progress: str = "auto"  # auto | on: a bar on a terminal, plain lines (every_s) elsewhere | off: neither
+    every_s: float = 60.0  # off a terminal: one plain progress line on rank 0 every N seconds (0: none)
     thresholds: list[float] = field(default_factory=lambda: [0.1, 0.01])  # invalid-filter l1 norms
+    tensorboard: bool = False  # also write TensorBoard event files into RUN/tensorboard/ (hpcgraft[tensorboard])
+
+
+@dataclass
+class PruneConfig:
+    monitor: str = "off"  # off | bn (BatchNorm-gamma channel masks) | spline (sign patterns of BN outputs)
+    ratio: float = 0.5  # fraction of BN channels the bn masks prune; the paper's options: 0.3, 0.5, 0.7
+    bn_l1: float = 0.0  # s of the L1 subgradient on BN gammas, grad += s sign(gamma); 0: off, reference 1e-4
+    window: int = 5  # bn: masks kept; early bird when the newest is within `threshold` of the window-1 older
+    threshold: float = 0.1  # bn: the mask distance of an early bird (reference 0.1)
+    spline_grid: int = 100  # spline: N of the N x N inputs a*img0 + b*img1, a, b in [0, 1] (reference 100)
+    spline_lookback: int = 3  # spline: epochs compared with the newest (reference 3)
+    spline_threshold: float = 0.16  # spline: early bird when the largest distance is below it (reference 0.16)
 
 
 @dataclass
@@ -113,6 +129,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict with the user-facing key names (``cultivate.lambda``)."""
@@ -232,13 +249,35 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+#: The configs that ship inside the package (``--config cifar10_resnet32``); ``configs/`` of a checkout links here.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def config_names() -> list[str]:
+    """Names of the packaged configs, usable as ``--config NAME`` wherever the package is installed."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config(path: str | Path) -> Path:
+    """The YAML file that ``--config`` names: an existing file, else a packaged config's name (``digits``,
+    ``digits.yaml``), so that an installed package needs no checkout. One line lists the names otherwise."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name.removesuffix(".yaml").removesuffix(".yml")
+    packaged = CONFIG_DIR / f"{name}.yaml"
+    # A bare name, or a path into a configs/ folder that is not here (a checkout's path outside the checkout)
+    if packaged.is_file() and (len(p.parts) == 1 or p.parent.name == "configs"):
+        return packaged
+    raise ConfigError(f"config '{path}' is neither a file nor a packaged config; give a YAML file or one of: "
+                      f"{', '.join(config_names())}")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then the overrides, then validation."""
+    """Defaults, then the YAML file (a path or a packaged config's name), then the overrides, then validation."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist; pick one of configs/*.yaml")
+        p = resolve_config(path)
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
@@ -298,6 +337,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.init == "kaiming" or cfg.model.name in ("vgg16_bn", "mobilenetv2", "mobilenetv2_ref"),
            f"model.init={cfg.model.init!r} is not allowed for model.name={cfg.model.name!r} (the authors' ResNets "
            "use kaiming too); use one of: kaiming")
+    _check(cfg.model.bn_momentum is None or 0 < cfg.model.bn_momentum <= 1,
+           f"model.bn_momentum={cfg.model.bn_momentum} must be in (0, 1], or left unset for PyTorch's 0.1")
     _choice("data.reference", d.reference, ("paper", "authors"))
     _check(d.reference == "paper" or d.name in ("cifar10", "cifar100"),
            f"data.reference={d.reference!r} is not allowed for data.name={d.name!r} (the authors' pipeline is "
@@ -319,10 +360,13 @@ def validate(cfg: Config) -> None:
     _check(0 < t.gamma <= 1, f"train.gamma={t.gamma} must be in (0, 1]")
     _check(t.warmup_epochs >= 0, f"train.warmup_epochs={t.warmup_epochs} must be >= 0")
     _check(0 <= t.label_smoothing < 1, f"train.label_smoothing={t.label_smoothing} must be in [0, 1)")
+    _check(t.precise_bn >= 0, f"train.precise_bn={t.precise_bn} must be >= 0 (0: the running averages)")
     _check(cfg.model.num_classes is None or cfg.model.num_classes >= 1,
            f"model.num_classes={cfg.model.num_classes} must be >= 1, or left unset to take the data set's classes")
     _check(len(cfg.log.thresholds) > 0 and all(math.isfinite(x) and x >= 0 for x in cfg.log.thresholds),
            f"log.thresholds={cfg.log.thresholds} must list at least one l1 norm >= 0, e.g. [0.1, 0.01]")
+    _check(cfg.log.every_s >= 0 and math.isfinite(cfg.log.every_s),
+           f"log.every_s={cfg.log.every_s} must be a number of seconds >= 0 (0: no progress lines)")
     _check(d.batch_size >= 1, f"data.batch_size={d.batch_size} must be >= 1")
     _check(d.test_batch_size >= 1, f"data.test_batch_size={d.test_batch_size} must be >= 1")
     _check(d.workers >= 0, f"data.workers={d.workers} must be >= 0")
@@ -337,3 +381,20 @@ def validate(cfg: Config) -> None:
         d.batch_size % cfg.dist.replicas == 0,
         f"data.batch_size={d.batch_size} must be divisible by dist.replicas={cfg.dist.replicas}",
     )
+    _validate_prune(cfg)
+
+
+def _validate_prune(cfg: Config) -> None:
+    p = cfg.prune
+    _choice("prune.monitor", p.monitor, ("off", "bn", "spline"))
+    _check(0 < p.ratio < 1, f"prune.ratio={p.ratio} must be in (0, 1); the paper uses 0.3, 0.5 or 0.7")
+    _check(p.bn_l1 >= 0 and math.isfinite(p.bn_l1), f"prune.bn_l1={p.bn_l1} must be a finite number >= 0 "
+           "(0: off; the reference uses 1e-4)")
+    _check(p.bn_l1 == 0 or cfg.dist.replicas == 1, f"prune.bn_l1={p.bn_l1} is not supported with "
+           f"dist.replicas={cfg.dist.replicas} (Horovod would overwrite the added subgradient); use prune.bn_l1=0")
+    _check(p.window >= 2, f"prune.window={p.window} must be >= 2 masks (the reference keeps 5)")
+    _check(0 <= p.threshold <= 1, f"prune.threshold={p.threshold} must be in [0, 1] (the reference uses 0.1)")
+    _check(p.spline_grid >= 2, f"prune.spline_grid={p.spline_grid} must be >= 2 (the reference uses 100)")
+    _check(p.spline_lookback >= 1, f"prune.spline_lookback={p.spline_lookback} must be >= 1 (the reference uses 3)")
+    _check(0 <= p.spline_threshold <= 1,
+           f"prune.spline_threshold={p.spline_threshold} must be in [0, 1] (the reference uses 0.16)")

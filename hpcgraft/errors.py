@@ -77,3 +77,7 @@ def report(prog: str, error: BaseException | str, status: int = EXIT_USAGE) -> i
     """
     print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
     return status
+
+
+class NoBatchNormError(UserError, ValueError):
+    """A BatchNorm-based mask (the bn criterion, the early-bird monitors) asked of a model without BatchNorm2d."""

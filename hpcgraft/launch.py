@@ -21,26 +21,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
-from hpcgraft.config import load_config
+from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.slurm import SCRIPTS_DIR
+from hpcgraft.slurm.check import check_slurm_request
+from hpcgraft.storage.follow import JobFollower
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
+from hpcgraft.text import plural
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
-CLEAN_SHM = Path(__file__).resolve().parents[1] / "slurm" / "clean_mpich_shm.sh"
+CLEAN_SHM = SCRIPTS_DIR / "clean_mpich_shm.sh"  # package data: there in an installed package too
 EXECUTORS = ("auto", "local", "slurm")
 PROG = "hpcgraft.launch"
 
@@ -90,11 +93,7 @@ class GraftRun(Checkpointable):
             from hpcgraft.train import main
 
             return main(self.argv())
-        mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
-        if mpirun is None:
-            raise LaunchError("mpirun not found next to this python or on PATH; install the mpich wheel (make setup)")
-        cmd = [mpirun, "-np", str(self.mpirun_np), sys.executable, "-m", "hpcgraft.train", *self.argv()]
-        proc = subprocess.Popen(cmd)
+        proc = subprocess.Popen(mpirun_command(self.mpirun_np, self.argv()))
         # mpirun passes USR1/TERM on to the ranks, which checkpoint and exit 75.
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
@@ -103,6 +102,14 @@ class GraftRun(Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """The same call without ``--restart``: the run directory holds everything needed to resume."""
         return DelayedSubmission(dataclasses.replace(self, restart=False), *args, **kwargs)
+
+
+def mpirun_command(ranks: int, train_argv: Sequence[str]) -> list[str]:
+    """``mpirun -np RANKS python -m hpcgraft.train ARGV`` with this interpreter and its environment's mpirun."""
+    mpirun = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
+    if mpirun is None:
+        raise LaunchError("mpirun not found next to this python or on PATH; install the mpich wheel (make setup)")
+    return [mpirun, "-np", str(ranks), sys.executable, "-m", "hpcgraft.train", *train_argv]
 
 
 def _submitit_requeue_handler() -> Any:
@@ -115,77 +122,6 @@ def _submitit_requeue_handler() -> Any:
         raise LaunchError(f"submitit's preemption signal is SIG{JobEnvironment.USR_SIG}, but hpcgraft.train "
                           f"checkpoints on SIGUSR1; submit with hpcgraft.launch or set SUBMITIT_PREEMPT_SIGNAL=USR1")
     return signal.getsignal(signal.SIGUSR1)
-
-
-# ------------------------------------------------------------------------------------------ cluster checks
-@dataclasses.dataclass
-class Partition:
-    name: str
-    nodes: int
-    cpus: int  # per node, the largest node
-    gpus: int  # per node, the largest node
-    default: bool
-
-
-def _run(cmd: list[str]) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        raise LaunchError(f"'{' '.join(cmd)}' did not answer within 60 s; is slurmctld up?") from None
-    if r.returncode:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        why = detail[-1] if detail else f"exit status {r.returncode}"
-        raise LaunchError(f"SLURM is not reachable: '{' '.join(cmd)}' failed ({why}); "
-                          "check that slurmctld is up and SLURM_CONF points at its slurm.conf "
-                          "(a local test cluster: tools/slurm_local.sh start)")
-    return r.stdout
-
-
-def slurm_partitions() -> dict[str, Partition]:
-    """The partitions SLURM reports, with their node count and the CPUs and GPUs of their largest node."""
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        raise LaunchError("SLURM is not available here (no sbatch/sinfo on PATH); run on a login node, "
-                          "use --executor local, or start a local test cluster with tools/slurm_local.sh start")
-    parts: dict[str, Partition] = {}
-    seen: set[tuple[str, str]] = set()
-    for line in _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G"]).splitlines():
-        name, node, cpus, gres = line.strip().split("|")
-        default = name.endswith("*")
-        name = name.rstrip("*")
-        p = parts.setdefault(name, Partition(name, 0, 0, 0, default))
-        if (name, node) in seen:
-            continue
-        seen.add((name, node))
-        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,()]+)?:(\d+)", gres))
-        p.nodes, p.cpus, p.gpus = p.nodes + 1, max(p.cpus, int(cpus.rstrip("+"))), max(p.gpus, gpus)
-    return parts
-
-
-def check_slurm_request(partition: str | None, nodes: int, gpus_per_node: int, tasks_per_node: int,
-                        cpus_per_task: int) -> Partition:
-    """Fail now, with the reason, instead of leaving a job pending forever or rejected after a wait."""
-    parts = slurm_partitions()
-    if not parts:
-        raise LaunchError("SLURM reports no partitions (sinfo is empty); ask the administrators or check SLURM_CONF")
-    if partition is None:
-        defaults = [p for p in parts.values() if p.default]
-        if not defaults:
-            raise LaunchError(f"this cluster has no default partition; pass --partition (one of {', '.join(parts)})")
-        part = defaults[0]
-    elif partition not in parts:
-        raise LaunchError(f"partition '{partition}' does not exist; sinfo lists: {', '.join(sorted(parts))}")
-    else:
-        part = parts[partition]
-    if nodes > part.nodes:
-        raise LaunchError(f"--nodes {nodes}: partition '{part.name}' has {part.nodes} node(s)")
-    if gpus_per_node > part.gpus:
-        raise LaunchError(f"--gpus-per-node {gpus_per_node}: the nodes of partition '{part.name}' have at most "
-                          f"{part.gpus} GPU(s); ask for fewer, pick another --partition, or use --gpus-per-node 0 "
-                          "with --tasks-per-node for CPU ranks")
-    if tasks_per_node * cpus_per_task > part.cpus:
-        raise LaunchError(f"{tasks_per_node} task(s) x {cpus_per_task} CPU(s) per node: the nodes of partition "
-                          f"'{part.name}' have at most {part.cpus} CPUs; lower --tasks-per-node or --cpus-per-task")
-    return part
 
 
 # ------------------------------------------------------------------------------------------ submission
@@ -206,6 +142,7 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     if executor not in EXECUTORS:
         raise LaunchError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
     load_config(config, list(overrides))  # raises ConfigError naming the bad key
+    config = config and str(resolve_config(config).absolute())  # a packaged config's name: its file
     ranks = gpus_per_node if gpus_per_node > 0 else (tasks_per_node or 0)
     if ranks < 1:
         raise LaunchError("no ranks: give --gpus-per-node N (one rank per GPU) or --gpus-per-node 0 with "
@@ -253,8 +190,10 @@ def _slurm_state(job_id: str) -> str | None:
     return state or None
 
 
-def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0) -> list[Any]:
-    """Wait until the run is over (through its requeues) and return the tasks' results.
+def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0,
+         on_poll: Callable[[str | None], None] | None = None) -> list[Any]:
+    """Wait until the run is over (through its requeues) and return the tasks' results; ``on_poll`` is
+    handed the job's state at every poll (None once SLURM no longer lists it).
 
     submitit's own wait asks ``sacct``, which clusters without an accounting database lack; a SLURM job is
     also over here once ``squeue`` no longer lists it. Raises :class:`LaunchError` if a task failed or
@@ -268,16 +207,21 @@ def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0)
         # results gets a grace period, as results can lag on shared filesystems.
         gone_since = None
         while True:
-            if _slurm_state(job.job_id) is None:
+            state = _slurm_state(job.job_id)
+            if on_poll is not None:
+                on_poll(state)
+            if state is None:
                 gone_since = gone_since or time.monotonic()
                 if all(t.paths.result_pickle.exists() for t in tasks) or time.monotonic() - gone_since > 15:
                     break
             if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"job {job.job_id} still runs after {timeout_s:g} s; see {job.paths.stderr}")
             time.sleep(poll_s)
-    elif deadline is not None:
+    elif deadline is not None or on_poll is not None:
         while not job.done():
-            if time.monotonic() > deadline:
+            if on_poll is not None:
+                on_poll(job.state)
+            if deadline is not None and time.monotonic() > deadline:
                 raise LaunchError(f"job {job.job_id} still runs after {timeout_s:g} s; see {job.paths.stderr}")
             time.sleep(poll_s)
     results = []
@@ -316,6 +260,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
     p.add_argument("--out", required=True, help="run directory; a requeued or resubmitted job resumes it")
+    add_job_options(p)
+    p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
+    p.add_argument("--wait", action="store_true", help="wait for the run to end, printing the job's state changes "
+                   "and its log (epoch rows, progress lines) as they come, then its final metrics")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p.parse_args(argv)
+
+
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """The job's shape and scheduler options, shared by ``hpcgraft.launch`` and ``hpcgraft.sweep``."""
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU; 0: CPU ranks (--tasks-per-node)")
     p.add_argument("--tasks-per-node", type=int, help="CPU ranks per node when --gpus-per-node is 0 (default 2)")
@@ -329,32 +283,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi= value: pmi2 (MPICH wheel) or the site's pmix")
     p.add_argument("--executor", choices=EXECUTORS, default="auto", help="auto: SLURM where srun exists, else local")
     p.add_argument("--logs", help="submitit's folder for job files and logs (default: RUN_DIR/submitit)")
-    p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
-    p.add_argument("--wait", action="store_true", help="wait for the run to end and print its final metrics")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+
+
+def job_options(a: argparse.Namespace) -> dict[str, Any]:
+    """:func:`submit`'s keyword arguments from the options of :func:`add_job_options`."""
+    tasks_per_node = a.tasks_per_node if a.gpus_per_node > 0 or a.tasks_per_node else 2
+    return dict(nodes=a.nodes, gpus_per_node=a.gpus_per_node, tasks_per_node=tasks_per_node,
+                cpus_per_task=a.cpus_per_task, partition=a.partition, account=a.account, time_min=a.time,
+                executor=a.executor, logs=a.logs, signal_delay_s=a.signal_delay, max_requeues=a.max_requeues,
+                srun_mpi=a.srun_mpi)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: submit, print where things are, optionally wait; 0 on success, 2 on a bad request."""
     a = parse_args(argv)
-    tasks_per_node = a.tasks_per_node if a.gpus_per_node > 0 or a.tasks_per_node else 2
     try:
-        job = submit(a.config, a.out, a.overrides, nodes=a.nodes, gpus_per_node=a.gpus_per_node,
-                     tasks_per_node=tasks_per_node, cpus_per_task=a.cpus_per_task, partition=a.partition,
-                     account=a.account, time_min=a.time, executor=a.executor, logs=a.logs, restart=a.restart,
-                     signal_delay_s=a.signal_delay, max_requeues=a.max_requeues, srun_mpi=a.srun_mpi)
+        job = submit(a.config, a.out, a.overrides, restart=a.restart, **job_options(a))
     except (LaunchError, ConfigError) as exc:
         return report(PROG, exc, EXIT_USAGE)
-    print(f"submitted job {job.job_id} ({type(job).__name__}, {job.num_tasks} task(s)); "
+    print(f"submitted job {job.job_id} ({type(job).__name__}, {plural(job.num_tasks, 'task')}); "
           f"run dir {Path(a.out).absolute()}")
     print(f"  logs: {job.paths.stdout}")
     if not a.wait:
         return 0
+    follower = JobFollower(str(job.job_id), job.paths.stdout)
     try:
-        wait(job)
+        wait(job, on_poll=follower.poll)
     except LaunchError as exc:
+        follower.finish("FAILED")
         return report(PROG, exc, EXIT_FAILURE)
+    follower.finish("COMPLETED")
     print(final_metrics(a.out))
     return 0
 

@@ -1,6 +1,7 @@
 """Plots and a Markdown summary of finished (or running) runs: the evidence for or against grafting.
 
     python -m hpcgraft.report RUN_DIR [RUN_DIR ...] [--out DIR]
+    python -m hpcgraft.report SWEEP_DIR [--out DIR]     (a sweep's table: sweep.md)
 
 Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.storage.runlog`) and
 writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
@@ -8,12 +9,16 @@ writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
 - ``accuracy.png``: test top-1 of every peer and of the ensemble per epoch, one panel per run;
 - ``invalid.png``: invalid filters (l1 norm below each threshold) per epoch, every run in the same
   panel, so a baseline run given beside a grafted run shows the "before/after" of the papers;
-- ``<run>_alpha.png`` and ``<run>_entropy.png`` for grafted runs: heat maps (layer x graft point, one
+- ``training.png``: train loss and learning rate per epoch, every peer of every run;
+- ``<run>_alpha.png`` and ``<run>_h_self.png`` for grafted runs: heat maps (layer x graft point, one
   panel per peer) of the coefficient alpha each layer kept of itself and of the layer's entropy h_self;
 - ``invalid_layers.png`` when the runs wrote checkpoints: invalid filters per conv layer of peer 0 in
-  each run's newest checkpoint, the runs side by side (before/after, given a baseline and a grafted run);
+  each run's newest checkpoint, a heat map with one row per layer and one column per run (before/after,
+  given a baseline and a grafted run);
 - ``summary.md``: the runs, their best and final accuracies and invalid-filter counts and, when one run
   is a baseline (graft.mode=none without cultivation), the side-by-side table the papers show.
+
+Runs that cover different numbers of epochs are compared all the same, with a warning (stderr and summary.md).
 """
 
 from __future__ import annotations
@@ -204,13 +209,59 @@ def comparison_table(baseline: Run, others: list[Run], thresholds: list[float]) 
 
 
 # ------------------------------------------------------------------------------------------ plots
+DPI = 110
+TICK_PT = 9.0  # tick labels at DPI 110: 13.75 px per em, capitals ~10 px, readable at 100 % zoom
+ROW_IN = 0.16  # height of one layer's row in the per-layer heat maps (17.6 px: a 9 pt label fits)
+MAX_ROWS_IN = 24.0  # taller than this, only every k-th layer is named
+MARKERS = "osD^vP*X"
+
+
 def _pyplot():  # noqa: ANN202 - the matplotlib.pyplot module
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"xtick.labelsize": TICK_PT, "ytick.labelsize": TICK_PT, "legend.fontsize": TICK_PT,
+                         "axes.titlesize": 10, "axes.labelsize": 10})
     return plt
+
+
+def _save(fig, path: Path, **kw: Any) -> None:  # noqa: ANN001 - a matplotlib Figure
+    fig.savefig(path, dpi=DPI, **kw)
+    _pyplot().close(fig)
+
+
+def _series_style(i: int, length: int) -> dict[str, Any]:
+    """Series that coincide stay visible (grafted peers often hold the same values, every run starts with 0
+    invalid filters): each has its own hollow marker, earlier series larger so later ones sit inside them,
+    and on long series the markers of different series fall on different epochs."""
+    every = max(1, length // 15)
+    return {"marker": MARKERS[i % len(MARKERS)], "markersize": max(5.0, 10.0 - 1.5 * i), "fillstyle": "none",
+            "markeredgewidth": 1.2, "markevery": (i % every, every) if every > 1 else None}
+
+
+def _epoch_axis(ax) -> None:  # noqa: ANN001 - a matplotlib Axes
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _layer_rows(names: list[str]) -> tuple[float, int]:
+    """(height in inches of the layer rows, name every k-th layer) for a heat map with one row per layer."""
+    every = max(1, math.ceil(len(names) * ROW_IN / MAX_ROWS_IN))
+    return min(MAX_ROWS_IN, len(names) * ROW_IN), every
+
+
+def length_warning(runs: list[Run]) -> str | None:
+    """Runs of different lengths side by side: their final and best values are not comparable."""
+    done = {r.name: max(r.epochs) if r.epochs else 0 for r in runs}
+    if len(set(done.values())) < 2:
+        return None
+    return ("the runs cover different numbers of epochs (" + ", ".join(f"{n}: {e}" for n, e in done.items())
+            + "); their final and best values are not comparable")
 
 
 def plot_accuracy(runs: list[Run], path: Path) -> None:
@@ -219,23 +270,21 @@ def plot_accuracy(runs: list[Run], path: Path) -> None:
     nrows = math.ceil(len(runs) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4 * nrows), squeeze=False, sharey=True)
     for ax, r in zip(axes.flat, runs, strict=False):
-        for p in r.peers:
+        for i, p in enumerate(r.peers):
             e, a = zip(*r.accuracy(p), strict=True)
-            ax.plot(e, a, lw=1.2, label=f"peer {p}")
+            ax.plot(e, a, lw=1.2, label=f"peer {p}", **_series_style(i, len(e)))
         if len(r.peers) > 1 and r.ensemble:
             e = sorted(r.ensemble)
             ax.plot(e, [r.ensemble[x] for x in e], "k--", lw=1.6, label="ensemble")
-        ax.set_title(f"{r.name}\n{r.method}", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(f"{r.name}\n{r.method}")
+        _epoch_axis(ax)
+        ax.legend(loc="lower right")
     for ax in axes[:, 0]:
         ax.set_ylabel("test top-1 (%)")
     for ax in list(axes.flat)[len(runs):]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_invalid(runs: list[Run], thresholds: list[float], path: Path) -> None:
@@ -244,6 +293,7 @@ def plot_invalid(runs: list[Run], thresholds: list[float], path: Path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for ax, t in zip(axes[0], thresholds, strict=True):
+        series = 0
         for i, r in enumerate(runs):
             for j, p in enumerate(r.peers):
                 pts = [(e, r.rows[e, p].get(f"invalid_{t:g}")) for e in r.epochs if (e, p) in r.rows]
@@ -251,45 +301,88 @@ def plot_invalid(runs: list[Run], thresholds: list[float], path: Path) -> None:
                 if pts:
                     e, n = zip(*pts, strict=True)
                     ax.plot(e, n, styles[j % len(styles)], color=colors[i % len(colors)], lw=1.2,
-                            label=f"{r.name} peer {p}" + (" (baseline)" if r.is_baseline else ""))
+                            label=f"{r.name} peer {p}" + (" (baseline)" if r.is_baseline else ""),
+                            **_series_style(series, len(e)))
+                    series += 1
         total = {r.filters for r in runs}
         of = f" of {total.pop()}" if len(total) == 1 and None not in total else ""
-        ax.set_title(f"filters with l1 norm < {t:g}{of}", fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_title(f"filters with l1 norm < {t:g}{of}")
+        _epoch_axis(ax)
         ax.set_ylabel("invalid filters")
-        ax.set_ylim(bottom=0, top=max(1.0, ax.get_ylim()[1]))
+        top = max(1.0, ax.get_ylim()[1])
+        ax.set_ylim(bottom=-0.05 * top, top=top)  # a series at 0 is drawn above the axis, not on it
         ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
+
+
+def plot_training(runs: list[Run], path: Path) -> None:
+    """Train loss (log scale) and learning rate per epoch: every peer of every run, one colour per run."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    for ax, key, label in zip(axes[0], ("train_loss", "lr"), ("train loss", "learning rate"), strict=True):
+        series = 0
+        for i, r in enumerate(runs):
+            for j, p in enumerate(r.peers):
+                pts = [(e, r.rows[e, p].get(key)) for e in r.epochs if (e, p) in r.rows]
+                pts = [(e, v) for e, v in pts if isinstance(v, int | float) and v > 0 and math.isfinite(v)]
+                if pts:
+                    e, v = zip(*pts, strict=True)
+                    ax.plot(e, v, styles[j % len(styles)], color=colors[i % len(colors)], lw=1.2,
+                            label=f"{r.name} peer {p}", **_series_style(series, len(e)))
+                    series += 1
+        ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} per epoch" + (" (at the epoch's last step)" if key == "lr" else ""))
+        _epoch_axis(ax)
+    axes[0][1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    _save(fig, path, bbox_inches="tight")
 
 
 def plot_layer_invalid(layers: dict[str, tuple[str, list[LayerStats]]], thresholds: list[float], path: Path
                        ) -> None:
-    """Invalid filters per conv layer, one bar per run (peer 0, newest checkpoint), one panel per threshold."""
+    """Invalid filters per conv layer of peer 0 (newest checkpoint): a heat map with one row per layer (named
+    horizontally, so even resnet110's 109 convs read), one column per run and one panel per threshold; the
+    colour is the share of the layer's filters that are invalid, the number in a cell their count."""
     plt = _pyplot()
-    longest = max(len(stats) for _, stats in layers.values())
-    fig, axes = plt.subplots(len(thresholds), 1, figsize=(max(8.0, 0.22 * longest + 3), 3.2 * len(thresholds)),
-                             squeeze=False, sharex=True)
-    width = 0.8 / len(layers)
-    for ax, t in zip(axes[:, 0], thresholds, strict=True):
-        for i, (name, (label, stats)) in enumerate(layers.items()):
-            ax.bar([x + i * width for x in range(len(stats))], [st.invalid[f"{t:g}"] for st in stats], width,
-                   label=f"{name}: {label}")
-        ax.set_ylabel(f"l1 < {t:g}")
-        ax.yaxis.get_major_locator().set_params(integer=True)
-        ax.grid(alpha=0.3, axis="y")
-    names = next(stats for _, stats in layers.values() if len(stats) == longest)
-    every = max(1, longest // 60)
-    axes[-1, 0].set_xticks(range(0, longest, every), [_short(st.name) for st in names[::every]], rotation=90,
-                           fontsize=6)
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 0].set_title("invalid filters per conv layer (peer 0, newest checkpoint)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    order = list(dict.fromkeys(st.name for _, stats in layers.values() for st in stats))
+    by_run = {name: {st.name: st for st in stats} for name, (_, stats) in layers.items()}
+    rows_in, every = _layer_rows(order)
+    width = 1.0 + 1.3 * len(layers)
+    fig, axes = plt.subplots(1, len(thresholds), figsize=(2.2 + width * len(thresholds) + 1.2, rows_in + 1.8),
+                             squeeze=False, sharey=True, layout="constrained")
+    shares = [st.invalid[f"{t:g}"] / max(1, st.filters) for t in thresholds for _, stats in layers.values()
+              for st in stats]
+    cmap = plt.get_cmap("Reds").with_extremes(bad="0.85")  # grey: a layer the run's model does not have
+    top = max(0.1, *shares)
+    image = None
+    for ax, t in zip(axes[0], thresholds, strict=True):
+        share = [[float("nan")] * len(layers) for _ in order]
+        for j, name in enumerate(layers):
+            for i, layer in enumerate(order):
+                st = by_run[name].get(layer)
+                if st is not None:
+                    count = st.invalid[f"{t:g}"]
+                    share[i][j] = count / max(1, st.filters)
+                    if count and every == 1:
+                        ax.text(j, i, str(count), ha="center", va="center", fontsize=TICK_PT - 1,
+                                color="white" if share[i][j] > 0.55 * top else "black")
+        image = ax.imshow(share, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0, vmax=top)
+        ax.set_title(f"l1 norm < {t:g}")
+        ax.set_xticks(range(len(layers)), list(layers))
+        ax.set_xticks([x + 0.5 for x in range(len(layers) - 1)], minor=True)
+        ax.grid(which="minor", axis="x", color="0.6", lw=0.8)
+        ax.tick_params(which="minor", length=0)
+    axes[0][0].set_yticks(range(0, len(order), every), [_short(n) for n in order[::every]])
+    axes[0][0].set_ylabel("conv layer" + (f" (every {every}th named)" if every > 1 else ""))
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of the layer's filters that are invalid", shrink=0.9)
+    labels = "; ".join(f"{name}: {label}" for name, (label, _) in layers.items())
+    fig.suptitle(f"invalid filters per conv layer (count in each cell), peer 0, newest checkpoint\n{labels}")
+    _save(fig, path, bbox_inches="tight")
 
 
 def layer_table(layers: dict[str, tuple[str, list[LayerStats]]], thresholds: list[float]) -> list[str]:
@@ -339,10 +432,9 @@ def plot_dgconv_groups(run: Run, path: Path) -> bool:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0, 0].set_ylabel("groups")
-    axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[0, -1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, path, bbox_inches="tight")
     return True
 
 
@@ -353,8 +445,9 @@ def plot_graft_heatmap(run: Run, key: str, path: Path) -> bool:
     if not peers:
         return False
     names = graft_matrix(run, peers[0], key)[0]
-    height = min(16.0, 1.8 + 0.16 * len(names))
-    fig, axes = plt.subplots(1, len(peers), figsize=(1.5 + 4.2 * len(peers), height), squeeze=False, sharey=True)
+    rows_in, every = _layer_rows(names)
+    fig, axes = plt.subplots(1, len(peers), figsize=(2.2 + 4.2 * len(peers), rows_in + 1.6), squeeze=False,
+                             sharey=True, layout="constrained")
     if key == "alpha":
         a = run.cfg.graft.a
         opts: dict[str, Any] = {"cmap": "RdBu_r", "vmin": 0.5 - a / 2, "vmax": 0.5 + a / 2}
@@ -366,16 +459,14 @@ def plot_graft_heatmap(run: Run, key: str, path: Path) -> bool:
     for ax, p in zip(axes[0], peers, strict=True):
         _, points, values = graft_matrix(run, p, key)
         image = ax.imshow(values, aspect="auto", interpolation="nearest", **opts)
-        ax.set_title(f"peer {p}", fontsize=10)
+        ax.set_title(f"peer {p}")
         ax.set_xlabel("graft point (epoch)")
         ticks = list(range(0, len(points), max(1, len(points) // 8)))
-        ax.set_xticks(ticks, [str(points[i][0]) for i in ticks], fontsize=8)
-    every = max(1, len(names) // 60)
-    axes[0][0].set_yticks(range(0, len(names), every), [_short(n) for n in names[::every]], fontsize=6)
+        ax.set_xticks(ticks, [str(points[i][0]) for i in ticks])
+    axes[0][0].set_yticks(range(0, len(names), every), [_short(n) for n in names[::every]])
     fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9)
-    fig.suptitle(f"{run.name}: {label}, {run.method}", fontsize=10, y=1.0 + 0.25 / height)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    fig.suptitle(f"{run.name}: {label}\n{run.method}")
+    _save(fig, path, bbox_inches="tight")
     return True
 
 
@@ -385,6 +476,69 @@ def _short(name: str) -> str:
 
 def _file_name(run: Run) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run.name)
+
+
+# ------------------------------------------------------------------------------------------ sweeps
+SWEEP_FILE = "sweep.json"  # written by hpcgraft.sweep: {"config", "overrides", "arms": {name: overrides}, "seeds"}
+
+
+def load_sweep(path: str | Path) -> dict[str, dict[int, Run | None]]:
+    """A sweep directory's runs: arm -> seed -> the run (None where it has not logged an epoch yet)."""
+    p = Path(path)
+    try:
+        spec = json.loads((p / SWEEP_FILE).read_text())
+        arms, seeds = list(spec["arms"]), [int(s) for s in spec["seeds"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{p / SWEEP_FILE} cannot be read ({exc}); give a directory made by python -m "
+                         "hpcgraft.sweep") from None
+    found: dict[str, dict[int, Run | None]] = {}
+    for arm in arms:
+        found[arm] = {}
+        for seed in seeds:
+            d = p / arm / f"seed{seed}"
+            found[arm][seed] = load_run(d) if (d / "config.yaml").is_file() and (d / METRICS).is_file() else None
+    return found
+
+
+def _spread(values: list[float], spec: str = ".2f") -> str:
+    """mean +- sample standard deviation over seeds; the mean alone for one seed."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:{spec}}"
+    return f"{statistics.fmean(values):{spec}} ± {statistics.stdev(values):{spec}}"
+
+
+def sweep_table(sweep: dict[str, dict[int, Run | None]]) -> str:
+    """The papers' table of a sweep: per arm, best and final test top-1 (per seed the mean over the peers)
+    and of the ensemble, and the final invalid filters, as mean +- sample std over the finished seeds."""
+    done = {arm: [r for r in runs.values() if r is not None and r.state == "finished"] for arm, runs in sweep.items()}
+    any_run = next((r for runs in done.values() for r in runs), None)
+    thresholds = any_run.cfg.log.thresholds if any_run else []
+    of = f" (of {any_run.filters})" if any_run and any_run.filters else ""
+    head = ["arm", "seeds done", "best top-1", "final top-1", "best ensemble", "final ensemble",
+            *[f"invalid @{t:g}{of}" for t in thresholds]]
+    lines = ["Test top-1 (%): per seed the mean over the peers; mean ± sample std over the finished seeds. "
+             "Invalid filters: final epoch, mean over the peers.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, runs in done.items():
+        cells = [arm, f"{len(runs)}/{len(sweep[arm])}",
+                 _spread([statistics.fmean(r.best(p) for p in r.peers) for r in runs]),
+                 _spread([statistics.fmean(r.final(p) for p in r.peers) for r in runs]),
+                 _spread([max(r.ensemble.values()) for r in runs if r.ensemble]),
+                 _spread([r.ensemble[max(r.ensemble)] for r in runs if r.ensemble])]
+        cells += [_spread([statistics.fmean(r.final(p, f"invalid_{t:g}") for p in r.peers) for r in runs], ".1f")
+                  for t in thresholds]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_sweep_report(path: Path, out: Path) -> Path:
+    """``sweep.md`` (the table) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "sweep.md"
+    md.write_text(f"# hpcgraft sweep {path}\n\n{sweep_table(load_sweep(path))}\n")
+    return md
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -399,6 +553,9 @@ def write_report(runs: list[Run], out: Path) -> Path:
         done = f"{max(r.epochs) if r.epochs else 0}/{r.cfg.train.epochs}"
         md.append(f"| {r.name} | {r.method} | {r.cfg.model.name} | {r.cfg.data.name} | {len(r.peers)} | {done} | "
                   f"{r.state} |")
+    warning = length_warning(runs)
+    if warning:
+        md += ["", f"**Warning:** {warning}."]
     md += ["", "## Accuracy and invalid filters", "",
            "Top-1 on the test set (%); invalid filters: conv filters whose l1 norm is below the threshold, "
            "at the last epoch, out of all conv filters of the model.", "", *results_table(runs, thresholds)]
@@ -413,8 +570,9 @@ def write_report(runs: list[Run], out: Path) -> Path:
                   "the side-by-side table.")
     plot_accuracy(runs, out / "accuracy.png")
     plot_invalid(runs, thresholds, out / "invalid.png")
+    plot_training(runs, out / "training.png")
     md += ["", "## Plots", "", "![test accuracy per epoch](accuracy.png)", "",
-           "![invalid filters per epoch](invalid.png)"]
+           "![invalid filters per epoch](invalid.png)", "", "![train loss and learning rate](training.png)"]
     layers = {r.name: found for r in runs if (found := layer_invalid(r, thresholds)) is not None}
     md += ["", "## Invalid filters per layer", ""]
     if layers:
@@ -453,6 +611,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (--out of hpcgraft.train)")
     ap.add_argument("--out", help="where to write the plots and summary.md (default: RUN_DIR/report of the first)")
     args = ap.parse_args(argv)
+    if len(args.runs) == 1 and (Path(args.runs[0]) / SWEEP_FILE).is_file():  # a sweep: its table
+        try:
+            md = write_sweep_report(Path(args.runs[0]), Path(args.out or Path(args.runs[0]) / "report"))
+        except InputError as exc:
+            return report(PROG, exc)
+        print(md.read_text(), end="")
+        print(f"hpcgraft.report: wrote {md}")
+        return 0
     try:
         runs = [load_run(p) for p in args.runs]
     except InputError as exc:
@@ -461,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     if empty:
         return report(PROG, f"{empty[0]} has no finished epoch yet; wait for one")
     out = Path(args.out) if args.out else runs[0].path / "report"
+    name_runs(runs)
+    warning = length_warning(runs)
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
     summary = write_report(runs, out)
     print(f"hpcgraft.report: wrote {summary} and {len(list(out.glob('*.png')))} plots in {out}")
     return 0

@@ -17,9 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from hpcgraft.config import load_config
 from hpcgraft.dist import mpi
 from hpcgraft.dist.failure import abort_on_error, catch_stop_signals
-from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, AgreedError, SetupError, report
+from hpcgraft.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AgreedError, ConfigError, SetupError, report
 from hpcgraft.training.loop import run
 from hpcgraft.training.rundir import release_run_dir
 
@@ -29,11 +30,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m hpcgraft.train",
         description="Train K peer networks with filter grafting; one MPI rank per peer "
         "(mpirun -np K python -m hpcgraft.train ...).",
-        epilog="Overrides: dotted config keys, e.g. train.epochs=3 graft.level=filter graft.mode=none",
+        epilog="Overrides: dotted config keys, e.g. train.epochs=3 graft.level=filter graft.mode=none. Every key, "
+        "its default and its meaning: the key table in README.md (section 'Running real configurations'); "
+        "the values a run would use: --print-config.",
     )
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
     p.add_argument("--out", help="run directory (default: runs/<config name>); re-running resumes it")
     p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (defaults, --config, overrides) as YAML that --config reads "
+                        "back, and exit without training or starting MPI")
     p.add_argument("--extend", action="store_true",
                    help="continue a (finished) run to a larger train.epochs; the schedule is the new length's (README)")
     p.add_argument("--from-step", type=int, metavar="N",
@@ -45,8 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of every rank; returns the process exit status."""
-    catch_stop_signals()
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args.config, args.overrides)
+    catch_stop_signals()
     if args.restart and (args.extend or args.from_step is not None):
         return report("hpcgraft", "--restart starts over; it cannot be combined with --extend or --from-step")
     run_dir = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'digits'}")
@@ -60,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
         return report("hpcgraft", exc, status) if world_comm.Get_rank() == 0 else status
     finally:
         release_run_dir()
+
+
+def print_config(config: str | None, overrides: list[str]) -> int:
+    """What a run with these arguments would train with, checked as a run checks it: one line and exit 2
+    on a bad key or value."""
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as exc:
+        return report("hpcgraft", exc, EXIT_USAGE)
+    sys.stdout.write(cfg.to_yaml())
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Shared fixtures: the end-to-end runs (tests/runs.py) and the local one-node SLURM cluster
-(tools/slurm_local.sh) for tests marked ``slurm``."""
+"""Shared fixtures: the end-to-end runs (tests/runs.py) and the local SLURM cluster (tools/slurm_local.sh,
+two nodes on this host) for tests marked ``slurm``."""
 
 from __future__ import annotations
 
@@ -24,12 +24,15 @@ def _slurm_local(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[Path]:
-    """A running one-node SLURM cluster; yields its slurm.conf and exports SLURM_CONF for the session.
+    """A running SLURM cluster; yields its slurm.conf and exports SLURM_CONF for the session.
 
-    Reuses a cluster that is already up (and leaves it up); starts one otherwise (installing slurm-wlm
-    and munge with apt-get when needed) and stops it at the end. Skips only where SLURM cannot run here.
+    Reuses a cluster that is already up (and leaves it up); starts one otherwise, of two nodes on this host
+    (HPCGRAFT_SLURM_NODES, default 2 here), installing slurm-wlm and munge with apt-get when needed, and
+    stops it at the end. Skips only where SLURM cannot run here. Tests that need two nodes skip on a
+    reused one-node cluster.
     """
     env = dict(os.environ)
+    env.setdefault("HPCGRAFT_SLURM_NODES", "2")
     conf = Path(env.get("HPCGRAFT_SLURM_DIR", "/tmp/hpcgraft-slurm")) / "slurm.conf"
     started = False
     if _slurm_local("status", env=env).returncode != 0:

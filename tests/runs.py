@@ -24,6 +24,10 @@ QUIET = ("log.progress=off", "dist.threads=1")
 TWO_EPOCHS = ("train.epochs=2", *QUIET)
 ONE_EPOCH = ("train.epochs=1", "checkpoint.enabled=false", *QUIET)  # the method's options, short
 ROUNDS = ("graft.interval_steps=10",)  # two graft rounds in a 22-step epoch
+EB_BN = ("train.epochs=4", *QUIET, "graft.mode=peers", "prune.monitor=bn", "prune.bn_l1=1e-4", "prune.window=3",
+         "prune.threshold=0.15")  # early-bird monitors, short windows (tests/e2e/test_earlybird_e2e.py)
+EB_SPLINE = ("train.epochs=4", *QUIET, "graft.mode=none", "prune.monitor=spline", "prune.spline_grid=20",
+             "prune.spline_lookback=2")
 HYBRID = ("train.epochs=3", "log.progress=off", "dist.replicas=2", "graft.interval_steps=10")
 
 
@@ -50,7 +54,8 @@ RUNS: dict[str, RunSpec] = {
     "stepwise2": RunSpec(2, (*TWO_EPOCHS, "graft.interval_steps=10")),  # four graft points: the heat map
     "stepwise3": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10")),
     "graft2": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),
-    "graft2_again": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers")),  # same seed: the same numbers
+    # same seed: the same numbers; also watched (log.progress=auto off a terminal: plain progress lines)
+    "graft2_again": RunSpec(2, ("train.epochs=2", "dist.threads=1", "graft.mode=peers", "log.every_s=0.05")),
     "base_solo": RunSpec(0, (*TWO_EPOCHS, "graft.mode=none")),  # peer 0 alone trains as in base2
     # faults at exact steps (HPCGRAFT_INJECT, hpcgraft/training/faults.py): tests/e2e/test_resume.py
     "stepwise3_stopped": RunSpec(3, (*TWO_EPOCHS, "graft.mode=peers", "graft.interval_steps=10"),
@@ -63,6 +68,15 @@ RUNS: dict[str, RunSpec] = {
                         env={"HPCGRAFT_INJECT": "1:3:nan"}, status=1),
     "watchdog": RunSpec(2, (*TWO_EPOCHS, "graft.mode=peers", "dist.watchdog_s=5"),
                         env={"HPCGRAFT_INJECT": "1:3:sleep"}, status=None),
+    # log.tensorboard=true; rank 1 fails in epoch 4, after epoch 3 was logged but only epoch 2 checkpointed
+    # (checkpoint.interval=2): tests/e2e/test_tracking.py resumes it
+    "tracked_killed": RunSpec(2, ("train.epochs=4", *QUIET, "graft.interval_steps=10", "checkpoint.interval=2",
+                                  "log.tensorboard=true"), env={"HPCGRAFT_INJECT": "1:70:raise"}, status=1),
+    # early-bird monitors, and the same runs stopped mid-epoch 3 (after step 51) to resume
+    "eb_bn": RunSpec(2, EB_BN),
+    "eb_bn_stopped": RunSpec(2, EB_BN, env={"HPCGRAFT_INJECT": "1:50:usr1"}, status=75),
+    "eb_spline": RunSpec(2, EB_SPLINE),
+    "eb_spline_stopped": RunSpec(2, EB_SPLINE, env={"HPCGRAFT_INJECT": "0:50:usr1"}, status=75),
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }
@@ -70,7 +84,7 @@ RUNS: dict[str, RunSpec] = {
 # tests/cluster. The runs with faults are made when asked for: beside the resume tests' own runs, more
 # ranks than cores spin in MPI and the whole suite got slower, not faster.
 E2E_RUNS = ["cultivate_only", "solo_1ep", "filter_cultivated", "noise", "self_filter", "allreduce3_dlr", "ring4",
-            "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo"]
+            "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo", "eb_bn", "eb_spline"]
 
 # The ranks' program for `without_horovod`: Horovod cannot be imported, and must not be for R = 1.
 NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.train import main; "

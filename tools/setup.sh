@@ -13,6 +13,9 @@ py=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" --upgrade pip >/dev/null
+# This environment's torch, pinned exactly (pyproject allows a tested range): a bare or ranged install can
+# pull several GB of CUDA packages here. A torch already in the venv (a cluster's CUDA build) is kept.
+"$venv/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" "${HPCGRAFT_TORCH:-torch==2.13.0}"
 if [ "${HPCGRAFT_SITE_MPI:-0}" = 1 ]; then
     # Cluster: mpi4py compiled against the site's MPI (its mpicc on PATH), no MPICH wheel.
     "${pip[@]}" --no-binary=mpi4py --no-cache-dir mpi4py
@@ -20,7 +23,7 @@ if [ "${HPCGRAFT_SITE_MPI:-0}" = 1 ]; then
 else
     "${pip[@]}" -e ".[mpich,dev]"
 fi
-if [ "${HPCGRAFT_NO_HOROVOD:-0}" != 1 ]; then
+if [ "${HPCGRAFT_NO_HOROVOD:-0}" != 1 ]; then  # HPCGRAFT_NO_HOROVOD=1: no peer spans several GPUs
     bash tools/build_horovod.sh "$venv"
 fi
 "$venv/bin/python" - <<'PY'

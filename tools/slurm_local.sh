@@ -15,11 +15,20 @@
 # The node is this host with CPUs=nproc, no GPUs (GRES), and a partition "debug" that overcommits:
 # ask for more tasks than CPUs with `--nodes=1 --overcommit`. `start` on a running cluster only
 # reprints how to use it.
+#
+# HPCGRAFT_SLURM_NODES=2 (or more) makes a cluster of that many nodes, n1, n2, ..., on this one host: one
+# slurmd per node (slurmd -N n1, its own port, spool, log and pid file), each node with all of the host's
+# CPUs. Jobs then span nodes as on a real cluster (SLURM_NODEID, SLURM_LOCALID, MPI's node-local
+# communicators), except that the nodes share this host's /dev/shm and memory.
 set -euo pipefail
 
 dir=${HPCGRAFT_SLURM_DIR:-/tmp/hpcgraft-slurm}
 port=${HPCGRAFT_SLURM_PORT:-6817}
 conf=$dir/slurm.conf
+# nodes of a new cluster; a running cluster's own count for status and stop
+conf_nodes=$(grep -c '^NodeName=' "$conf" 2>/dev/null || true)
+nodes=${HPCGRAFT_SLURM_NODES:-${conf_nodes:-1}}
+[ "$nodes" -ge 1 ] 2>/dev/null || { echo "slurm_local: HPCGRAFT_SLURM_NODES=$nodes is not a node count (1, 2, ...)" >&2; exit 2; }
 munge_socket=$dir/munge/munge.socket
 export SLURM_CONF=$conf
 
@@ -27,9 +36,24 @@ die() { echo "slurm_local: $*" >&2; exit 1; }
 
 pid_alive() { [ -s "$1" ] && ps -p "$(cat "$1")" >/dev/null 2>&1; }  # ps: works for any user
 
-daemons_alive() { pid_alive "$dir/munged.pid" && pid_alive "$dir/slurmctld.pid" && pid_alive "$dir/slurmd.pid"; }
+# The node names: this host, or with HPCGRAFT_SLURM_NODES=N > 1, N nodes n1..nN served by N slurmd on this
+# host, each with its own port (slurmd -N NAME; SLURM's NodeName=... Port=...).
+node_names() { if [ "$nodes" -gt 1 ]; then seq -f n%g "$nodes"; else hostname; fi; }
 
-node_state() { sinfo -h -N -o %t 2>/dev/null | head -n1; }
+slurmd_pidfile() { if [ "$nodes" -gt 1 ]; then echo "$dir/slurmd-$1.pid"; else echo "$dir/slurmd.pid"; fi; }
+
+daemons_alive() {
+    pid_alive "$dir/munged.pid" && pid_alive "$dir/slurmctld.pid" || return 1
+    local n
+    for n in $(node_names); do pid_alive "$(slurmd_pidfile "$n")" || return 1; done
+}
+
+# The state of the first node that is not up (idle, mix, alloc), else of the first node; empty: no answer.
+node_state() {
+    local all
+    all=$(sinfo -h -N -o %t 2>/dev/null) || return 0
+    grep -v -x -E 'idle|mix|alloc' <<<"$all" | head -n1 | grep . || head -n1 <<<"$all"
+}
 
 install() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
@@ -48,7 +72,16 @@ write_config() {
     cpus=$(nproc)
     mem=$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)  # leave the OS its share
     first_job_id=$(($(date +%s) % 670000 * 100 + 1))  # a block of 100 ids per second of start, below 67108863
-    mkdir -p "$dir/state" "$dir/spool" "$dir/munge"
+    local suffix="" node_lines="NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN" i
+    if [ "$nodes" -gt 1 ]; then
+        # Every node claims all CPUs of this host (they share them) and its share of the memory.
+        suffix=-%n node_lines=""
+        for i in $(seq "$nodes"); do
+            [ "$i" = 1 ] || node_lines+=$'\n'
+            node_lines+="NodeName=n$i NodeHostname=$host NodeAddr=127.0.0.1 Port=$((port + i)) CPUs=$cpus RealMemory=$((mem / nodes)) State=UNKNOWN"
+        done
+    fi
+    mkdir -p "$dir/state" "$dir/munge"
     chmod 755 "$dir/munge"  # clients of any user reach the socket; the key itself is 0600
     cat >"$conf" <<EOF
 # Written by tools/slurm_local.sh: a one-node test cluster; delete with tools/slurm_local.sh stop.
@@ -67,11 +100,11 @@ SelectTypeParameters=CR_Core
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$dir/state
-SlurmdSpoolDir=$dir/spool
+SlurmdSpoolDir=$dir/spool$suffix
 SlurmctldPidFile=$dir/slurmctld.pid
-SlurmdPidFile=$dir/slurmd.pid
+SlurmdPidFile=$dir/slurmd$suffix.pid
 SlurmctldLogFile=$dir/slurmctld.log
-SlurmdLogFile=$dir/slurmd.log
+SlurmdLogFile=$dir/slurmd$suffix.log
 PlugStackConfig=$dir/plugstack.conf
 ReturnToService=2
 MpiDefault=none
@@ -84,8 +117,8 @@ FirstJobId=$first_job_id
 # schedule pending (e.g. requeued) jobs within seconds instead of SLURM's default minute
 SchedulerParameters=sched_interval=2
 KillWait=30
-NodeName=$host CPUs=$cpus RealMemory=$mem State=UNKNOWN
-PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+$node_lines
+PartitionName=debug Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     : >"$dir/plugstack.conf"  # no SPANK plugins (the system's plugstack.conf may name some)
 }
@@ -104,19 +137,24 @@ wait_idle() {
     local state=""
     for _ in $(seq 60); do
         state=$(node_state)
-        case $state in idle | mix | alloc) return ;; esac
+        case $state in idle | mix | alloc) return ;; esac  # every node is up
         sleep 0.5
     done
-    tail -n 5 "$dir/slurmctld.log" "$dir/slurmd.log" >&2 || true
+    tail -n 5 "$dir"/slurm*.log >&2 || true
     die "the node did not become idle within 30 s (state: '${state:-no answer}'); logs above, in $dir"
 }
 
 usage_hint() {
+    # The example fits the cluster as started: CPU ranks (no GPUs here), two per node, sharing the CPUs.
+    local cpt=$(($(nproc) / 2)) what="one-node SLURM cluster up ($(hostname)"
+    [ "$cpt" -ge 1 ] || cpt=1
+    [ "$nodes" -gt 1 ] && what="$nodes-node SLURM cluster up ($(node_names | paste -sd,) on $(hostname)"
     cat <<EOF
-slurm_local: one-node SLURM cluster up ($(hostname), $(nproc) CPUs, partition debug); files in $dir
+slurm_local: $what, $(nproc) CPUs per node, partition debug); files in $dir
   export SLURM_CONF=$conf
-  sinfo; sbatch --nodes=1 --ntasks=4 --overcommit --wrap 'srun --mpi=pmi2 hostname'
-  HPCGRAFT_TASKS_PER_NODE=2 bash slurm/graft_cifar.sh data.name=digits model.name=digits_resnet
+  sinfo; sbatch --nodes=$nodes --ntasks-per-node=2 --overcommit --wrap 'srun --mpi=pmi2 hostname'
+  HPCGRAFT_NODES=$nodes HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_TASKS_PER_NODE=2 HPCGRAFT_CPUS_PER_TASK=$cpt HPCGRAFT_CONFIG=configs/digits.yaml bash slurm/graft_cifar.sh train.epochs=3
+      (from the repository root: $nodes x 2 CPU ranks grafting on the digits data, 3 epochs)
   tools/slurm_local.sh stop      (cancel jobs, stop the daemons, delete $dir)
 EOF
 }
@@ -143,7 +181,8 @@ stop_cluster() {
             for _ in $(seq 60); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
         fi
     fi
-    stop_pidfile "$dir/slurmd.pid"
+    local f
+    for f in "$dir"/slurmd*.pid; do stop_pidfile "$f"; done
     stop_pidfile "$dir/slurmctld.pid"
     stop_pidfile "$dir/munged.pid"
 }
@@ -152,18 +191,26 @@ cmd=${1:-}
 case $cmd in
 start)
     [ "$(id -u)" = 0 ] || die "start needs root (it installs packages and runs slurmd as root); run it with sudo"
-    if [ -f "$conf" ] && daemons_alive && [ -n "$(node_state)" ]; then
+    if [ -f "$conf" ] && [ "$conf_nodes" = "$nodes" ] && daemons_alive && [ -n "$(node_state)" ]; then
         usage_hint
         exit 0
-    fi
+    fi  # else (re)start, also to change the node count
     mkdir -p "$dir"
     install
     stop_cluster  # a half-started or crashed earlier instance
-    rm -rf "$dir/state" "$dir/spool"
+    rm -rf "$dir/state" "$dir"/spool*
     write_config
     start_munged
     slurmctld -f "$conf" -i || die "slurmctld did not start; see $dir/slurmctld.log"
-    slurmd -f "$conf" || die "slurmd did not start; see $dir/slurmd.log"
+    if [ "$nodes" -gt 1 ]; then
+        for n in $(node_names); do
+            mkdir -p "$dir/spool-$n"
+            slurmd -f "$conf" -N "$n" || die "slurmd -N $n did not start; see $dir/slurmd-$n.log"
+        done
+    else
+        mkdir -p "$dir/spool"
+        slurmd -f "$conf" || die "slurmd did not start; see $dir/slurmd.log"
+    fi
     wait_idle
     usage_hint
     ;;
@@ -175,6 +222,7 @@ stop)
     echo "slurm_local: stopped; removed $dir"
     ;;
 status)
+    nodes=${conf_nodes:-1}
     if [ ! -f "$conf" ] || ! daemons_alive; then
         echo "slurm_local: not running (no live daemons for $dir); start it with: tools/slurm_local.sh start"
         exit 3
@@ -184,6 +232,6 @@ status)
     squeue
     ;;
 *)
-    die "usage: tools/slurm_local.sh start|stop|status (HPCGRAFT_SLURM_DIR=$dir)"
+    die "usage: tools/slurm_local.sh start|stop|status (HPCGRAFT_SLURM_DIR=$dir, HPCGRAFT_SLURM_NODES=$nodes)"
     ;;
 esac

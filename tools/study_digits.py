@@ -1,14 +1,16 @@
 """A small controlled study on the digits data: baseline vs grafting vs cultivation, several seeds each.
 
-    python tools/study_digits.py [--out runs/study_digits] [--seeds 0 1 2] [--arms ...] [--epochs 30]
+    python tools/study_digits.py [--out runs/study_digits] [--seeds 3] [--arms ...] [--epochs 30]
 
-Every arm trains K=2 peers with configs/digits.yaml (real mpirun ranks), changing only what the arm is
-about; each seed changes initialisation, data order and augmentation together. The Markdown table it
-prints (mean and sample standard deviation over the seeds of the final test accuracy per peer, of the
-peers' mean and of the ensemble, and of the invalid-filter counts over peers and seeds) is meant to be
-pasted into the README as measured, whatever it shows. Runs go under --out (one directory per arm and
-seed, readable by ``python -m hpcgraft.report``); the table is also written to OUT/study.md with the
-per-seed numbers in OUT/study.json.
+A call of the sweep (``python -m hpcgraft.sweep digits --arms ... --seeds N``, see hpcgraft/sweep.py for
+what each arm overrides): every arm trains K=2 peers with configs/digits.yaml (real mpirun ranks), changing
+only what the arm is about; each seed changes initialisation, data order and augmentation together.
+Re-running resumes an interrupted study and skips the runs that finished. The Markdown table it prints
+(mean and sample standard deviation over the seeds of the final test accuracy per peer, of the peers'
+mean and of the ensemble, and of the invalid-filter counts over peers and seeds) is meant to be pasted
+into the README as measured, whatever it shows. Runs go under --out (one directory per arm and seed,
+readable by ``python -m hpcgraft.report``); the table is also written to OUT/study.md with the per-seed
+numbers in OUT/study.json.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,30 +27,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from hpcgraft import sweep  # noqa: E402
 from hpcgraft.report import Run, load_run  # noqa: E402
 
-ARMS = {
-    "baseline": ["graft.mode=none"],
-    "grafting": ["graft.mode=peers"],
-    "cultivation": ["graft.mode=none", "cultivate.lambda=1"],
-    "grafting+cultivation": ["graft.mode=peers", "cultivate.lambda=1"],
-}
+ARMS = ("baseline", "grafting", "cultivation", "grafting+cultivation")
 THRESHOLDS = ("0.1", "0.01")
-
-
-def train(run_dir: Path, peers: int, seed: int, epochs: int, overrides: list[str]) -> float:
-    """One run under mpirun; returns its wall time in seconds (a failed run stops the study)."""
-    mpirun = Path(sys.executable).parent / "mpirun"
-    cmd = [str(mpirun), "-np", str(peers), sys.executable, "-m", "hpcgraft.train", "--config",
-           str(ROOT / "configs" / "digits.yaml"), "--out", str(run_dir), "--restart", f"seed={seed}",
-           f"train.epochs={epochs}", "checkpoint.enabled=false", "log.progress=off", "dist.threads=1", *overrides]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if done.returncode != 0:
-        sys.exit(f"study: run {run_dir} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    return time.perf_counter() - started
 
 
 def final_numbers(run: Run) -> dict:
@@ -92,31 +74,35 @@ def table(results: dict[str, list[dict]], peers: int, seeds: list[int], epochs: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/study_digits", help="directory of the runs and the table")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0..N-1")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(sweep.ARMS))
     ap.add_argument("--epochs", type=int, default=30, help="epochs per run (configs/digits.yaml: 30)")
     ap.add_argument("--peers", type=int, default=2, help="peers (MPI ranks) per run")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    results: dict[str, list[dict]] = {}
+    seeds = list(range(args.seeds))
     started = time.perf_counter()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    rc = sweep.main(["digits", "--arms", ",".join(args.arms), "--seeds", str(args.seeds), "--np", str(args.peers),
+                     "--out", str(out), f"train.epochs={args.epochs}", "checkpoint.enabled=false", "log.progress=off",
+                     "dist.threads=1"])
+    if rc != 0:
+        return rc
+    results: dict[str, list[dict]] = {}
     filters = None
     for arm in args.arms:
-        for seed in args.seeds:
-            run_dir = out / arm / f"seed{seed}"
-            seconds = train(run_dir, args.peers, seed, args.epochs, ARMS[arm])
-            numbers = final_numbers(load_run(run_dir))
-            numbers.update(seed=seed, seconds=seconds)
+        for seed in seeds:
+            numbers = final_numbers(load_run(out / arm / f"seed{seed}"))
+            numbers.update(seed=seed)
             filters = numbers["filters"]
             results.setdefault(arm, []).append(numbers)
             print(f"study: {arm} seed {seed}: peers {[round(a, 2) for a in numbers['peers'].values()]}, ensemble "
-                  f"{numbers['ensemble']:.2f}, invalid@0.1 {numbers['invalid']['0.1']} ({seconds:.0f} s)",
-                  file=sys.stderr, flush=True)
-    text = table(results, args.peers, args.seeds, args.epochs, filters)
+                  f"{numbers['ensemble']:.2f}, invalid@0.1 {numbers['invalid']['0.1']}", file=sys.stderr, flush=True)
+    text = table(results, args.peers, seeds, args.epochs, filters)
     total = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = usage.ru_utime + usage.ru_stime
-    text += (f"\n\n{len(args.arms) * len(args.seeds)} runs in {total / 60:.1f} min wall, {cpu / 60:.1f} CPU-min over "
+    text += (f"\n\n{len(args.arms) * args.seeds} runs in {total / 60:.1f} min wall, {cpu / 60:.1f} CPU-min over "
              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end "
              f"(`python tools/study_digits.py`).")
     print(text)

@@ -381,6 +381,10 @@ def load_imagenet(name: str, root: str | None, image_size: int) -> tuple[_Pillow
         raise DataError(f"data.image_size={image_size} must be a positive number of pixels (224 is standard)")
     if name == "imagenet_h5":
         return _load_h5(Path(root).expanduser(), image_size)
+    base = Path(root).expanduser()
+    if not (base / "train").is_dir() and any(base.glob(f"{SPLITS[0]}-*.h5")):
+        # Packed shards under the folder-tree name would fail on the missing train/ folder instead.
+        raise DataError(f"data.root={root} holds hpcgraft shards ({SPLITS[0]}-*.h5): add data.name=imagenet_h5")
     classes, listings = list_folder(root)
     train, val = (FolderImages(listings[s].directory, listings[s].paths, listings[s].labels, classes, image_size)
                   for s in SPLITS)

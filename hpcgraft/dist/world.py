@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from hpcgraft.dist import mpi
 from hpcgraft.errors import LayoutError, PeerMismatchError, SetupError, UserError
+from hpcgraft.text import plural
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -48,6 +49,15 @@ class World:
         return self.replica == 0
 
 
+def start_ranks(count: str) -> str:
+    """How to start ``count`` ranks, for the error lines that ask for another rank count: under SLURM the
+    count is the job's task count, which mpirun advice would not change."""
+    if "SLURM_STEP_ID" in os.environ:  # a task started by srun
+        return (f"{count} SLURM tasks: sbatch --ntasks-per-node (with --nodes), or for slurm/graft_*.sh "
+                "HPCGRAFT_TASKS_PER_NODE (CPU ranks) / HPCGRAFT_GPUS_PER_NODE (a rank per GPU)")
+    return f"mpirun -np {count}"
+
+
 def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
     """Form the peers x replicas layout over ``comm`` (default: the MPI world)."""
     MPI = mpi()
@@ -55,8 +65,8 @@ def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
     size, rank = comm.Get_size(), comm.Get_rank()
     if size % replicas:
         raise LayoutError(
-            f"{size} ranks cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
-            f"{replicas} ranks (mpirun -np {replicas * max(2, size // replicas)}) or change dist.replicas"
+            f"{plural(size, 'rank')} cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
+            f"{replicas} ranks ({start_ranks(str(replicas * max(2, size // replicas)))}) or change dist.replicas"
         )
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
@@ -134,3 +144,11 @@ def torch_threads(local_size: int) -> int:
     except AttributeError:  # pragma: no cover - not Linux
         cores = os.cpu_count() or 1
     return max(1, cores // max(1, local_size))
+
+
+def gather_peers(world: World, obj: T) -> list[T] | None:
+    """One object per peer, in peer order, on rank 0 (None elsewhere). Only each peer's replica 0 sends:
+    the replicas of a peer hold the same state."""
+    if not world.is_peer_lead:
+        return None
+    return world.graft_comm.gather(obj, root=0)

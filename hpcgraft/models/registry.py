@@ -25,10 +25,16 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
-    """Build a registered model; an unknown name is an error that lists the near matches."""
+def create_model(name: str, num_classes: int, bn_momentum: float | None = None, **kwargs: object) -> nn.Module:
+    """Build a registered model; an unknown name is an error that lists the near matches. ``bn_momentum``
+    sets every BatchNorm's running-statistics momentum (None: PyTorch's 0.1)."""
     if name not in _REGISTRY:
         near = difflib.get_close_matches(name, list_models(), n=3)
         hint = f"did you mean {', '.join(near)}?" if near else f"available: {', '.join(list_models())}"
         raise ValueError(f"unknown model '{name}' (model.name); {hint}")
-    return _REGISTRY[name](num_classes=num_classes, **kwargs)
+    model = _REGISTRY[name](num_classes=num_classes, **kwargs)
+    if bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+                m.momentum = bn_momentum
+    return model

@@ -37,6 +37,7 @@ import h5py
 from hpcgraft.errors import CheckpointError
 from hpcgraft.storage.atomic import crc_of, fsync_dir, replace_durable, write_bytes_durable
 from hpcgraft.storage.tree import Tree, one_line, read_tree, write_tree
+from hpcgraft.text import plural
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -499,7 +500,7 @@ def _finite(metric: float | None) -> float | None:
 
 def check_peer(info: CheckpointInfo, peer: int) -> int:
     if not 0 <= peer < info.peers:
-        raise CheckpointError(f"checkpoint {info.path.name} has {info.peers} peers (0..{info.peers - 1}); "
+        raise CheckpointError(f"checkpoint {info.path.name} has {plural(info.peers, 'peer')} (0..{info.peers - 1}); "
                               f"peer {peer} does not exist")
     return peer
 

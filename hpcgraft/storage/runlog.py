@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hpcgraft.storage import atomic
 
@@ -47,12 +47,21 @@ def _rewrite(path: Path, keep: Callable[[dict[str, Any]], bool]) -> bool:
     return torn
 
 
-class RunLog:
-    """Append-only JSON-lines files of one run directory."""
+class Sink(Protocol):
+    """Another form of the logs (TensorBoard event files): fed every row the run log appends."""
 
-    def __init__(self, run_dir: str | Path) -> None:
+    def truncate_after(self, epoch: int, step: int) -> None: ...
+
+    def record(self, name: str, rows: list[dict[str, Any]]) -> None: ...
+
+
+class RunLog:
+    """Append-only JSON-lines files of one run directory, and the sinks that receive the same rows."""
+
+    def __init__(self, run_dir: str | Path, sinks: Sequence[Sink] = ()) -> None:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.sinks = list(sinks)
 
     def truncate_after(self, epoch: int, step: int) -> list[str]:
         """Forget what a run logged after the checkpoint it resumes from (epoch done, global step); returns
@@ -61,13 +70,18 @@ class RunLog:
         for name, keep in ((METRICS, lambda r: r["epoch"] <= epoch), (GRAFTS, lambda r: r["step"] <= step)):
             if (self.dir / name).exists() and _rewrite(self.dir / name, keep):
                 torn.append(name)
+        for sink in self.sinks:
+            sink.truncate_after(epoch, step)
         return torn
 
     def append(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
+        rows = list(rows)
         with (self.dir / name).open("a") as f:
             for row in rows:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
             f.flush()
+        for sink in self.sinks:
+            sink.record(name, rows)
 
     def status(self, **fields: Any) -> None:
         atomic.write_text(self.dir / STATUS, json.dumps(fields, indent=1) + "\n")
@@ -95,11 +109,12 @@ def epoch_table(rows: list[dict[str, Any]], ensemble_acc: float, epochs: int, th
         lines.append(" ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True)))
     for r in rows:
         cells = [
-            f"{r['epoch']}/{epochs}", str(r["peer"]), fmt(r["lr"], ".4g"), fmt(r["train_loss"], ".4f"),
+            f"{r['epoch']}/{epochs}", str(r["peer"]), fmt(r["lr"], ".4g" if (r["lr"] or 0) >= 1e-3 else ".2e"),
+            fmt(r["train_loss"], ".4f"),
             fmt(r["train_acc"], ".2f"), fmt(r["test_acc"], ".2f"), "", fmt(r["alpha_mean"], ".3f"),
             *[str(r[f"invalid_{t:g}"]) for t in thresholds], fmt(r["seconds"], ".1f"),
         ]
         lines.append(" ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)))
     ens = ["", "ens", "", "", "", "", fmt(ensemble_acc, ".2f"), "", *["" for _ in thresholds], ""]
-    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)))
+    lines.append(" ".join(c.rjust(w) for c, w in zip(ens, widths, strict=True)).rstrip())
     return "\n".join(lines)

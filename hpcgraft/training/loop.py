@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +30,14 @@ from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunErr
 from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
-from hpcgraft.storage.runlog import METRICS, epoch_table
+from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
+from hpcgraft.storage.tbevents import require_tensorboard
+from hpcgraft.text import plural
 from hpcgraft.training.evaluation import TOP5_MIN_CLASSES, init_state, load_weights, predict, topk_correct
 from hpcgraft.training.faults import fault_hook
+from hpcgraft.training.monitors import bn_l1_step, monitor_epoch
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
+from hpcgraft.training.progress import RunProgress, run_summary
 from hpcgraft.training.rundir import RunStore, claim_run_dir
 
 if TYPE_CHECKING:
@@ -57,7 +60,9 @@ def grafts_after_step(cfg: Config, step: int) -> bool:
 # ------------------------------------------------------------------------------------------ the run
 def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm, *,
         extend: bool = False, from_step: int | None = None) -> int:
+    started = time.monotonic()
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
+    agreed(comm, lambda: require_tensorboard(cfg))
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
     # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
@@ -69,25 +74,32 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     store = agreed(comm, lambda: RunStore(run_dir, cfg, world, extend=extend, from_step=from_step))
 
     t = cfg.train
-    log(f"hpcgraft: {world.peers} peers x {world.replicas} replica(s), model {cfg.model.name}, data "
+    log(f"hpcgraft: {plural(world.peers, 'peer')} x {plural(world.replicas, 'replica')}, model {cfg.model.name}, data "
         f"{cfg.data.name} ({len(peer.train_loader)} steps/epoch), graft {cfg.graft.mode}"
         f"{'' if cfg.graft.mode == 'none' else f'/{cfg.graft.topology}/{cfg.graft.level}'}, "
         f"cultivate {f'lambda={cfg.cultivate.lambda_:g}' if peer.logits else 'off'}, "
         f"device {peer.device}, run dir {run_dir}", world=world)
     # Launchers and the kernel name processes by pid and host only (MPICH's report, dmesg's OOM lines).
-    pids = comm.allgather(f"{os.getpid()}@{mpi().Get_processor_name()}")
+    host = mpi().Get_processor_name()
+    # Where each rank runs (the SLURM node, which can differ from the host name, and the rank within it):
+    # the basis of the GPU choice (cuda:<local rank>) and of the threads per rank.
+    place = f"{os.environ.get('SLURMD_NODENAME') or host}:{world.local_rank}/{world.local_size},{peer.device}"
+    pids, places = zip(*comm.allgather((f"{os.getpid()}@{host}", place)), strict=True)
     log(f"hpcgraft: rank pids: {' '.join(f'{r}={p}' for r, p in enumerate(pids))}", world=world)
+    log(f"hpcgraft: rank places (node:local rank/ranks there,device): "
+        f"{' '.join(f'{r}={p}' for r, p in enumerate(places))}", world=world)
     agreed(comm, lambda: store.resume(peer))
     if t.init_from and peer.progress.step == 0:  # a fresh start only: a resumed run continues its checkpoint
         agreed(comm, lambda: init_from(peer, t.init_from))
     peer.replicas.broadcast_state(peer.model, peer.optimizer)  # every replica starts from replica 0's state
     stop = StopRequest(comm)
     inject = fault_hook(world.rank)
+    watch = RunProgress(peer)  # a bar on a terminal, plain lines every log.every_s seconds in a log
     header = True
     while peer.progress.epoch < t.epochs:
         if peer.progress.batch == 0:
             peer.progress.start_epoch()
-        if train_one_epoch(peer, stop, inject):
+        if train_one_epoch(peer, stop, inject, watch):
             # grafts of the running epoch so far (graft.interval_steps), before the checkpoint covers them
             store.log_grafts(peer.graft_rows)
             peer.graft_rows = []
@@ -100,11 +112,16 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             return EXIT_REQUEUE
         peer.progress.epoch += 1
         peer.progress.batch = 0
+        if cfg.train.precise_bn:
+            recompute_bn_statistics(peer, cfg.train.precise_bn)
         row, ensemble = evaluate(peer)
         check_some_peer_finite(peer, store)
+        monitored = monitor_epoch(peer, row)  # prune.monitor: early-bird fields, on the weights just evaluated
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
+            if cfg.train.precise_bn:  # the checkpoint's statistics belong to its (grafted) weights
+                recompute_bn_statistics(peer, cfg.train.precise_bn)
         row["alpha_mean"] = peer.progress.alpha_sum / peer.progress.grafts if peer.progress.grafts else None
         with peer.watchdog.guard("report: gather of metrics"):
             rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
@@ -112,7 +129,8 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             # the ensemble's top-5 rides in every peer's row (the same number); it belongs in the ensemble's
             ens_top5 = {k: r.pop(k) for r in rows for k in ("ensemble_top5",) if k in r}
             store.log.append(METRICS, rows + [{"epoch": peer.progress.epoch, "peer": None,
-                                               "step": peer.progress.step, "ensemble_acc": ensemble, **ens_top5}])
+                                               "step": peer.progress.step, "ensemble_acc": ensemble,
+                                               **monitored, **ens_top5}])
             store.log_grafts(peer.graft_rows)
             print(epoch_table(rows, ensemble, t.epochs, cfg.log.thresholds, header), flush=True)
             store.log.status(state="running", epoch=peer.progress.epoch, step=peer.progress.step)
@@ -123,7 +141,9 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     stop.close()
     if store.log:
         store.log.status(state="finished", epoch=peer.progress.epoch, step=peer.progress.step)
-    log(f"hpcgraft: finished {t.epochs} epochs; metrics in {run_dir / METRICS}", world=world)
+    log(f"hpcgraft: finished {plural(t.epochs, 'epoch')}; metrics in {run_dir / METRICS}", world=world)
+    if store.log:
+        print(run_summary(read_jsonl(run_dir / METRICS), time.monotonic() - started), flush=True)
     return EXIT_OK
 
 
@@ -135,15 +155,18 @@ def init_from(peer: Peer, spec: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ one epoch
-def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, int], None] | None = None) -> bool:
-    """Train until the epoch ends (False) or a stop was requested (True, mid-epoch)."""
+def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, int], None] | None = None,
+                    watch: RunProgress | None = None) -> bool:
+    """Train until the epoch ends (False) or a stop was requested (True, mid-epoch); ``watch`` shows the
+    progress (every rank passes one, or none does: it meets at agreed steps)."""
     cfg, prog, model = peer.cfg, peer.progress, peer.model
     model.train()
     # Continues the epoch's sum (rather than adding a new one to it), so a resumed epoch sums bit for bit alike.
     loss_sum = torch.tensor(prog.loss_sum, dtype=torch.float64, device=peer.device)
     correct = torch.zeros((), dtype=torch.int64, device=peer.device)
     started = time.perf_counter()
-    bar = _progress_bar(peer)
+    if watch is not None:
+        watch.begin()
     stopped = False
     for x, y in peer.train_loader.epoch(prog.epoch, start=prog.batch):
         lr = peer.schedule(prog.step)
@@ -167,6 +190,7 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
                 loss = loss * dgconv.budget_scale(model, cfg.model.dgconv_budget, over=cfg.model.dgconv_exponent)
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
+        bn_l1_step(peer)
         peer.optimizer.step()
         loss_sum.add_(loss.detach(), alpha=len(y))  # in float64, on the device: no sync
         correct += (logits.detach().argmax(1) == y).sum()
@@ -176,16 +200,16 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
         peer.replicas.check_step(model, peer.optimizer, prog.step)
         if inject is not None:
             inject(model, prog.step)
-        if bar is not None:
-            bar.update(1)
         if grafts_after_step(cfg, prog.step):
             graft(peer)
+        if watch is not None:
+            watch.step(loss_sum)
         with peer.watchdog.guard("training step: Iallreduce of the stop flag"):
             stopped = stop.poll()
         if stopped:
             break
-    if bar is not None:
-        bar.close()
+    if watch is not None:
+        watch.end()
     sync_replicas(peer)
     prog.loss_sum = float(loss_sum)
     prog.correct += int(correct)
@@ -201,21 +225,43 @@ def autocast(peer: Peer, x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _progress_bar(peer: Peer):  # noqa: ANN202 - tqdm or None
-    mode = peer.cfg.log.progress
-    if not peer.world.is_root or mode == "off" or (mode == "auto" and not sys.stderr.isatty()):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=len(peer.train_loader), initial=peer.progress.batch, leave=False, dynamic_ncols=True,
-                desc=f"epoch {peer.progress.epoch + 1}/{peer.cfg.train.epochs}", file=sys.stderr)
-
-
 def sync_replicas(peer: Peer) -> None:
     """A peer's replicas average their BatchNorm statistics (local between syncs) before anything reads
     the peer as a whole: a graft, an evaluation, a checkpoint."""
     peer.replicas.sync_buffers(peer.model, peer.progress.step)
     peer.replicas.check_synced(peer.model, peer.optimizer, f"buffer sync at step {peer.progress.step}")
+
+
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+@torch.no_grad()
+def recompute_bn_statistics(peer: Peer, batches: int) -> None:
+    """BatchNorm statistics of the weights as they are now, averaged over ``batches`` training batches
+    ("precise BN"). The running averages describe the weights of the last few steps; where each step
+    moves the weights far (the digits demo's heavy weight decay), evaluation with them swings wildly
+    although the weights are good. The batches replay the epoch just trained (its order and augmentation,
+    so a resumed run recomputes the same statistics), and training never reads these buffers."""
+    model = peer.model
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    for i, (x, _) in enumerate(peer.train_loader.epoch(peer.progress.epoch - 1)):
+        if i == batches:
+            break
+        x = x.to(peer.device, non_blocking=True)
+        if peer.cfg.dist.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(peer, x):
+            model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    sync_replicas(peer)
 
 
 def graft(peer: Peer) -> None:

@@ -18,12 +18,13 @@ from hpcgraft.dist.exchange import GraftExchange
 from hpcgraft.dist.failure import Watchdog
 from hpcgraft.dist.logits import PeerLogits
 from hpcgraft.dist.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
-from hpcgraft.dist.world import World, torch_threads
+from hpcgraft.dist.world import World, start_ranks, torch_threads
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.models import create_model
 from hpcgraft.models.dgconv import apply_dgconv
+from hpcgraft.training.monitors import EarlyBirdMonitor, build_monitor
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Peer:
     replicas: ReplicaGroup | SingleReplica  # the peer's ranks; a no-op group when it has only this one
     progress: Progress = field(default_factory=Progress)
     graft_rows: list[dict[str, Any]] = field(default_factory=list)
+    monitor: EarlyBirdMonitor | None = None  # prune.monitor: its window of masks is checkpointed
 
     def state_dict(self) -> dict[str, Any]:
         """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of
@@ -82,7 +84,8 @@ class Peer:
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {"model": self.model.state_dict(), "optimizer": {"momentum": momentum},
-                "progress": vars(self.progress).copy(), "rng": rng}
+                "progress": vars(self.progress).copy(), "rng": rng,
+                **({"monitor": self.monitor.state_dict()} if self.monitor is not None else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -99,6 +102,8 @@ class Peer:
         random.setstate((p["version"], tuple(int(v) for v in np.asarray(p["state"])), p["gauss"]))
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.monitor is not None and "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
 
 
 def select_device(pref: str, local_rank: int) -> torch.device:
@@ -122,14 +127,14 @@ def check_peer_count(cfg: Config, peers: int, replicas: int = 1) -> None:
     if cfg.graft.mode == "peers" and peers < 2:
         raise ConfigError(
             f"grafting between peers needs at least 2 peers but this run has {peers}; start it with "
-            f"mpirun -np K (K >= 2{f' peers x dist.replicas={replicas}' if replicas > 1 else ''}) "
+            f"{start_ranks('K (K >= 2' + (f' peers x dist.replicas={replicas}' if replicas > 1 else '') + ')')} "
             "or set graft.mode=none"
         )
     if cfg.cultivate.lambda_ > 0 and peers < 2:
         # With no other peer the distillation target is a mean over nothing: NaN losses, silently.
         raise ConfigError(
             f"cultivation (cultivate.lambda={cfg.cultivate.lambda_:g}) distils between peers and needs at least 2 "
-            f"but this run has {peers}; start it with mpirun -np K (K >= 2) or set cultivate.lambda=0"
+            f"but this run has {peers}; start it with {start_ranks('K (K >= 2)')} or set cultivate.lambda=0"
         )
 
 
@@ -164,7 +169,7 @@ def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Modul
     """The configured architecture (``model.*``) on ``device``, initialised from the current RNG state."""
     try:
         options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
-        model = create_model(cfg.model.name, num_classes, **options)
+        model = create_model(cfg.model.name, num_classes, cfg.model.bn_momentum, **options)
         if cfg.model.dgconv:
             apply_dgconv(model, cfg.model.dgconv_init)
         return model.to(device)
@@ -206,7 +211,7 @@ def build_peer(cfg: Config, world: World) -> Peer:
     schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
     return Peer(cfg, world, device, model, optimizer, schedule, train_loader, test_loader, None,
                 PeerLogits(world.graft_comm) if cultivating else None, Watchdog(world.comm, cfg.dist.watchdog_s),
-                group)
+                group, monitor=build_monitor(cfg, model, test_set, device))
 
 
 def make_exchange(peer: Peer) -> GraftExchange | None:

@@ -23,12 +23,14 @@ import yaml
 
 from hpcgraft.config import Config, config_from_dict
 from hpcgraft.dist import mpi
-from hpcgraft.dist.world import World, log
+from hpcgraft.dist.world import World, log, start_ranks
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager, complete_checkpoints
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
+from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink
+from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
 
 #: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
@@ -121,8 +123,9 @@ class RunStore:
             _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir, extend)
             status = RunLog(run_dir).read_status()
             if status.get("state") == "finished" and not extend and from_step is None:
-                raise ConfigError(f"{run_dir} holds a finished run ({status.get('epoch')} epochs); pass --extend with "
-                                  f"a larger {EPOCHS} to continue it, --restart to start over, or use another --out")
+                raise ConfigError(f"{run_dir} holds a finished run ({plural(status.get('epoch', 0), 'epoch')}); pass "
+                                  f"--extend with a larger {EPOCHS} to continue it, --restart to start over, or use "
+                                  "another --out")
         self.manager = None
         if cfg.checkpoint.enabled:
             self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer, peers=world.peers,
@@ -137,7 +140,7 @@ class RunStore:
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.config_path, self.cfg.to_yaml())
-            self.log = RunLog(self.dir)
+            self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
 
     def resume(self, peer: Peer) -> None:
         """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
@@ -154,8 +157,8 @@ class RunStore:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
-            raise ConfigError(f"the checkpoint {info.path} has {info.peers} peers; start with mpirun -np "
-                             f"{info.peers * self.world.replicas} to resume it")
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with "
+                             f"{start_ranks(str(info.peers * self.world.replicas))} to resume it")
         info, state = self._fitting_checkpoint(info, peer)
         peer.load_state_dict(state)
         prog = peer.progress
@@ -342,6 +345,7 @@ def _clear_run(run_dir: Path) -> None:
     for name in ("config.yaml", METRICS, GRAFTS, STATUS):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

@@ -69,7 +69,7 @@ def _peer_file(run: Path, step: int, peer: int) -> dict[str, torch.Tensor]:
 def test_replicas_stay_identical_through_steps_and_grafts(hybrid_run):
     out, r = hybrid_run
     assert r.returncode == 0, r.stderr
-    assert "2 peers x 2 replica(s)" in r.stderr
+    assert "2 peers x 2 replicas" in r.stderr
     grafts = _check_lines(r.stderr, "graft")
     assert len(grafts) == 12, r.stderr  # grafts at steps 10, 20, ..., 60, checked on both peers
     for step in range(10, STEPS, 10):

@@ -1,12 +1,15 @@
-"""The SLURM side end to end, on a real one-node cluster (tools/slurm_local.sh): the sbatch scripts,
-requeue after a checkpoint on SIGUSR1, and submitit submissions from Python. CPU ranks, digits data."""
+"""The SLURM side end to end, on a real cluster of two nodes on this host (tools/slurm_local.sh): the sbatch
+scripts (as the checkout's and written out of the package), their shape check, requeue after a checkpoint
+on SIGUSR1, submitit submissions from Python, and runs across two nodes. CPU ranks, digits data."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,6 +18,8 @@ import pytest
 
 from hpcgraft import launch
 from hpcgraft.errors import ConfigError
+from hpcgraft.supervise import SHM_LOG
+from hpcgraft.text import plural
 from tests._util import ROOT, env, jsonl
 
 pytestmark = pytest.mark.slurm
@@ -100,7 +105,7 @@ def test_sbatch_script_trains_two_grafting_peers(slurm_cluster, tmp_path, jobs):
     info = _wait_job_end(job)
     log = (tmp_path / f"graft-cifar-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
-    assert "2 ranks on 1 node(s)" in log and "finished" in log
+    assert "2 ranks on 1 node (" in log and "finished" in log
     rows = _epochs_once(run, epochs=3)
     grafted = [r for r in rows if r["peer"] is not None and r["epoch"] < 3]
     assert grafted and all(r["alpha_mean"] is not None and 0 < r["alpha_mean"] < 1 for r in grafted)
@@ -136,17 +141,188 @@ def test_killed_and_signalled_job_resumes_and_logs_every_epoch_once(slurm_cluste
     _epochs_once(run, epochs)
 
 
-def test_failed_training_is_not_requeued(slurm_cluster, tmp_path, jobs):
+def test_bad_override_is_refused_before_queueing(slurm_cluster, tmp_path):
     e = env() | {"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20",
                  "HPCGRAFT_CONFIG": "configs/digits.yaml", "HPCGRAFT_RUN_DIR": str(tmp_path / "run")}
     r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "graft.level=leaf"],
                        capture_output=True, text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 2 and "Submitted" not in r.stdout, r.stdout + r.stderr
+    assert r.stderr.startswith("graft_cifar.sh: error: ") and "graft.level" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_written_out_scripts_run_outside_the_checkout_and_a_failed_start_is_not_requeued(slurm_cluster, tmp_path,
+                                                                                         jobs):
+    """`python -m hpcgraft.slurm DIR` scripts, submitted from another directory, which is where the job runs
+    (HPCGRAFT_DATA is relative to it). The data are packed shards under the config's data.name=imagenet:
+    the job fails at once with the fix (exit 2) and is not requeued."""
+    scripts, work = tmp_path / "scripts", tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", "hpcgraft.slurm", str(scripts)], capture_output=True, text=True,
+                       env=env(), cwd=tmp_path)
+    assert r.returncode == 0 and "wrote graft_cifar.sh" in r.stdout, r.stderr
+    (work / "shards").mkdir(parents=True)
+    (work / "shards" / "train-00000.h5").write_bytes(b"")
+    e = env() | {"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_NODES": "1",
+                 "HPCGRAFT_TIME": "20", "HPCGRAFT_CONFIG": str(ROOT / "configs/imagenet_resnet18.yaml"),
+                 "HPCGRAFT_DATA": "shards"}
+    r = subprocess.run(["bash", str(scripts / "graft_imagenet.sh")], capture_output=True, text=True, env=e, cwd=work)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    assert f"run dir: {work}/runs/graft-imagenet-{job}" in r.stdout
+    info = _wait_job_end(job)
+    log = (work / f"graft-imagenet-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", log
+    assert "data.root=shards holds hpcgraft shards (train-*.h5): add data.name=imagenet_h5" in log, log
+    assert "not requeued" in log and "is missing" not in log, log
+
+
+def _nodes() -> list[str]:
+    return subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+
+
+def _printed_example() -> str:
+    r = subprocess.run(["bash", str(ROOT / "tools/slurm_local.sh"), "start"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = [line.strip() for line in r.stdout.splitlines() if "bash slurm/graft_cifar.sh" in line]
+    assert len(lines) == 1, r.stdout
+    return lines[0]
+
+
+def _shm_left(log: Path) -> list[str]:
+    """The MPI shared-memory files the ranks named (HPCGRAFT_SHM_LOG) that still exist."""
+    named = log.read_text().split() if log.exists() else []
+    assert named, "the ranks named no shared-memory files"
+    return [f for f in named if Path(f).exists()]
+
+
+def _ring_crosses_nodes(run: Path, nodes_of: dict[int, str]) -> None:
+    """Every peer grafts from exactly one other, the sources form one ring, and (on several nodes) some pair
+    spans two nodes."""
+    source = {g["peer"]: int(g["source"].split()[-1]) for g in jsonl(run / "graft.jsonl")}
+    assert sorted(source) == sorted(nodes_of) and sorted(source.values()) == sorted(nodes_of), source
+    seen, p = set(), 0
+    while p not in seen:
+        seen.add(p)
+        p = source[p]
+    assert seen == set(nodes_of), source
+    if len(set(nodes_of.values())) > 1:
+        assert any(nodes_of[p] != nodes_of[q] for p, q in source.items()), (source, nodes_of)
+
+
+def test_printed_example_runs_as_printed(slurm_cluster, tmp_path, jobs):
+    """The command tools/slurm_local.sh prints, run as printed from the repository root: on the two-node
+    cluster 2 nodes x 2 ranks, each rank reporting its node, its local rank and the ranks on its node; the
+    grafting ring crosses the nodes; no MPI shared memory is left behind."""
+    nodes = _nodes()
+    line = _printed_example()
+    assert line.startswith(f"HPCGRAFT_NODES={len(nodes)} HPCGRAFT_GPUS_PER_NODE=0"), line
+    shm = tmp_path / "shm.log"
+    r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, cwd=ROOT, env=env() | {SHM_LOG: str(shm)})
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    out, run = ROOT / f"graft-cifar-{job}.out", ROOT / "runs" / f"graft-cifar-{job}"
+    try:
+        info = _wait_job_end(job)
+        log = out.read_text()
+        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
+        ranks = 2 * len(nodes)
+        assert f"{ranks} ranks on {plural(len(nodes), 'node')} (" in log and "finished" in log, log
+        places = " ".join(f"{2 * k + i}={n}:{i}/2,cpu" for k, n in enumerate(nodes) for i in range(2))
+        assert f"rank places (node:local rank/ranks there,device): {places}" in log, log
+        _epochs_once(run, epochs=3, peers=ranks)
+        _ring_crosses_nodes(run, {r: nodes[r // 2] for r in range(ranks)})
+        assert _shm_left(shm) == []
+    finally:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_cluster, tmp_path, jobs):
+    """2 nodes x 2 ranks; the training process of rank 3 (node 2, local rank 1) is killed with SIGKILL. Its
+    supervisor on that node names it, the job fails without a requeue, and no rank of either node leaves
+    MPI shared memory behind."""
+    nodes = _nodes()
+    if len(nodes) < 2:
+        pytest.skip("the running local cluster has one node; start it with HPCGRAFT_SLURM_NODES=2")
+    run, shm = tmp_path / "run", tmp_path / "shm.log"
+    e = env() | {"HPCGRAFT_NODES": "2", "HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_TASKS_PER_NODE": "2",
+                 "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20", "HPCGRAFT_CONFIG": "configs/digits.yaml",
+                 "HPCGRAFT_RUN_DIR": str(run), SHM_LOG: str(shm)}
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "dist.watchdog_s=30"], capture_output=True,
+                       text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    _wait_for("epoch 1", lambda: _has_epoch(run, 1))
+    out = subprocess.run(["scontrol", "listpids", str(job), nodes[1]], capture_output=True, text=True,
+                         check=True).stdout  # the processes of the job that node's slurmd runs
+    step = [f for f in (line.split() for line in out.splitlines()[1:]) if f[2] == "0"]
+    # Task 3 is the rank's supervisor; its child, the training, is listed without a task id.
+    supervisor = [int(f[0]) for f in step if f[4] == "3"]
+    child = [int(f[0]) for f in step
+             if int(Path(f"/proc/{f[0]}/stat").read_text().rsplit(")", 1)[1].split()[1]) in supervisor]
+    assert len(supervisor) == 1 and len(child) == 1, out
+    os.kill(child[0], signal.SIGKILL)
+    info = _wait_job_end(job)
+    log = (tmp_path / f"graft-cifar-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log
+    assert f"hpcgraft: rank 3 (pid {child[0]} on " in log and "was killed by SIGKILL" in log, log
+    assert "not requeued" in log, log
+    assert _shm_left(shm) == []
+
+
+@pytest.mark.parametrize(("variables", "problem", "fix"), [
+    ({}, "HPCGRAFT_GPUS_PER_NODE=4: the nodes of partition 'debug' have at most 0 GPUs",
+     "HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_TASKS_PER_NODE=2 HPCGRAFT_CPUS_PER_TASK={half}"),
+    ({"HPCGRAFT_GPUS_PER_NODE": "0"}, "HPCGRAFT_CPUS_PER_TASK=4 for 2 ranks per node: the nodes of partition "
+     "'debug' have at most {cpus} CPUs", "HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_CPUS_PER_TASK={half}"),
+    ({"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_NODES": "9"},
+     "HPCGRAFT_NODES=9: partition 'debug' has {nodes_word}",
+     "HPCGRAFT_NODES={nodes} HPCGRAFT_GPUS_PER_NODE=0 HPCGRAFT_CPUS_PER_TASK=1"),
+])
+def test_script_refuses_a_shape_that_can_never_start_with_the_line_that_can(slurm_cluster, tmp_path, jobs,
+                                                                            variables, problem, fix):
+    """What used to be rejected by sbatch (a GPU request on GPU-less nodes) or pend forever (more CPUs
+    or nodes than the partition has) is refused before sbatch, in one line ending in a command line that
+    submits; that line, run as printed, is accepted (the job is submitted held, then cancelled)."""
+    cpus = os.cpu_count()
+    nodes = len(_nodes())
+    subs = {"cpus": cpus, "half": max(1, cpus // 2), "nodes": nodes, "nodes_word": plural(nodes, "node")}
+    script = str(ROOT / "slurm/graft_cifar.sh")
+    e = env() | {"HPCGRAFT_SBATCH_ARGS": "--hold"}
+    r = subprocess.run(["bash", script, "train.epochs=1"], capture_output=True, text=True, cwd=tmp_path,
+                       env=e | variables)
+    assert r.returncode == 2 and r.stdout == "", r.stdout
+    err = r.stderr.strip()
+    assert "\n" not in err and err.startswith(f"graft_cifar.sh: error: {problem.format(**subs)}"), err
+    run = f"run: {fix.format(**subs)} bash {script} train.epochs=1"
+    assert err.endswith(f"this can never start; {run}"), err
+    r = subprocess.run(["bash", "-c", run.removeprefix("run: ")], capture_output=True, text=True, cwd=tmp_path,
+                       env=e)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    assert _job_info(job)["JobState"] == "PENDING"
+
+
+def test_plain_sbatch_without_a_shape_says_which_option_starts_more_ranks(slurm_cluster, tmp_path, jobs):
+    """sbatch with no task options starts one rank; grafting needs two. The log counts the one rank and
+    the error names the sbatch option and the scripts' variables, not mpirun."""
+    e = env() | {"HPCGRAFT_ROOT": str(ROOT), "HPCGRAFT_CONFIG": "configs/digits.yaml",
+                 "HPCGRAFT_RUN_DIR": str(tmp_path / "run")}
+    r = subprocess.run(["sbatch", "--time=20", str(ROOT / "slurm/graft_imagenet.sh")], capture_output=True,
+                       text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
     job = _submitted_id(r.stdout)
     jobs.append(str(job))
     info = _wait_job_end(job)
-    log = (tmp_path / f"graft-cifar-{job}.out").read_text()
-    assert info["JobState"] == "FAILED" and info["Restarts"] == "0" and info["ExitCode"] == "2:0", log
-    assert "graft.level" in log and "not requeued" in log
+    log = (tmp_path / f"graft-imagenet-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert f"job {job}, start 1: 1 rank on 1 node (" in log, log
+    assert ("grafting between peers needs at least 2 peers but this run has 1; start it with K (K >= 2) SLURM "
+            "tasks: sbatch --ntasks-per-node (with --nodes), or for slurm/graft_*.sh HPCGRAFT_TASKS_PER_NODE") in log
+    assert "mpirun" not in log, log
 
 
 def test_script_refuses_a_time_limit_inside_the_warning(tmp_path):
@@ -175,10 +351,31 @@ def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_pat
     assert f"{epochs}/{epochs}" in table and "ens" in table
 
 
+def test_submitit_run_on_two_nodes(slurm_cluster, tmp_path, jobs, monkeypatch):
+    """hpcgraft.launch with --nodes 2: srun's tasks form one world over both nodes, each rank reports its node
+    and local rank, the ring crosses nodes, every task returns 0 and no MPI shared memory is left."""
+    nodes = _nodes()
+    if len(nodes) < 2:
+        pytest.skip("the running local cluster has one node; start it with HPCGRAFT_SLURM_NODES=2")
+    shm = tmp_path / "shm.log"
+    monkeypatch.setenv(SHM_LOG, str(shm))  # sbatch passes the environment on to the tasks
+    run = tmp_path / "run"
+    job = launch.submit("configs/digits.yaml", run, ["train.epochs=2"], nodes=2, tasks_per_node=2,
+                        executor="slurm", time_min=10)
+    jobs.append(job.job_id)
+    assert launch.wait(job, timeout_s=600) == [0, 0, 0, 0]
+    log = job.paths.stdout.read_text() + job.paths.stderr.read_text()  # rank 0's task; hpcgraft logs on stderr
+    places = " ".join(f"{2 * k + i}={n}:{i}/2,cpu" for k, n in enumerate(nodes[:2]) for i in range(2))
+    assert f"rank places (node:local rank/ranks there,device): {places}" in log, log
+    _epochs_once(run, epochs=2, peers=4)
+    _ring_crosses_nodes(run, {r: nodes[r // 2] for r in range(4)})
+    assert _shm_left(shm) == []
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"partition": "gpu-nope"}, "partition 'gpu-nope' does not exist; sinfo lists: debug"),
     ({"gpus_per_node": 4, "tasks_per_node": None}, "--gpus-per-node 4: the nodes of partition 'debug' have at most 0"),
-    ({"nodes": 3, "tasks_per_node": 2}, "--nodes 3: partition 'debug' has 1 node(s)"),
+    ({"nodes": 9, "tasks_per_node": 2}, "--nodes 9: partition 'debug' has "),
     ({"tasks_per_node": 2, "cpus_per_task": 64}, "the nodes of partition 'debug' have at most"),
 ])
 def test_submit_rejects_requests_the_cluster_cannot_run(slurm_cluster, tmp_path, kwargs, message):

@@ -34,7 +34,8 @@ def test_report_writes_readable_plots_and_the_papers_table(runs, tmp_path):
     out = tmp_path / "report"
     r = module("hpcgraft.report", str(base), str(graft), "--out", str(out))
     assert r.returncode == 0, r.stderr
-    for png in ("accuracy.png", "invalid.png", "invalid_layers.png", "graft_alpha.png", "graft_h_self.png"):
+    for png in ("accuracy.png", "invalid.png", "training.png", "invalid_layers.png", "graft_alpha.png",
+                "graft_h_self.png"):
         with Image.open(out / png) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 250
     assert not (out / "base_alpha.png").exists()  # nothing was grafted in the baseline

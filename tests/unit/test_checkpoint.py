@@ -190,7 +190,7 @@ def test_save_latest_load_in_one_process(tmp_path):
     manifest = json.loads((info.path / "MANIFEST.json").read_text())
     assert (manifest["step"], manifest["metrics"], sorted(manifest["files"])) == (5, [0.5], ["peer-000.h5", "run.h5"])
     assert sorted(p.name for p in info.path.iterdir()) == ["MANIFEST.json", "peer-000.h5", "run.h5"]  # no temp files
-    with pytest.raises(CheckpointError, match="has 1 peers .0..0.; peer 1 does not exist"):
+    with pytest.raises(CheckpointError, match="has 1 peer .0..0.; peer 1 does not exist"):
         mgr.load_peer(info, 1)
     # Saving the same step again replaces it.
     mgr.save(5, 1, _peer_tree(6), None)

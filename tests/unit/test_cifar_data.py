@@ -153,3 +153,21 @@ def test_a_batch_of_the_wrong_content_is_one_line(tmp_path, cifar10, content, wh
     with pytest.raises(DataError) as info:
         build_datasets("cifar10", str(folder))
     assert "data_batch_1" in str(info.value) and why in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_readme_unpack_command_gives_the_layout_the_reader_wants(tmp_path, cifar10):
+    """The README's step for the official archive (cifar-10-python.tar.gz holds cifar-10-batches-py/):
+    `mkdir -p data/cifar10 && tar -xzf cifar-10-python.tar.gz -C data/cifar10`, with the configs'
+    data.root=data/cifar10, run on an archive of the same shape."""
+    import subprocess
+    import tarfile
+
+    folder, train_batches, _ = cifar10
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    subprocess.run(f"mkdir -p data/cifar10 && tar -xzf {archive} -C data/cifar10", shell=True, check=True,
+                   cwd=tmp_path)
+    train, test = build_datasets("cifar10", str(tmp_path / "data/cifar10"))
+    assert (len(train), len(test)) == (15, 4)
+    assert train.labels.tolist() == sum((b[b"labels"] for b in train_batches), [])

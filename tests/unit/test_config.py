@@ -46,7 +46,8 @@ def test_bad_input_is_one_clear_line(override, message):
 
 
 def test_missing_config_file_names_the_fix(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist; pick one of configs"):
+    with pytest.raises(ConfigError, match="is neither a file nor a packaged config; give a YAML file or one of: "
+                                          "cifar100_mobilenetv2, .*, digits, "):
         load_config(tmp_path / "nope.yaml")
 
 

@@ -204,3 +204,11 @@ def test_packed_errors_are_one_line(tmp_path, tree, packed):
     _one_line_error(str(broken), build_datasets, "imagenet_h5", str(broken), SIZE)
     _one_line_error("--array-size 32", build_datasets, "imagenet_h5", str(packed["array"]), 64)
     _one_line_error("already holds packed shards", pack_imagenet, tree, packed["jpeg"])
+
+
+def test_packed_shards_under_the_folder_tree_name_say_which_name(packed):
+    """HPCGRAFT_DATA (data.root) at packed shards with the config's data.name=imagenet: say the fix, not
+    that train/ is missing."""
+    msg = _one_line_error("holds hpcgraft shards (train-*.h5): add data.name=imagenet_h5",
+                          build_datasets, "imagenet", str(packed["jpeg"]), SIZE)
+    assert "is missing" not in msg

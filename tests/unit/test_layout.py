@@ -17,19 +17,22 @@ PACKAGE = ROOT / "hpcgraft"
 # Layers, lowest first: a module may import its own package and the layers of lower rank only.
 RANK = {
     "errors": 0, "supervise": 0,
+    "text": 0,
     "config": 1, "models": 1,
+    "slurm": 2,  # the sbatch scripts (package data), their writer and their shape check; launch uses the check
     "method": 2, "storage": 2,
     "dist": 3, "data": 3,
     "training": 4,
-    "train": 5, "launch": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5, "evaluate": 5,
+    "train": 5, "launch": 5, "sweep": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5, "evaluate": 5,
 }
 # The explicit rules, on top of the ranks.
 FORBIDDEN = {
     "method": {"dist", "storage"},
     "dist": {"config", "data", "storage"},
 }
-# The one import between commands: a submitit task of `launch` runs the training command itself.
-ALLOWED = {("launch", "train")}
+# Imports between commands: a submitit task of `launch` runs the training command itself; `sweep` submits
+# through `launch` and prints the table of `report`.
+ALLOWED = {("launch", "train"), ("sweep", "launch"), ("sweep", "report")}
 OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "evaluate")
 
 

@@ -9,13 +9,25 @@ hpcgraft_die() {
     exit 2
 }
 
-# A path from the variables as the job will see it: relative paths are relative to the repository root.
+# Where the job runs, and what relative paths (CONFIG, DATA, RUN_DIR, PYTHON) are relative to: the
+# repository root when these scripts are the checkout's (hpcgraft/slurm/, also reached as slurm/), else
+# (scripts written out by `python -m hpcgraft.slurm DIR`) the directory they are submitted from.
+# HPCGRAFT_ROOT overrides it; submitting exports it, and HPCGRAFT_SCRIPTS, for the job.
+HPCGRAFT_SCRIPTS=$(cd "$here" && pwd -P)
+if [ -z "${HPCGRAFT_ROOT:-}" ]; then
+    if [ -f "$HPCGRAFT_SCRIPTS/__init__.py" ] && [ -f "$HPCGRAFT_SCRIPTS/../../pyproject.toml" ]; then
+        HPCGRAFT_ROOT=$(cd "$HPCGRAFT_SCRIPTS/../.." && pwd)
+    else
+        HPCGRAFT_ROOT=${SLURM_SUBMIT_DIR:-$PWD}
+    fi
+fi
+
+# A path from the variables as the job will see it: relative paths are relative to HPCGRAFT_ROOT.
 hpcgraft_path() { case $1 in /*) echo "$1" ;; *) echo "$HPCGRAFT_ROOT/$1" ;; esac; }
 
 # Submit mode: `bash slurm/graft_X.sh key=value ...` -> sbatch <shape from the variables> slurm/graft_X.sh key=value ...
 # The log goes to the current directory, as with a plain sbatch.
 hpcgraft_submit() {
-    [ -f "$(hpcgraft_path "$CONFIG")" ] || hpcgraft_die "config $(hpcgraft_path "$CONFIG") not found; set CONFIG in the script or HPCGRAFT_CONFIG"
     if [[ $PYTHON == */* ]]; then [ -x "$(hpcgraft_path "$PYTHON")" ]; else command -v "$PYTHON" >/dev/null; fi || hpcgraft_die "python $PYTHON not found; run 'make setup' or set HPCGRAFT_PYTHON"
     local ranks=$GPUS_PER_NODE
     [ "$GPUS_PER_NODE" -gt 0 ] 2>/dev/null || ranks=$TASKS_PER_NODE
@@ -28,6 +40,11 @@ hpcgraft_submit() {
     esac
     [ "$limit" -gt "${lead:-0}" ] || hpcgraft_die "TIME=$TIME is not longer than the ${lead} s warning before the limit (#SBATCH --signal): every start would stop at once; ask for more time"
     command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
+    # The config with the overrides, and the shape against sinfo (hpcgraft.launch's check): what can never
+    # start is refused here, with the command line that would, instead of pending forever in the queue.
+    (cd "$HPCGRAFT_ROOT" && "$PYTHON" -m hpcgraft.slurm.check --prog "$(basename "$HPCGRAFT_SCRIPT")" \
+        --nodes "$NODES" --gpus-per-node "$GPUS_PER_NODE" --tasks-per-node "$TASKS_PER_NODE" \
+        --cpus-per-task "$CPUS_PER_TASK" --partition "$PARTITION" --config "$CONFIG" --command "bash $0" -- "$@") || exit 2
     local opts=(--nodes="$NODES" --ntasks-per-node="$ranks" --cpus-per-task="$CPUS_PER_TASK" --time="$TIME")
     [ "$GPUS_PER_NODE" -gt 0 ] && opts+=(--gpus-per-task=1)
     [ -n "$PARTITION" ] && opts+=(--partition="$PARTITION")
@@ -38,7 +55,7 @@ hpcgraft_submit() {
     out=$(sbatch --parsable "${opts[@]}" "$HPCGRAFT_SCRIPT" "$@") || exit $?
     id=${out%%;*}
     echo "Submitted batch job $id"
-    echo "  $NODES node(s) x $ranks rank(s) ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $PWD/$(hpcgraft_job_name)-$id.out"
+    echo "  $(hpcgraft_plural "$NODES" node) x $(hpcgraft_plural "$ranks" rank) per node ($([ "$GPUS_PER_NODE" -gt 0 ] && echo "one per GPU" || echo "CPU")); log: $PWD/$(hpcgraft_job_name)-$id.out"
     echo "  run dir: $(hpcgraft_path "$(SLURM_JOB_ID=$id SLURM_JOB_NAME=$(hpcgraft_job_name) hpcgraft_run_dir)")"
 }
 
@@ -56,7 +73,22 @@ hpcgraft_seconds() {
     if [ -n "$c" ]; then echo $((10#$a * 3600 + 10#$b * 60 + 10#$c)); else echo $((10#$a * 60 + 10#${b:-0})); fi
 }
 
+hpcgraft_plural() { if [ "$1" = 1 ]; then echo "$1 $2"; else echo "$1 ${2}s"; fi; }  # as hpcgraft.text.plural
+
 hpcgraft_job_name() { sed -n 's/^#SBATCH --job-name=//p' "$HPCGRAFT_SCRIPT" | head -n1; }
+
+# The number of tasks srun starts: SLURM_NTASKS, which plain sbatch without --ntasks leaves unset; then
+# the sum of SLURM_TASKS_PER_NODE ("2(x3),1" is 2+2+2+1).
+hpcgraft_tasks() {
+    [ -n "${SLURM_NTASKS:-}" ] && { echo "$SLURM_NTASKS"; return; }
+    local n=0 part count times
+    for part in ${SLURM_TASKS_PER_NODE//,/ }; do
+        count=${part%%(*} times=1
+        [[ $part == *'(x'* ]] && times=${part#*(x} && times=${times%)}
+        n=$((n + count * times))
+    done
+    echo "$n"
+}
 
 hpcgraft_run_dir() { echo "${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}"; }
 
@@ -73,8 +105,8 @@ hpcgraft_run() {
     # srun does not inherit --cpus-per-task from sbatch since SLURM 22.05
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # A requeued start after ranks were killed (preemption, a node failure) must not meet their MPI leftovers.
-    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_ROOT/slurm/clean_mpich_shm.sh"
-    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID start ${SLURM_RESTART_COUNT:-0}: $SLURM_NTASKS ranks on $SLURM_JOB_NUM_NODES node(s) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
+    [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
+    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)): $(hpcgraft_plural "$(hpcgraft_tasks)" rank) on $(hpcgraft_plural "$SLURM_JOB_NUM_NODES" node) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
     srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
     srun_pid=$!
     # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
@@ -93,7 +125,12 @@ hpcgraft_run() {
             echo "hpcgraft: $(date +%T) checkpoint written but the job could not be requeued; resubmit the same command to resume" >&2
         fi
         ;;
-    *) echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2 ;;
+    *)
+        # Ranks that SLURM killed when the step was aborted (a rank lost on another node, MPI_Abort) took
+        # their supervisors with them, and with them the removal of MPICH's shared memory on their node.
+        bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
+        echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2
+        ;;
     esac
     exit "$rc"
 }
@@ -103,7 +140,7 @@ hpcgraft_main() {
         cd "$HPCGRAFT_ROOT" || hpcgraft_die "cannot enter $HPCGRAFT_ROOT"
         hpcgraft_run "$@"
     else
-        export HPCGRAFT_ROOT  # the job runs a copy of the script and finds the repository through it
+        export HPCGRAFT_ROOT HPCGRAFT_SCRIPTS  # the job runs a copy of the script and finds the rest through these
         hpcgraft_submit "$@"
     fi
 }

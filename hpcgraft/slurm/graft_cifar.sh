@@ -45,8 +45,7 @@ SRUN_MPI=${HPCGRAFT_SRUN_MPI:-pmi2}            # srun --mpi=...: pmi2 for the MP
 
 HPCGRAFT_SCRIPT=$(realpath "$0")
 here=$(dirname "$HPCGRAFT_SCRIPT")
-[ -f "$here/common.sh" ] || here=${HPCGRAFT_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm  # sbatch runs a copy
-HPCGRAFT_ROOT=$(cd "$here/.." 2>/dev/null && pwd)
+[ -f "$here/common.sh" ] || here=${HPCGRAFT_SCRIPTS:-${HPCGRAFT_ROOT:-${SLURM_SUBMIT_DIR:-.}}/slurm}  # sbatch runs a copy
 # shellcheck source=slurm/common.sh
-. "$here/common.sh" 2>/dev/null || { echo "graft_cifar.sh: slurm/common.sh not found; submit from the repository root or set HPCGRAFT_ROOT" >&2; exit 2; }
+. "$here/common.sh" 2>/dev/null || { echo "graft_cifar.sh: common.sh not found next to it; submit with bash, from the repository root, or set HPCGRAFT_SCRIPTS" >&2; exit 2; }
 hpcgraft_main "$@"

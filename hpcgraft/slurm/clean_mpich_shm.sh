@@ -1,6 +1,7 @@
 #!/bin/bash
-# Run inside a restarted (requeued) job, before its MPI step: removes the shared-memory files that
-# MPICH ranks of an earlier start of this job left in /dev/shm when they were killed instead of exiting.
+# Run inside a restarted (requeued) job, before its MPI step, and after a failed MPI step: removes the
+# shared-memory files that MPICH ranks of this job left in /dev/shm when they were killed instead of
+# exiting (their supervisors, which would remove them, are killed with them when SLURM aborts a step).
 #
 # Why: MPICH names its node-local shared memory after a hash of the PMI key-value-space name, which
 # under srun is "<job id>.<step id>". A requeued job keeps its id and numbers its steps from 0 again, so

@@ -1,0 +1,194 @@
+"""Is a job shape runnable on this SLURM cluster? Asked before submitting, by ``hpcgraft.launch`` and by the
+sbatch scripts (``python -m hpcgraft.slurm.check``), so that a request no node can satisfy fails in seconds
+with the line that fixes it, instead of being rejected (``Invalid generic resource``) or pending forever
+(``PartitionConfig``).
+
+Kept free of heavy imports: the scripts run it on a login node before every submission.
+
+    python -m hpcgraft.slurm.check --nodes N --gpus-per-node G --tasks-per-node T --cpus-per-task C
+        [--partition P] [--command "bash slurm/graft_cifar.sh" -- ARGS...]
+
+exits 0 when the shape fits, 2 with one line on stderr when it cannot start, naming the variables
+(``HPCGRAFT_NODES=1 ...``) and, with ``--command``, the whole corrected command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Collection
+
+from hpcgraft.config import load_config
+from hpcgraft.errors import EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.text import plural
+
+
+@dataclasses.dataclass
+class Partition:
+    name: str
+    nodes: int
+    cpus: int  # per node, the largest node
+    gpus: int  # per node, the largest node
+    default: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A job's shape: ``nodes`` x ranks per node, a rank per GPU, or ``tasks_per_node`` CPU ranks without GPUs."""
+
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int  # CPU ranks per node; only used when gpus_per_node is 0
+    cpus_per_task: int
+    partition: str | None = None
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node if self.gpus_per_node > 0 else self.tasks_per_node
+
+
+# How a fix is spelled: as hpcgraft.launch's options, or as the scripts' HPCGRAFT_<NAME> variables.
+LAUNCH_OPTIONS = {"nodes": "--nodes {}", "gpus_per_node": "--gpus-per-node {}",
+                  "tasks_per_node": "--tasks-per-node {}", "cpus_per_task": "--cpus-per-task {}",
+                  "partition": "--partition {}"}
+SCRIPT_VARIABLES = {"nodes": "HPCGRAFT_NODES={}", "gpus_per_node": "HPCGRAFT_GPUS_PER_NODE={}",
+                    "tasks_per_node": "HPCGRAFT_TASKS_PER_NODE={}", "cpus_per_task": "HPCGRAFT_CPUS_PER_TASK={}",
+                    "partition": "HPCGRAFT_PARTITION={}"}
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"'{' '.join(cmd)}' did not answer within 60 s; is slurmctld up?") from None
+    if r.returncode:
+        detail = (r.stderr or r.stdout).strip().splitlines()
+        why = detail[-1] if detail else f"exit status {r.returncode}"
+        raise LaunchError(f"SLURM is not reachable: '{' '.join(cmd)}' failed ({why}); "
+                          "check that slurmctld is up and SLURM_CONF points at its slurm.conf "
+                          "(a local test cluster: tools/slurm_local.sh start)")
+    return r.stdout
+
+
+def slurm_partitions() -> dict[str, Partition]:
+    """The partitions SLURM reports, with their node count and the CPUs and GPUs of their largest node."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        raise LaunchError("SLURM is not available here (no sbatch/sinfo on PATH); run on a login node, "
+                          "use --executor local, or start a local test cluster with tools/slurm_local.sh start")
+    parts: dict[str, Partition] = {}
+    seen: set[tuple[str, str]] = set()
+    for line in _run(["sinfo", "-h", "-N", "-o", "%P|%N|%c|%G"]).splitlines():
+        name, node, cpus, gres = line.strip().split("|")
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        p = parts.setdefault(name, Partition(name, 0, 0, 0, default))
+        if (name, node) in seen:
+            continue
+        seen.add((name, node))
+        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,()]+)?:(\d+)", gres))
+        p.nodes, p.cpus, p.gpus = p.nodes + 1, max(p.cpus, int(cpus.rstrip("+"))), max(p.gpus, gpus)
+    return parts
+
+
+def _partition(parts: dict[str, Partition], name: str | None, spell: dict[str, str]) -> Partition:
+    if not parts:
+        raise LaunchError("SLURM reports no partitions (sinfo is empty); ask the administrators or check SLURM_CONF")
+    if name is None:
+        defaults = [p for p in parts.values() if p.default]
+        if not defaults:
+            raise LaunchError(f"this cluster has no default partition; set {spell['partition'].format('NAME')} "
+                              f"(one of {', '.join(parts)})")
+        return defaults[0]
+    if name not in parts:
+        raise LaunchError(f"partition '{name}' does not exist; sinfo lists: {', '.join(sorted(parts))}")
+    return parts[name]
+
+
+def fit(shape: Shape, part: Partition) -> tuple[list[str], Shape]:
+    """Why ``shape`` can never start on ``part`` (empty: it can), and the nearest shape that can."""
+    problems: list[str] = []
+    fixed = shape
+    if shape.nodes > part.nodes:
+        problems.append(f"{{nodes}}: partition '{part.name}' has {plural(part.nodes, 'node')}")
+        fixed = dataclasses.replace(fixed, nodes=part.nodes)
+    if shape.gpus_per_node > part.gpus:
+        problems.append(f"{{gpus_per_node}}: the nodes of partition '{part.name}' have at most "
+                        f"{plural(part.gpus, 'GPU')}")
+        fixed = dataclasses.replace(fixed, gpus_per_node=part.gpus)
+    ranks = fixed.ranks_per_node
+    if ranks * shape.cpus_per_task > part.cpus:
+        problems.append(f"{{cpus_per_task}} for {plural(ranks, 'rank')} per node: the nodes of partition "
+                        f"'{part.name}' have at most {plural(part.cpus, 'CPU')}")
+        cpus = part.cpus // ranks
+        fixed = dataclasses.replace(fixed, cpus_per_task=max(cpus, 1))
+        if cpus < 1 and fixed.gpus_per_node == 0:
+            fixed = dataclasses.replace(fixed, tasks_per_node=part.cpus)
+    return problems, fixed
+
+
+def refusal(shape: Shape, part: Partition, spell: dict[str, str] = LAUNCH_OPTIONS,
+            command: list[str] | None = None, given: Collection[str] = ()) -> str | None:
+    """The one line that says why ``shape`` can never start on ``part`` and what would, or None if it can.
+
+    ``spell`` names the knobs in the fix (:data:`LAUNCH_OPTIONS` or :data:`SCRIPT_VARIABLES`); with
+    ``command`` the fix is that command line behind the corrected variables and those in ``given`` (the
+    ones the user set), so that it can be run as printed.
+    """
+    problems, fixed = fit(shape, part)
+    if not problems:
+        return None
+    asked = {k: spell[k].format(getattr(shape, k)) for k in ("nodes", "gpus_per_node", "cpus_per_task")}
+    cpu_instead = fixed.gpus_per_node == 0 < shape.gpus_per_node
+    changed = {k for k in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task")
+               if getattr(fixed, k) != getattr(shape, k) or (k == "tasks_per_node" and cpu_instead)}
+    said = [k for k in spell if k in changed or (command and k in given)]  # in the order of spell
+    changes = " ".join(spell[k].format(getattr(fixed, k)) for k in said if getattr(fixed, k) is not None)
+    if command:
+        fix = f"run: {changes} {shlex.join(command)}"
+    else:
+        fix = f"ask for {changes}" + (" (CPU ranks)" if cpu_instead else "")
+    return "; ".join(p.format(**asked) for p in problems) + f"; this can never start; {fix}"
+
+
+def check_slurm_request(partition: str | None, nodes: int, gpus_per_node: int, tasks_per_node: int,
+                        cpus_per_task: int, spell: dict[str, str] = LAUNCH_OPTIONS,
+                        command: list[str] | None = None, given: Collection[str] = ()) -> Partition:
+    """Fail now, with the reason and the fix (:func:`refusal`), instead of a job pending forever or rejected."""
+    part = _partition(slurm_partitions(), partition, spell)
+    why = refusal(Shape(nodes, gpus_per_node, tasks_per_node, cpus_per_task, partition), part, spell, command, given)
+    if why:
+        raise LaunchError(why)
+    return part
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The scripts' check before sbatch: exit 0 if the config and the shape can run, else one line and exit 2."""
+    p = argparse.ArgumentParser(prog="python -m hpcgraft.slurm.check", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--tasks-per-node", type=int, required=True, help="CPU ranks per node when --gpus-per-node is 0")
+    p.add_argument("--cpus-per-task", type=int, required=True)
+    p.add_argument("--partition", default="", help="empty: the cluster's default")
+    p.add_argument("--config", help="the run's config, checked with the overrides among the arguments")
+    p.add_argument("--prog", default="hpcgraft.slurm.check", help="the name the error line starts with")
+    p.add_argument("--command", help="the submitting command, shown with the fixed variables")
+    p.add_argument("args", nargs="*", help="the command's arguments: config overrides")
+    a = p.parse_args(argv)
+    given = [k for k, var in SCRIPT_VARIABLES.items() if var.split("=")[0] in os.environ]
+    try:
+        load_config(a.config, [x for x in a.args if "=" in x])
+        check_slurm_request(a.partition or None, a.nodes, a.gpus_per_node, a.tasks_per_node, a.cpus_per_task,
+                            SCRIPT_VARIABLES, [*shlex.split(a.command), *a.args] if a.command else None, given)
+    except (LaunchError, ConfigError) as exc:
+        return report(a.prog, exc, EXIT_USAGE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The papers' tables in one command: every arm of a comparison, several seeds each, one run per pair.
+
+    python -m hpcgraft.sweep CONFIG [--arms baseline,grafting,grafting+cultivation] [--seeds 3] [--out DIR]
+        [--np K] [--arm NAME=OVERRIDES ...] [--restart] [--submitit|--slurm [job options] [--wait]] [key=value ...]
+
+Each (arm, seed) is an ordinary run directory, ``DIR/<arm>/seed<k>``, trained by ``hpcgraft.train`` with
+the config, then the sweep's overrides, then the arm's, then ``seed=k``. Locally the runs go one after
+another under ``mpirun -np K``; with ``--submitit`` (``--slurm``: the SLURM executor) each becomes its own
+job through :func:`hpcgraft.launch.submit`, with its requeue and resume. Re-running the same command skips
+the finished runs (``status.json`` says ``finished``), leaves runs another job holds alone, and resumes the
+rest from their last checkpoint, so a sweep cut short by a time limit or a crash continues where it was.
+``DIR/sweep.json`` records the arms and seeds; ``python -m hpcgraft.report DIR`` turns it into the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from hpcgraft import launch
+from hpcgraft.config import Config, config_from_dict, load_config, resolve_config
+from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.report import SWEEP_FILE, load_sweep, sweep_table
+from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
+from hpcgraft.storage.runlog import STATUS
+
+PROG = "hpcgraft.sweep"
+
+#: The arms of the papers' comparisons, as overrides of the config. Each arm sets everything it is about,
+#: so a config that already changes one of these keys still yields the arm its name promises.
+#: baseline: the peers train independently with the config's common learning rate (the papers' baseline is
+#: the plain recipe; per-peer learning rates, train.dlr, belong to the grafted "dlr" columns).
+#: cultivation: lambda = 1 (the distillation term weighted like the cross-entropy, at the config's
+#: temperature); method.md leaves lambda open, and --arm defines other values.
+ARMS: dict[str, tuple[str, ...]] = {
+    "baseline": ("graft.mode=none", "cultivate.lambda=0", "train.dlr=false"),
+    "grafting": ("graft.mode=peers", "cultivate.lambda=0"),
+    "grafting+cultivation": ("graft.mode=peers", "cultivate.lambda=1"),
+    "cultivation": ("graft.mode=none", "cultivate.lambda=1"),
+}
+DEFAULT_ARMS = ("baseline", "grafting", "grafting+cultivation")
+_ARM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One (arm, seed) of the sweep: where it runs and the overrides that make it."""
+
+    arm: str
+    seed: int
+    out: Path
+    overrides: tuple[str, ...]
+    cfg: Config = dataclasses.field(compare=False)
+
+    @property
+    def label(self) -> str:
+        return f"{self.arm} seed {self.seed}"
+
+
+def parse_arms(names: str, defined: list[str]) -> dict[str, tuple[str, ...]]:
+    """The arms to run, in order: the built-in ones named in ``names`` and those ``--arm NAME=OVERRIDES``
+    defines (a defined arm runs whether or not ``names`` lists it)."""
+    custom: dict[str, tuple[str, ...]] = {}
+    for spec in defined:
+        name, sep, rest = spec.partition("=")
+        if not sep or not _ARM_NAME.fullmatch(name) or not rest.strip():
+            raise ConfigError(f"--arm '{spec}' is not NAME=OVERRIDES; e.g. --arm 'filter=graft.level=filter'")
+        if name in ARMS or name in custom:
+            raise ConfigError(f"--arm {name}: the arm '{name}' is already defined; pick another name")
+        custom[name] = tuple(shlex.split(rest))
+    chosen: dict[str, tuple[str, ...]] = {}
+    for name in (n.strip() for n in names.split(",")):
+        if not name:
+            continue
+        if name in chosen:
+            raise ConfigError(f"--arms names '{name}' twice; name each arm once")
+        if name not in ARMS and name not in custom:
+            raise ConfigError(f"unknown arm '{name}'; built-in arms: {', '.join(ARMS)} (or define it: "
+                             f"--arm '{name}=key=value ...')")
+        chosen[name] = ARMS.get(name) or custom[name]
+    for name, overrides in custom.items():
+        chosen.setdefault(name, overrides)
+    if not chosen:
+        raise ConfigError("--arms names no arm; e.g. --arms baseline,grafting")
+    return chosen
+
+
+def plan(config: str, arms: dict[str, tuple[str, ...]], seeds: int, out: Path, overrides: list[str]) -> list[Planned]:
+    """Every (arm, seed) with its resolved config; bad input of any run fails here, before anything starts."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: give the number of seeds per arm, at least 1 (seeds 0..N-1)")
+    if any(o.partition("=")[0].strip() == "seed" for o in overrides):
+        raise ConfigError("a seed=... override: the sweep sets the seed of each run (--seeds N runs seeds 0..N-1)")
+    runs = []
+    for arm, arm_overrides in arms.items():
+        for seed in range(seeds):
+            ov = (*overrides, *arm_overrides, f"seed={seed}")
+            try:
+                cfg = load_config(config, list(ov))
+            except ConfigError as exc:
+                raise ConfigError(f"arm {arm}: {exc}") from None
+            runs.append(Planned(arm, seed, out / arm / f"seed{seed}", ov, cfg))
+    return runs
+
+
+def run_state(run: Planned) -> str:
+    """``new``, ``finished``, ``running`` (another job holds its lock) or ``unfinished``; a directory that
+    holds a run of another config is an error, named before any run starts."""
+    saved = run.out / "config.yaml"
+    if not saved.is_file():
+        return "new"
+    try:
+        data = yaml.safe_load(saved.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {type(data).__name__}, not a mapping")
+        old = config_from_dict(data).flat()
+    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{saved} cannot be read ({exc}); delete {run.out} to run it again") from None
+    new = run.cfg.flat()
+    diff = [k for k in new if old.get(k) != new[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{run.out} holds a run with {k}={old.get(k)!r}, not {new[k]!r} as this sweep asks; run "
+                         "the sweep with its first arguments, pass --restart to start every run over, or use "
+                         "another --out")
+    if (run.out / LOCK_FILE).exists():
+        lock = RunDirLock(run.out)
+        try:
+            lock.acquire()
+        except RunDirLockedError:
+            return "running"
+        lock.release()
+    status = json.loads((run.out / STATUS).read_text()) if (run.out / STATUS).is_file() else {}
+    return "finished" if status.get("state") == "finished" else "unfinished"
+
+
+def record(out: Path, config: str, arms: dict[str, tuple[str, ...]], seeds: int, overrides: list[str]) -> None:
+    """DIR/sweep.json: the arms (with their overrides) and seeds the report tabulates. A later command on the
+    same DIR adds its arms and seeds; an arm name cannot change its meaning."""
+    spec = {"config": config, "overrides": overrides, "arms": {}, "seeds": []}
+    f = out / SWEEP_FILE
+    if f.is_file():
+        spec = json.loads(f.read_text())
+    for name, ov in arms.items():
+        if spec["arms"].setdefault(name, list(ov)) != list(ov):
+            raise ConfigError(f"{out} already has an arm '{name}' with {' '.join(spec['arms'][name])}; give this "
+                             "one another name or use another --out")
+    spec.update(config=config, overrides=overrides, seeds=sorted(set(spec["seeds"]) | set(range(seeds))))
+    out.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def queued(out: Path, run: Planned) -> bool:
+    """Whether the SLURM job this sweep last submitted for ``run`` is still in the queue (pending jobs hold
+    no lock yet, and a second job for the same run would only be refused when it starts)."""
+    spec = json.loads((out / SWEEP_FILE).read_text()) if (out / SWEEP_FILE).is_file() else {}
+    job = spec.get("jobs", {}).get(f"{run.arm}/seed{run.seed}")
+    if not job or shutil.which("squeue") is None:
+        return False
+    r = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=60)
+    return r.returncode == 0 and bool(r.stdout.strip())
+
+
+def note_job(out: Path, run: Planned, job_id: str) -> None:
+    f = out / SWEEP_FILE
+    spec = json.loads(f.read_text())
+    spec.setdefault("jobs", {})[f"{run.arm}/seed{run.seed}"] = str(job_id)
+    f.write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def submissions(runs: list[Planned], config: str, restart: bool, job: dict) -> list[tuple[Planned, dict]]:
+    """The :func:`hpcgraft.launch.submit` call of every run: one job per (arm, seed), logs in its run dir."""
+    return [(r, dict(config=config, out=r.out, overrides=list(r.overrides), restart=restart, **job)) for r in runs]
+
+
+# ------------------------------------------------------------------------------------------ running
+def run_local(run: Planned, config: str, ranks: int, restart: bool) -> int:
+    """One run under mpirun in the foreground; its exit status. SIGTERM/SIGUSR1 reach the ranks, which
+    checkpoint and exit 75."""
+    argv = ["--config", config, "--out", str(run.out), *(["--restart"] if restart else []), *run.overrides]
+    proc = subprocess.Popen(launch.mpirun_command(ranks, argv))
+    previous = {s: signal.signal(s, lambda signum, _f: proc.send_signal(signum))
+                for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached mpirun too, through the process group
+        return proc.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m hpcgraft.sweep",
+        description="Train every arm of a comparison with several seeds (one run per arm and seed, locally "
+                    "with mpirun or as SLURM/submitit jobs); re-running resumes what is unfinished.",
+        epilog="Arms: " + "; ".join(f"{k} = {' '.join(v)}" for k, v in ARMS.items()) + ". Then: python -m "
+               "hpcgraft.report DIR writes the table (mean +- std over seeds).")
+    p.add_argument("config", metavar="CONFIG", help="YAML config: a file or a packaged name (cifar10_resnet32)")
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated (default {','.join(DEFAULT_ARMS)})")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
+                   help="define an arm: --arm 'filter=graft.level=filter cultivate.lambda=1' (repeatable)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0..N-1 (default 3)")
+    p.add_argument("--out", help="sweep directory (default: runs/sweep-<config name>)")
+    p.add_argument("--np", type=int, help="ranks (peers) per run (default 2; with --submitit the job options decide)")
+    p.add_argument("--restart", action="store_true", help="start every run over, finished ones too")
+    p.add_argument("--submitit", action="store_true", help="one job per run through hpcgraft.launch (submitit)")
+    p.add_argument("--slurm", action="store_true", help="--submitit with --executor slurm")
+    p.add_argument("--wait", action="store_true", help="with --submitit: wait for the jobs, then print the table")
+    jobs = p.add_argument_group("job options (with --submitit/--slurm, as python -m hpcgraft.launch)")
+    launch.add_job_options(jobs)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    a = p.parse_intermixed_args(argv)
+    if a.slurm:
+        a.submitit, a.executor = True, "slurm"
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line; 0 when every run finished (or was submitted), 2 on bad input, 1 when a run failed."""
+    a = parse_args(argv)
+    try:
+        config = str(resolve_config(a.config).absolute())
+        out = Path(a.out or f"runs/sweep-{Path(config).stem}")
+        arms = parse_arms(a.arms, a.arm)
+        runs = plan(config, arms, a.seeds, out, list(a.overrides))
+        ranks = _ranks(a, runs)
+        states = {r: ("restart" if a.restart else run_state(r)) for r in runs}
+        if a.submitit:
+            states.update({r: "queued" for r in runs if states[r] in ("new", "unfinished") and queued(out, r)})
+        record(out, config, arms, a.seeds, list(a.overrides))
+    except (ConfigError, LaunchError) as exc:
+        return report(PROG, exc, EXIT_USAGE)
+    todo = [r for r in runs if states[r] not in ("finished", "running", "queued")]
+    for r in runs:
+        if states[r] in ("finished", "running", "queued"):
+            print(f"{PROG}: {r.label}: {states[r]}, skipped ({r.out})", flush=True)
+    if a.submitit:
+        return _submit_all(a, todo, config, out)
+    failed = []
+    for i, r in enumerate(todo, 1):
+        verb = {"new": "starting", "restart": "restarting"}.get(states[r], "resuming")
+        print(f"{PROG}: [{i}/{len(todo)}] {r.label}: {verb} in {r.out} ({ranks} ranks)", flush=True)
+        rc = run_local(r, config, ranks, a.restart)
+        if rc == EXIT_USAGE:
+            return rc  # the run said why; the other runs would fail the same way
+        if rc != 0 and rc != EXIT_FAILURE:
+            print(f"{PROG}: {r.label} stopped (exit {rc}); re-run the same command to resume the sweep",
+                  file=sys.stderr, flush=True)
+            return rc if rc > 0 else 128 - rc
+        if rc == EXIT_FAILURE:
+            failed.append(r)
+    print(sweep_table(load_sweep(out)), flush=True)
+    print(f"{PROG}: {len(runs) - len(todo)} run(s) skipped, {len(todo) - len(failed)} trained; the table and "
+          f"plots: python -m hpcgraft.report {out}", flush=True)
+    if failed:
+        return report(PROG, f"{len(failed)} run(s) failed: {', '.join(r.label for r in failed)}; their output is "
+                            "above, and re-running the same command retries them", EXIT_FAILURE)
+    return 0
+
+
+def _ranks(a: argparse.Namespace, runs: list[Planned]) -> int:
+    """Ranks per run; grafting and cultivation need two peers at least, refused here rather than per run."""
+    if a.np is not None and a.np < 1:
+        raise ConfigError(f"--np {a.np}: give the ranks per run, at least 1")
+    if a.submitit:
+        if a.np is not None:
+            if a.gpus_per_node > 0:
+                raise ConfigError("--np with --gpus-per-node: a GPU job has one rank per GPU (nodes x GPUs); "
+                                 "leave --np out")
+            a.tasks_per_node = a.tasks_per_node or a.np
+        ranks = a.nodes * (a.gpus_per_node or a.tasks_per_node or 2)
+    else:
+        ranks = a.np or 2
+    needs_peers = [r.arm for r in runs if r.cfg.graft.mode == "peers" or r.cfg.cultivate.lambda_ > 0]
+    if ranks // max(1, runs[0].cfg.dist.replicas) < 2 and needs_peers:
+        raise ConfigError(f"arm {needs_peers[0]} grafts or cultivates between peers: give at least 2 peers "
+                         f"(--np 2 or more; {ranks} rank(s) now)")
+    return ranks
+
+
+def _submit_all(a: argparse.Namespace, todo: list[Planned], config: str, out: Path) -> int:
+    jobs = []
+    try:
+        for r, call in submissions(todo, config, a.restart, launch.job_options(a)):
+            job = launch.submit(**call)
+            print(f"{PROG}: {r.label}: submitted job {job.job_id} ({r.out}; logs {job.paths.stdout})", flush=True)
+            jobs.append((r, job))
+            note_job(out, r, job.job_id)
+    except (LaunchError, ConfigError) as exc:
+        return report(PROG, exc, EXIT_USAGE)
+    if not a.wait:
+        print(f"{PROG}: {len(jobs)} job(s) submitted; re-run the same command to resubmit what ends unfinished, "
+              f"python -m hpcgraft.report {out} for the table", flush=True)
+        return 0
+    failed = []
+    for r, job in jobs:
+        try:
+            launch.wait(job)
+        except LaunchError as exc:
+            print(f"{PROG}: {r.label}: {exc}", file=sys.stderr, flush=True)
+            failed.append(r)
+    print(sweep_table(load_sweep(out)), flush=True)
+    if failed:
+        return report(PROG, f"{len(failed)} job(s) failed: {', '.join(r.label for r in failed)}", EXIT_FAILURE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
