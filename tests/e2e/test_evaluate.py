@@ -159,16 +159,19 @@ def test_top5_recorded_for_more_than_10_classes(tmp_path):
 # ------------------------------------------------------------------------------------------ init_from
 def test_init_from_a_run_then_one_epoch(e2e_run, tmp_path):
     """Peer i starts from peer i of base2's newest checkpoint: after one more epoch at a small rate it is
-    far above what a fresh first epoch reaches. A model that does not fit is one line, exit 2."""
+    above base2's own first epoch and near its last (a fresh start at that rate is far below both). A
+    model that does not fit is one line, exit 2."""
     base = e2e_run("base2")
     fresh = {m["peer"]: m["test_acc"] for m in base.metrics() if m["epoch"] == 1 and m["peer"] is not None}
+    final = {m["peer"]: m["test_acc"] for m in last_epoch(base.metrics())[0]}
     out = tmp_path / "tuned"
     r = train(2, out, "train.epochs=1", "log.progress=off", "dist.threads=1", "graft.mode=none", "train.lr=0.01",
               f"train.init_from={base.out}")
     assert r.returncode == 0, r.stderr
     assert "peer-001.h5" in r.stderr and "starts from the weights" in r.stderr
     peers, _ = last_epoch(jsonl(out / "metrics.jsonl"))
-    assert all(m["test_acc"] > fresh[m["peer"]] + 20 for m in peers), (peers, fresh)
+    assert all(m["test_acc"] > fresh[m["peer"]] and m["test_acc"] >= final[m["peer"]] - 5 for m in peers), \
+        (peers, fresh, final)
     r = train(2, tmp_path / "bad", "train.epochs=1", "log.progress=off", "dist.threads=1", "graft.mode=none",
               "model.num_classes=12", f"train.init_from={base.out}")
     one_line_error(r, "fc.weight", "model.num_classes")
