@@ -1,7 +1,7 @@
 """Inspect hpcgraft checkpoints or export a peer's model, offline (no MPI).
 
     python -m hpcgraft.checkpoint inspect PATH [--tree]
-    python -m hpcgraft.checkpoint export PATH --peer I --out model.pt
+    python -m hpcgraft.checkpoint export PATH --peer I [--best] --out model.pt
 
 The format lives in :mod:`hpcgraft.storage.checkpoints` (layout, manifest, verification) and
 :mod:`hpcgraft.storage.tree` (the HDF5 tree of each file).
@@ -26,6 +26,8 @@ from hpcgraft.storage.atomic import write_bytes_durable
 from hpcgraft.storage.checkpoints import (
     MANIFEST,
     RUN_FILE,
+    best_checkpoint,
+    best_checkpoints,
     check_peer,
     load_member,
     open_h5,
@@ -110,6 +112,7 @@ def _inspect(path: Path, show_tree: bool) -> None:
     manifest = read_manifest(info.path)
     print(f"checkpoint {info.path}: step {info.step}, epoch {info.epoch}, peers {info.peers}, "
           f"created {manifest.get('created', '?')}, all files verified (crc32)")
+    best = {p: c.path.name for p, c in best_checkpoints(info.path.parent).items()}
     print(f"{'peer':>4}  {'tensors':>7}  {'bytes':>12}  {'metric':>8}  file")
     for p in range(info.peers):
         name = peer_file(p)
@@ -117,7 +120,11 @@ def _inspect(path: Path, show_tree: bool) -> None:
             count, nbytes = _tensor_stats(f)
         metric = manifest["metrics"][p]
         shown = "-" if metric is None else f"{metric:.4f}"
-        print(f"{p:>4}  {count:>7}  {nbytes:>12}  {shown:>8}  {name} ({_size(manifest['files'][name]['size'])})")
+        mark = " *" if best.get(p) == info.path.name else ""
+        print(f"{p:>4}  {count:>7}  {nbytes:>12}  {shown:>8}{mark:2}  {name} "
+              f"({_size(manifest['files'][name]['size'])})")
+    if best:
+        print("best checkpoint per peer (* marks this one): " + ", ".join(f"peer {p} {n}" for p, n in best.items()))
     with open_h5(info.path / RUN_FILE) as f:
         print(f"run.h5 keys: {_keys(f)}")
         if show_tree:
@@ -144,7 +151,9 @@ def _flat_state(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-def _export(path: Path, peer: int | None, out: Path) -> None:
+def _export(path: Path, peer: int | None, out: Path, best: bool = False) -> None:
+    if best and (path.is_file() or (path / MANIFEST).exists()):
+        raise CheckpointError(f"--best picks among a run's checkpoints: give the run directory, not {path}")
     if path.is_file():
         owner = peer_of_file(path.name)
         if owner is None:
@@ -154,7 +163,7 @@ def _export(path: Path, peer: int | None, out: Path) -> None:
         peer, path = owner, path.parent
     if peer is None:
         raise CheckpointError("say which peer to export with --peer I")
-    info = resolve(path)
+    info = best_checkpoint(path, peer) if best else resolve(path)
     tree = load_member(info, peer_file(check_peer(info, peer)))
     if not isinstance(tree.get("model"), Mapping):
         raise CheckpointError(f"{peer_file(peer)} of {info.path.name} has no 'model' subtree "
@@ -165,7 +174,8 @@ def _export(path: Path, peer: int | None, out: Path) -> None:
     torch.save(state, buffer)  # the export format: a plain state_dict for torch.load(weights_only=True)
     write_bytes_durable(out, buffer.getbuffer())
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"wrote {out}: peer {peer} of {info.path} (step {info.step}, epoch {info.epoch}), "
+    print(f"wrote {out}: peer {peer} of {info.path}{' (its best)' if best else ''} (step {info.step}, "
+          f"epoch {info.epoch}), "
           f"{len(state)} tensors, {_size(nbytes)}")
 
 
@@ -179,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     p_export = sub.add_parser("export", help="write a peer's model as a plain PyTorch state_dict")
     p_export.add_argument("path", type=Path, help="a checkpoint directory, a peer .h5 file, or a run directory")
     p_export.add_argument("--peer", type=int, help="which peer's model to export")
+    p_export.add_argument("--best", action="store_true", help="the peer's best checkpoint of the run, not the newest")
     p_export.add_argument("--out", type=Path, required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
     try:
         if args.command == "inspect":
             _inspect(args.path, args.tree)
         else:
-            _export(args.path, args.peer, args.out)
+            _export(args.path, args.peer, args.out, args.best)
     except CheckpointError as exc:
         return report("hpcgraft", exc, EXIT_USAGE)
     except BrokenPipeError:  # output piped into head: not an error

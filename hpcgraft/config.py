@@ -56,6 +56,7 @@ class TrainConfig:
     dlr: bool = False  # peer i of K starts at lr * (1 + cos(pi * (K - i) / K)) / 2
     label_smoothing: float = 0.0
     precise_bn: int = 0  # > 0: BatchNorm statistics recomputed over this many training batches before each evaluation
+    init_from: str | None = None  # starting weights: a .pt, a peer .h5, a checkpoint or run dir; {peer}: per peer
 
 
 @dataclass

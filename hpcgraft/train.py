@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (defaults, --config, overrides) as YAML that --config reads "
                         "back, and exit without training or starting MPI")
+    p.add_argument("--extend", action="store_true",
+                   help="continue a (finished) run to a larger train.epochs; the schedule is the new length's (README)")
+    p.add_argument("--from-step", type=int, metavar="N",
+                   help="resume from the complete checkpoint of step N instead of the newest (later ones are dropped)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     # Overrides may come anywhere, also after --out (argparse's plain parsing stops at the first option).
     return p.parse_intermixed_args(argv)
@@ -51,11 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         return print_config(args.config, args.overrides)
     catch_stop_signals()
+    if args.restart and (args.extend or args.from_step is not None):
+        return report("hpcgraft", "--restart starts over; it cannot be combined with --extend or --from-step")
     run_dir = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'digits'}")
     world_comm = mpi().COMM_WORLD
     try:
         with abort_on_error(world_comm):
-            return run(args.config, args.overrides, run_dir, args.restart, world_comm)
+            return run(args.config, args.overrides, run_dir, args.restart, world_comm, extend=args.extend,
+                       from_step=args.from_step)
     except AgreedError as exc:
         status = EXIT_USAGE if isinstance(exc, SetupError) else EXIT_FAILURE
         return report("hpcgraft", exc, status) if world_comm.Get_rank() == 0 else status

@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +56,8 @@ class CheckpointInfo:
     step: int  # global optimizer step it was taken at
     epoch: int  # epochs completed (a mid-epoch checkpoint: the running epoch; the tree says the batch)
     peers: int
+    # per peer: the test accuracy of the weights it holds (manifest); not part of which checkpoint it is
+    metrics: tuple[float | None, ...] = field(default=(), compare=False)
 
 
 def peer_file(peer: int) -> str:
@@ -164,7 +166,8 @@ def read_manifest(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def _info(ckpt_dir: Path, manifest: Mapping[str, Any]) -> CheckpointInfo:
-    return CheckpointInfo(path=ckpt_dir, step=manifest["step"], epoch=manifest["epoch"], peers=manifest["peers"])
+    return CheckpointInfo(path=ckpt_dir, step=manifest["step"], epoch=manifest["epoch"], peers=manifest["peers"],
+                          metrics=tuple(manifest["metrics"]))
 
 
 def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
@@ -363,10 +366,8 @@ class CheckpointManager:
         keep = {c.path for c in complete[: self.keep]}
         if self.keep_best:
             for p in range(self.peers):
-                scored = [(c.manifest["metrics"][p], c.step, c.path) for c in complete
-                          if p < len(c.manifest["metrics"]) and c.manifest["metrics"][p] is not None]
-                if scored:
-                    keep.add(max(scored)[2])
+                if (best := _best_of(complete, p)) is not None:
+                    keep.add(best.path)
         doomed = [c.path for c in candidates if c.step > step]
         doomed += [c.path for c in current if c.path not in keep and (c.manifest is not None or c.step < step)]
         for path in doomed:
@@ -441,6 +442,54 @@ class CheckpointManager:
             checked = False
         with open_h5(path) if checked else open_verified(path, entry) as f:
             return read_tree(f)
+
+
+def _best_of(complete: list[_Candidate], peer: int) -> _Candidate | None:
+    """The complete checkpoint with ``peer``'s highest metric (the later one of equals): the one kept as
+    the best, exported by ``export --best`` and marked by ``inspect``."""
+    metrics = [c.manifest["metrics"] if c.manifest is not None else [] for c in complete]
+    scored = [(m[peer], c.step, i) for i, (c, m) in enumerate(zip(complete, metrics, strict=True))
+              if peer < len(m) and m[peer] is not None]
+    return complete[max(scored)[2]] if scored else None
+
+
+def checkpoints_root(path: Path) -> Path:
+    """The ``checkpoints/`` folder of a run directory (or the folder itself)."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[CheckpointInfo]:
+    """Checkpoints whose manifest is complete, newest first (files not verified: a listing, not a load)."""
+    return [_info(c.path, c.manifest) for c in _candidates(ckpt_root) if c.manifest is not None]
+
+
+def best_checkpoints(path: Path) -> dict[int, CheckpointInfo]:
+    """Peer -> the checkpoint of a run (directory or its ``checkpoints/``) with the peer's best metric,
+    from the manifests (files not verified: for listings such as ``inspect``)."""
+    complete = [c for c in _candidates(checkpoints_root(path)) if c.manifest is not None]
+    if not complete:
+        return {}
+    best = {p: _best_of(complete, p) for p in range(complete[0].manifest["peers"])}
+    return {p: _info(c.path, c.manifest) for p, c in best.items() if c is not None}
+
+
+def best_checkpoint(path: Path, peer: int) -> CheckpointInfo:
+    """Serial: the checkpoint of a run directory holding ``peer``'s best weights, checked against its
+    manifest. A damaged best is an error, not a silent fall back to a worse one."""
+    root = checkpoints_root(path)
+    complete = [c for c in _candidates(root) if c.manifest is not None]
+    if not complete:
+        raise CheckpointError(f"no complete checkpoint in {root}")
+    if not 0 <= peer < complete[0].manifest["peers"]:
+        raise CheckpointError(f"the run in {path} has peers 0..{complete[0].manifest['peers'] - 1}; "
+                              f"peer {peer} does not exist")
+    best = _best_of(complete, peer)
+    if best is None:
+        raise CheckpointError(f"no checkpoint in {root} records a metric for peer {peer} (checkpoint.keep_best=false "
+                              "records none after a graft); pick one by its directory instead")
+    if problem := _verify_serial(best):
+        raise CheckpointError(f"the best checkpoint of peer {peer}, {best.path.name}, is damaged ({problem})")
+    return _info(best.path, best.manifest)
 
 
 def _finite(metric: float | None) -> float | None:

@@ -33,6 +33,7 @@ from hpcgraft.models import dgconv
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.text import plural
+from hpcgraft.training.evaluation import TOP5_MIN_CLASSES, init_state, load_weights, predict, topk_correct
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.monitors import bn_l1_step, monitor_epoch
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
@@ -57,7 +58,8 @@ def grafts_after_step(cfg: Config, step: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm) -> int:
+def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, comm: MPI.Comm, *,
+        extend: bool = False, from_step: int | None = None) -> int:
     started = time.monotonic()
     cfg: Config = agreed(comm, lambda: load_config(config, overrides))
     agreed(comm, lambda: require_tensorboard(cfg))
@@ -69,7 +71,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())
     agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))
     peer.exchange = make_exchange(peer)
-    store = agreed(comm, lambda: RunStore(run_dir, cfg, world))
+    store = agreed(comm, lambda: RunStore(run_dir, cfg, world, extend=extend, from_step=from_step))
 
     t = cfg.train
     log(f"hpcgraft: {plural(world.peers, 'peer')} x {plural(world.replicas, 'replica')}, model {cfg.model.name}, data "
@@ -87,6 +89,8 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     log(f"hpcgraft: rank places (node:local rank/ranks there,device): "
         f"{' '.join(f'{r}={p}' for r, p in enumerate(places))}", world=world)
     agreed(comm, lambda: store.resume(peer))
+    if t.init_from and peer.progress.step == 0:  # a fresh start only: a resumed run continues its checkpoint
+        agreed(comm, lambda: init_from(peer, t.init_from))
     peer.replicas.broadcast_state(peer.model, peer.optimizer)  # every replica starts from replica 0's state
     stop = StopRequest(comm)
     inject = fault_hook(world.rank)
@@ -122,9 +126,11 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
         with peer.watchdog.guard("report: gather of metrics"):
             rows = world.graft_comm.gather(row, root=0) if world.is_peer_lead else None
         if store.log and rows:
+            # the ensemble's top-5 rides in every peer's row (the same number); it belongs in the ensemble's
+            ens_top5 = {k: r.pop(k) for r in rows for k in ("ensemble_top5",) if k in r}
             store.log.append(METRICS, rows + [{"epoch": peer.progress.epoch, "peer": None,
                                                "step": peer.progress.step, "ensemble_acc": ensemble,
-                                               **monitored}])
+                                               **monitored, **ens_top5}])
             store.log_grafts(peer.graft_rows)
             print(epoch_table(rows, ensemble, t.epochs, cfg.log.thresholds, header), flush=True)
             store.log.status(state="running", epoch=peer.progress.epoch, step=peer.progress.step)
@@ -139,6 +145,13 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     if store.log:
         print(run_summary(read_jsonl(run_dir / METRICS), time.monotonic() - started), flush=True)
     return EXIT_OK
+
+
+def init_from(peer: Peer, spec: str) -> None:
+    """``train.init_from``: this peer's starting weights, checked against the model before training."""
+    state, source = init_state(spec, peer.world.peer, peer.world.peers)
+    load_weights(peer.model, {k: v.to(peer.device) for k, v in state.items()}, source, peer.cfg.model.name)
+    log(f"hpcgraft: peer {peer.world.peer} starts from the weights of {source}", world=peer.world, all_ranks=True)
 
 
 # ------------------------------------------------------------------------------------------ one epoch
@@ -314,22 +327,10 @@ def stored_metric(peer: Peer, test_acc: float, grafted: bool, ranks_best: bool) 
     return stored_accuracy(peer) if ranks_best else None
 
 
-@torch.no_grad()
 def _test_predictions(peer: Peer) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of this peer's model on its share of the test set, and the labels."""
-    model = peer.model
-    model.eval()
-    probs, labels = [], []
-    for x, y in peer.test_loader.epoch(0):
-        x = x.to(peer.device, non_blocking=True)
-        if peer.cfg.dist.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(peer, x):
-            probs.append(F.softmax(model(x).float(), dim=1).cpu())
-        labels.append(y.cpu())
-    p = torch.cat(probs) if probs else torch.zeros(0, 1)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
-    return p, y
+    return predict(peer.model, peer.test_loader, peer.device, channels_last=peer.cfg.dist.channels_last,
+                   autocast=lambda x: autocast(peer, x))
 
 
 def stored_accuracy(peer: Peer) -> float:
@@ -355,7 +356,8 @@ def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
         world.graft_comm.Allreduce(p.numpy(), summed.numpy(), op=total)
         ens_correct = int((summed.argmax(1) == y).sum())
         counts = np.array([own_correct, ens_correct, len(y), prog.correct, prog.seen], dtype=np.float64)
-        counts = np.concatenate([counts, [prog.loss_sum]])
+        top5 = [topk_correct(p, y, 5), topk_correct(summed, y, 5)]
+        counts = np.concatenate([counts, [prog.loss_sum], top5])
         totals = np.empty_like(counts)
         world.peer_comm.Allreduce(counts, totals, op=total)  # sum over the peer's replicas
     test_acc = 100.0 * totals[0] / max(1.0, totals[2])
@@ -365,6 +367,9 @@ def evaluate(peer: Peer) -> tuple[dict[str, Any], float]:
         "epoch": prog.epoch, "peer": world.peer, "step": prog.step,
         "train_loss": totals[5] / max(1.0, totals[4]), "train_acc": 100.0 * totals[3] / max(1.0, totals[4]),
         "test_acc": test_acc, "lr": peer.schedule(max(0, prog.step - 1)),
+        **({"test_top5": 100.0 * totals[6] / max(1.0, totals[2]),
+            "ensemble_top5": 100.0 * totals[7] / max(1.0, totals[2])}
+           if peer.test_loader.dataset.num_classes >= TOP5_MIN_CLASSES else {}),
         **{f"invalid_{t:g}": n for t, n in invalid.items()},
         **({"dgconv_groups": groups} if (groups := [m.groups() for m in dgconv.dgconv_layers(model).values()]) else {}),
         "seconds": prog.seconds,

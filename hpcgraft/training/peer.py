@@ -168,6 +168,18 @@ def check_model_fits_data(cfg: Config, model: nn.Module, data: ImageSet, device:
                           f"data.name={cfg.data.name} with {need} classes; pick a model made for this data")
 
 
+def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
+    """The configured architecture (``model.*``) on ``device``, initialised from the current RNG state."""
+    try:
+        options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
+        model = create_model(cfg.model.name, num_classes, cfg.model.bn_momentum, **options)
+        if cfg.model.dgconv:
+            apply_dgconv(model, cfg.model.dgconv_init)
+        return model.to(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_peer(cfg: Config, world: World) -> Peer:
     device = select_device(cfg.dist.device, world.local_rank)
     if device.type == "cpu":
@@ -175,14 +187,7 @@ def build_peer(cfg: Config, world: World) -> Peer:
     train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
     num_classes = cfg.model.num_classes or train_set.num_classes
     seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
-    try:
-        options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
-        model = create_model(cfg.model.name, num_classes, cfg.model.bn_momentum, **options)
-        if cfg.model.dgconv:
-            apply_dgconv(model, cfg.model.dgconv_init)
-        model = model.to(device)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    model = build_model(cfg, num_classes, device)
     check_model_fits_data(cfg, model, test_set, device)
     if cfg.dist.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -26,7 +26,7 @@ from hpcgraft.dist import mpi
 from hpcgraft.dist.world import World, log, start_ranks
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
-from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
+from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager, complete_checkpoints
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.storage.runmodel import CONFIG
@@ -37,6 +37,7 @@ from hpcgraft.training.peer import Peer
 #: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
 #: (or, from before it existed, a config.yaml), never another project's files.
 MARKER = ".hpcgraft-run"
+EPOCHS = "train.epochs"
 LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
 _LOCK: RunDirLock | None = None  # rank 0's lock on the run directory, held until the process ends
 
@@ -79,8 +80,10 @@ def release_run_dir() -> None:
         _LOCK = None
 
 
-def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: Path) -> None:
-    """The config a run was started with must be the one that continues it."""
+def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: Path,
+                       extend: bool = False) -> dict[str, Any]:
+    """The config a run was started with must be the one that continues it (``extend``: but for a larger
+    ``train.epochs``); returns the old config, flat."""
     try:
         data = yaml.safe_load(old_yaml) or {}
         if not isinstance(data, dict):
@@ -90,31 +93,45 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
     new = cfg.flat()
-    diff = [k for k in new if old.get(k) != new[k]]
+    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS)]
+    if diff == [EPOCHS] and new[EPOCHS] > old[EPOCHS]:
+        raise ConfigError(f"{run_dir} holds a run of {EPOCHS}={old[EPOCHS]}; to continue it to {new[EPOCHS]} epochs "
+                          "pass --extend (or --restart to start over)")
+    if extend and new[EPOCHS] <= old[EPOCHS]:
+        raise ConfigError(f"--extend needs {EPOCHS} larger than the run's {old[EPOCHS]} (got {new[EPOCHS]}); "
+                          f"pass e.g. {EPOCHS}={old[EPOCHS] + 1}")
     if diff:
         k = diff[0]
         raise ConfigError(f"{run_dir} holds a run with {k}={old.get(k)!r} ({where}), not {new[k]!r}; resume it "
                           "with the same config, pass --restart to start over, or use another --out")
+    return old
 
 
 class RunStore:
     """One run directory, seen from every rank: checked at start, resumed from, logged to, saved into."""
 
-    def __init__(self, run_dir: Path, cfg: Config, world: World) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, world: World, *, extend: bool = False,
+                 from_step: int | None = None) -> None:
         self.dir, self.cfg, self.world = run_dir, cfg, world
+        self.extend, self.from_step = extend, from_step
         self.config_path = saved = run_dir / CONFIG
         self.had_config = saved.exists()
+        if (extend or from_step is not None) and not self.had_config and not (run_dir / "checkpoints").is_dir():
+            raise ConfigError(f"{'--extend' if extend else '--from-step'} continues a run, and {run_dir} holds none; "
+                              "drop the flag to start a new run")
         if self.had_config:
-            _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir)
+            _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir, extend)
             status = RunLog(run_dir).read_status()
-            if status.get("state") == "finished":
+            if status.get("state") == "finished" and not extend and from_step is None:
                 raise ConfigError(f"{run_dir} holds a finished run ({plural(status.get('epoch', 0), 'epoch')}); pass "
-                                  "--restart to start over or use another --out")
+                                  f"--extend with a larger {EPOCHS} to continue it, --restart to start over, or use "
+                                  "another --out")
         self.manager = None
         if cfg.checkpoint.enabled:
             self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer, peers=world.peers,
                                              writer=world.is_peer_lead, keep=cfg.checkpoint.keep,
                                              keep_best=cfg.checkpoint.keep_best, interval=cfg.checkpoint.interval)
+        self._passed_over: list[str] = []  # --from-step: the other checkpoints, which resume must not pick
         self.log: RunLog | None = None  # rank 0's logs, opened by record_config
         self._grafts: list[dict[str, Any]] = []  # graft.jsonl as it stands, for run.h5's grafting history
 
@@ -128,11 +145,12 @@ class RunStore:
     def resume(self, peer: Peer) -> None:
         """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
         copy of the config (run.h5) decides whether this config may continue it."""
-        info = self.manager.latest() if self.manager else None
+        info = self._start_checkpoint()
         if info is not None and not self.had_config and self.world.is_root:
             stored = self.manager.load_run(info).get("config")
             if isinstance(stored, str | bytes):
-                _check_same_config(f"in {info.path.name}/run.h5; its config.yaml is gone", stored, self.cfg, self.dir)
+                _check_same_config(f"in {info.path.name}/run.h5; its config.yaml is gone", stored, self.cfg, self.dir,
+                                   self.extend)
         self.record_config()
         if info is None:
             if self.log:
@@ -149,6 +167,27 @@ class RunStore:
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
         where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
         log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
+
+    def _start_checkpoint(self) -> CheckpointInfo | None:
+        """COLLECTIVE: the newest intact checkpoint, or with ``--from-step N`` the one of step N (an error
+        listing the complete ones when it has none)."""
+        if self.manager is None:
+            if self.from_step is not None:
+                raise ConfigError("--from-step needs checkpoints, and checkpoint.enabled=false; drop --from-step")
+            return None
+        if self.from_step is None:
+            return self.manager.latest()
+        found = complete_checkpoints(self.manager.root)
+        if self.from_step not in [c.step for c in found]:
+            steps = ", ".join(str(c.step) for c in reversed(found)) or "none"
+            raise CheckpointError(f"{self.dir} has no complete checkpoint at step {self.from_step}; complete "
+                                  f"checkpoints are at steps: {steps}")
+        self._passed_over = [c.path.name for c in found if c.step != self.from_step]
+        info = self.manager.latest(exclude=self._passed_over)
+        if info is None or info.step != self.from_step:
+            raise CheckpointError(f"the checkpoint at step {self.from_step} in {self.manager.root} is damaged; "
+                                  "pick another with --from-step")
+        return info
 
     def _fitting_checkpoint(self, info: CheckpointInfo, peer: Peer) -> tuple[CheckpointInfo, dict[str, Any]]:
         """COLLECTIVE: the newest intact checkpoint that also fits this run, and this peer's state in it.
@@ -173,7 +212,7 @@ class RunStore:
             if bad is None:
                 return info, state  # type: ignore[return-value]
             unfit.append(info.path.name)
-            nxt = self.manager.latest(exclude=unfit)
+            nxt = self.manager.latest(exclude=[*unfit, *self._passed_over])
             tail = f"falling back to {nxt.path.name}" if nxt else "no earlier checkpoint"
             log(f"hpcgraft: checkpoint {info.path.name} does not fit this run (rank {bad[0]}: {bad[1]}); {tail}",
                 world=self.world)

@@ -309,7 +309,8 @@ def test_nan_weights_stop_the_run_with_one_line_when_configured(e2e_run):
 # ------------------------------------------------------------------------------------------ run directory
 @pytest.mark.parametrize(
     ("override", "message"),
-    [(None, "holds a finished run (2 epochs); pass --restart to start over or use another --out"),
+    [(None, "holds a finished run (2 epochs); pass --extend with a larger train.epochs to continue it, --restart "
+             "to start over, or use another --out"),
      ("train.lr=0.2", "holds a run with train.lr=0.1 (config.yaml), not 0.2; resume it with the same config")],
     ids=["finished", "other-config"],
 )

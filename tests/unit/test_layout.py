@@ -23,7 +23,7 @@ RANK = {
     "method": 2, "storage": 2,
     "dist": 3, "data": 3,
     "training": 4,
-    "train": 5, "launch": 5, "sweep": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5,
+    "train": 5, "launch": 5, "sweep": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5, "evaluate": 5,
     "prune": 5,
 }
 # The issue's explicit rules, on top of the ranks.
@@ -34,7 +34,7 @@ FORBIDDEN = {
 # Imports between commands: a submitit task of `launch` runs the training command itself; `sweep` submits
 # through `launch` and prints the table of `report`.
 ALLOWED = {("launch", "train"), ("sweep", "launch"), ("sweep", "report")}
-OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "prune")  # prune: without fine-tuning
+OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "evaluate", "prune")  # prune: without fine-tuning
 
 
 def modules() -> dict[str, Path]:
@@ -140,14 +140,14 @@ def test_importing_any_module_starts_no_mpi():
 
 
 def test_offline_commands_start_no_mpi(tmp_path):
-    """graft, analyze, report and checkpoint inspect/export on a checkpoint written by a real run
+    """graft, analyze, report, evaluate and checkpoint inspect/export on a checkpoint written by a real run
     (tests/data/run-before-relayout): they work, and mpi4py.MPI is never imported in their process."""
     run = ROOT / "tests" / "data" / "run-before-relayout"
     out = tmp_path
     code = f"""
 import contextlib, io, sys
 import torch
-from hpcgraft import analyze, checkpoint, graft, prune, report
+from hpcgraft import analyze, checkpoint, evaluate, graft, prune, report
 with contextlib.redirect_stdout(io.StringIO()):
     assert checkpoint.main(["inspect", {str(run)!r}]) == 0
     assert checkpoint.main(["export", {str(run)!r}, "--peer", "0", "--out", {str(out / "p0.pt")!r}]) == 0
@@ -156,6 +156,7 @@ with contextlib.redirect_stdout(io.StringIO()):
                        "--out", {str(out / "g.pt")!r}]) == 0
     assert report.main([{str(run)!r}, "--out", {str(out / "report")!r}]) == 0
     assert prune.main([{str(run)!r}, "--criterion", "l1", "--keep", "0.5", "--out", {str(out / "pruned")!r}]) == 0
+    assert evaluate.main([{str(run)!r}]) == 0
 assert "mpi4py.MPI" not in sys.modules, "an offline command imported mpi4py.MPI"
 print("ok")
 """

@@ -1,0 +1,209 @@
+"""Top-1 and top-5 accuracy of peers and of their ensemble, and the weights to evaluate or start from.
+
+The ensemble is the one of training's ``ensemble_acc``: the arg-max of the peers' summed (equivalently,
+mean) softmax. The training loop, ``python -m hpcgraft.evaluate`` and anything else that scores peers
+(pruning) share these functions, so a number printed by one means the same in the others:
+
+- :func:`predict` runs one model over a loader (softmax and labels);
+- :func:`score` turns the peers' softmax into per-peer and ensemble top-1/top-5 (:class:`Evaluation`);
+- :func:`evaluate_models` is both in one call, for models held in memory;
+- :func:`run_weights` / :func:`run_config` read what a run, a checkpoint or a .pt holds (no MPI, no pickle
+  code: .pt files are read with ``weights_only=True``);
+- :func:`load_weights` loads a state dict strictly, failing with one line that names the first key
+  that does not fit (``train.init_from`` and the evaluate command alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from hpcgraft.config import Config, config_from_dict
+from hpcgraft.data import BatchLoader
+from hpcgraft.errors import CheckpointError, ConfigError, InputError
+from hpcgraft.storage.checkpoints import (
+    RUN_FILE,
+    best_checkpoint,
+    is_step_dir,
+    load_member,
+    peer_file,
+    resolve,
+)
+from hpcgraft.storage.statefile import State, load_states
+
+TOP5_MIN_CLASSES = 11  # metrics.jsonl records top-5 only where it says something: more than 10 classes
+PEER_FIELD = "{peer}"  # in train.init_from: replaced by each peer's index (one file per peer)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def topk_correct(probs: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    """How many rows have their label among their ``k`` highest scores (k capped at the classes)."""
+    if len(labels) == 0:
+        return 0
+    top = probs.topk(min(k, probs.shape[1]), dim=1).indices
+    return int((top == labels[:, None]).any(dim=1).sum())
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: BatchLoader, device: torch.device, *, channels_last: bool = False,
+            autocast: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax (float32, CPU) of ``model`` in eval mode over the loader's batches, and their labels."""
+    model.eval()
+    probs, labels = [], []
+    for x, y in loader.epoch(0):
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(x) if autocast is not None else contextlib.nullcontext():
+            probs.append(F.softmax(model(x).float(), dim=1).cpu())
+        labels.append(y.cpu())
+    p = torch.cat(probs) if probs else torch.zeros(0, 1)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+    return p, y
+
+
+@dataclass
+class Evaluation:
+    """Accuracies in percent; ``ensemble_*`` is None for a single model."""
+
+    labels: list[str]
+    top1: list[float]
+    top5: list[float]
+    ensemble_top1: float | None
+    ensemble_top5: float | None
+    images: int
+    classes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        peers = [{"label": label, "top1": a, "top5": b} for label, a, b in zip(self.labels, self.top1, self.top5,
+                                                                              strict=True)]
+        ensemble = None if self.ensemble_top1 is None else {"top1": self.ensemble_top1, "top5": self.ensemble_top5}
+        return {"images": self.images, "classes": self.classes, "peers": peers, "ensemble": ensemble}
+
+    def table(self) -> str:
+        rows = [f"{'model':<40} {'top-1':>7} {'top-5':>7}"]
+        rows += [f"{label:<40} {a:7.2f} {b:7.2f}" for label, a, b in zip(self.labels, self.top1, self.top5,
+                                                                          strict=True)]
+        if self.ensemble_top1 is not None:
+            rows.append(f"{'ensemble (mean softmax)':<40} {self.ensemble_top1:7.2f} {self.ensemble_top5:7.2f}")
+        return "\n".join(rows)
+
+
+def score(labels: Sequence[str], probs: Sequence[torch.Tensor], targets: torch.Tensor) -> Evaluation:
+    """Per-model and ensemble top-1/top-5 of the models' softmax ``probs`` on the same ``targets``."""
+    n = max(1, len(targets))
+
+    def pct(count: int) -> float:
+        return 100.0 * count / n
+
+    summed = torch.stack(list(probs)).sum(0) if len(probs) > 1 else None
+    return Evaluation(
+        labels=list(labels),
+        top1=[pct(topk_correct(p, targets, 1)) for p in probs],
+        top5=[pct(topk_correct(p, targets, 5)) for p in probs],
+        ensemble_top1=None if summed is None else pct(topk_correct(summed, targets, 1)),
+        ensemble_top5=None if summed is None else pct(topk_correct(summed, targets, 5)),
+        images=len(targets), classes=probs[0].shape[1] if probs else 0,
+    )
+
+
+def evaluate_models(models: Mapping[str, nn.Module], loader: BatchLoader, device: torch.device) -> Evaluation:
+    """Every model over the same evaluation batches, then :func:`score`."""
+    results = [predict(m, loader, device) for m in models.values()]
+    return score(list(models), [p for p, _ in results], results[0][1] if results else torch.zeros(0))
+
+
+# ------------------------------------------------------------------------------------------ weights
+def state_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key (in the model's order) where ``got`` does not fit the model's state, or None."""
+    for name, want in expected.items():
+        if name not in got:
+            return f"{name} is missing"
+        have = got[name]
+        if tuple(have.shape) != tuple(want.shape):
+            return f"{name} has shape {tuple(have.shape)}, the model's is {tuple(want.shape)}"
+    extra = next((k for k in got if k not in expected), None)
+    return None if extra is None else f"{extra} is not part of the model"
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
+    """Load ``state`` into ``model`` strictly; anything that does not fit is one line naming the first key."""
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ConfigError(f"the weights of {source} do not fit model.name={model_name}: {problem}; give weights "
+                          "of the same architecture and number of classes (model.num_classes)")
+    model.load_state_dict(dict(state))
+
+
+def run_weights(path: Path, *, peer: int | None = None, best: bool = False) -> dict[str, State]:
+    """Label -> state dict of what ``path`` holds: every peer of a run's newest checkpoint (its best per
+    peer with ``best``), of a checkpoint directory, one peer file, or a .pt state dict."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
+    if not best:
+        return load_states(path, peer)
+    if not path.is_dir() or is_step_dir(path):
+        raise InputError(f"--best picks checkpoints of a run: give the run directory, not {path}")
+    try:
+        peers = [peer] if peer is not None else range(resolve(path).peers)
+        out = {}
+        for p in peers:
+            info = best_checkpoint(path, p)
+            label = f"peer {p} (best: {info.path.name}, epoch {info.epoch})"
+            out[label] = next(iter(load_states(info.path / peer_file(p)).values()))
+        return out
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None
+
+
+def run_config(path: Path) -> Config | None:
+    """The config a run directory, a checkpoint or a peer file was trained with; None for a .pt file."""
+    if path.is_file() and path.suffix != ".h5":
+        return None
+    where = path.parent if path.is_file() else path
+    text: Any = None
+    if (where / "config.yaml").is_file():
+        text, origin = (where / "config.yaml").read_text(), where / "config.yaml"
+    else:
+        try:
+            info = resolve(where)
+            text, origin = load_member(info, RUN_FILE).get("config"), info.path / RUN_FILE
+        except CheckpointError as exc:
+            raise InputError(f"{path}: no config found ({exc}); pass --config") from None
+    try:
+        data = yaml.safe_load(text) if isinstance(text, str | bytes) else None
+        if not isinstance(data, dict):
+            raise ConfigError("not a mapping")
+        return config_from_dict(data)
+    except (yaml.YAMLError, ConfigError) as exc:
+        raise InputError(f"the config in {origin} is unreadable ({exc}); pass --config") from None
+
+
+def init_state(spec: str, peer: int, peers: int) -> tuple[State, str]:
+    """The state ``train.init_from`` gives ``peer`` of ``peers``, and where it came from.
+
+    ``spec``: a .pt state dict or peer .h5 file (the same for every peer); a checkpoint or run directory
+    with K peers (peer i from peer i; K must equal the run's peers, or be 1); or a path holding
+    ``{peer}``, filled with each peer's index (one file per peer)."""
+    path = Path(spec.replace(PEER_FIELD, str(peer)))
+    try:
+        if path.is_dir():
+            info = resolve(path)
+            if info.peers not in (1, peers):
+                raise ConfigError(f"train.init_from={spec} holds {info.peers} peers but this run has {peers}; give "
+                                  f"one peer's file ({info.path / peer_file(0)}) for all, or start {info.peers} peers")
+            own = peer if info.peers == peers else 0
+            return next(iter(load_states(info.path / peer_file(own)).values())), f"{info.path / peer_file(own)}"
+        states = load_states(path)
+    except (CheckpointError, InputError) as exc:
+        raise ConfigError(f"train.init_from={spec}: {exc}") from None
+    return next(iter(states.values())), str(path)
