@@ -141,14 +141,15 @@ class ReplicaGroup:
                 t.copy_(buf)
         self._synced_step = None
 
-    def sync_buffers(self, model: nn.Module, step: int) -> None:
-        """Average the floating buffers (BatchNorm running statistics) over the peer; once per step."""
-        if self._synced_step == step:
+    def sync_buffers(self, model: nn.Module, step: int, again: bool = False) -> None:
+        """Average the floating buffers (BatchNorm running statistics) over the peer; once per step, unless
+        ``again``: the buffers were recomputed since this step's sync (train.precise_bn)."""
+        if self._synced_step == step and not again:
             return
         buffers = [b for b in model.buffers() if b.is_floating_point()]
         if buffers:
-            self.hvd.grouped_allreduce_(buffers, name=f"hpcgraft.buffers.{step}", op=self.hvd.Average,
-                                        process_set=self.process_set)
+            name = f"hpcgraft.buffers.{step}{'.again' if again else ''}"
+            self.hvd.grouped_allreduce_(buffers, name=name, op=self.hvd.Average, process_set=self.process_set)
         self._synced_step = step
 
     # -- HPCGRAFT_CHECK_REPLICAS=1 ----------------------------------------------------------------------
@@ -195,7 +196,7 @@ class SingleReplica:
     def broadcast_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         pass
 
-    def sync_buffers(self, model: nn.Module, step: int) -> None:
+    def sync_buffers(self, model: nn.Module, step: int, again: bool = False) -> None:
         pass
 
     def check_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:

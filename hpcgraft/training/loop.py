@@ -263,7 +263,9 @@ def recompute_bn_statistics(peer: Peer, batches: int) -> None:
             model(x)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
-    sync_replicas(peer)
+    # each replica measured its own shard: the peer's statistics are their mean (the epoch's sync is spent)
+    peer.replicas.sync_buffers(model, peer.progress.step, again=True)
+    peer.replicas.check_synced(model, peer.optimizer, f"precise BN at step {peer.progress.step}")
 
 
 def graft(peer: Peer) -> None:
