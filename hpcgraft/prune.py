@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from hpcgraft.config import Config, load_config
 from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
@@ -35,6 +33,7 @@ from hpcgraft.method import lean
 from hpcgraft.method.pruning import CRITERIA, RESULTS_FILE, Mask, check_request, make_mask
 from hpcgraft.storage.runmodel import build_model, find_config
 from hpcgraft.storage.statefile import load_states
+from hpcgraft.training.evaluation import predict
 
 PROG = "hpcgraft.prune"
 # Fine-tuning trains a pruned peer alone: no graft (it would mix in unpruned weights), no distillation.
@@ -53,15 +52,6 @@ def peer_index(label: str) -> int:
 
 
 @torch.no_grad()
-def predictions(model: nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    model.eval()
-    probs, labels = [], []
-    for x, y in loader.epoch(0):
-        probs.append(F.softmax(model(x.to(device)).float(), dim=1).cpu())
-        labels.append(y.cpu())
-    return torch.cat(probs), torch.cat(labels)
-
-
 def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((probs.argmax(1) == labels).float().mean())
 
@@ -107,11 +97,11 @@ def run_jobs(cfg: Config, jobs: list[tuple[str, float, int]], states: dict[int, 
         mask = masks[(criterion, keep, p)]
         model = build_model(cfg, states[p])
         mask.apply(model)
-        before = top1(*predictions(model, loader, device))
+        before = top1(*predict(model, loader, device))
         if epochs > 0:
             peer = finetune(cfg, p, len(states), states[p], mask)
             model, device = peer.model, peer.device
-        probs, labels = predictions(model, loader, device)
+        probs, labels = predict(model, loader, device)
         d = job_dir(out, criterion, keep)
         d.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, d / f"peer-{p:03d}.pt")
@@ -127,7 +117,7 @@ def unpruned_top1(cfg: Config, states: dict[int, dict[str, torch.Tensor]]) -> di
 
     _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
     loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False)
-    return {p: top1(*predictions(build_model(cfg, s), loader, torch.device("cpu"))) for p, s in states.items()}
+    return {p: top1(*predict(build_model(cfg, s), loader, torch.device("cpu"))) for p, s in states.items()}
 
 
 def format_table(doc: dict[str, Any]) -> str:
