@@ -51,7 +51,6 @@ def peer_index(label: str) -> int:
     return int(re.match(r"peer (\d+)", label).group(1))  # type: ignore[union-attr]
 
 
-@torch.no_grad()
 def top1(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((probs.argmax(1) == labels).float().mean())
 
