@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Train K peer networks with filter grafting; one MPI rank per peer "
         "(mpirun -np K python -m hpcgraft.train ...).",
         epilog="Overrides: dotted config keys, e.g. train.epochs=3 graft.level=filter graft.mode=none. Every key, "
-        "its default and its meaning: the key table in README.md (section 'Running real configurations'); "
+        "its default and its meaning: the key table in docs/configuration.md; "
         "the values a run would use: --print-config.",
     )
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="print the resolved config (defaults, --config, overrides) as YAML that --config reads "
                         "back, and exit without training or starting MPI")
     p.add_argument("--extend", action="store_true",
-                   help="continue a (finished) run to a larger train.epochs; the schedule is the new length's (README)")
+                   help="continue a (finished) run to a larger train.epochs; the schedule is the new length's "
+                        "(docs/running.md)")
     p.add_argument("--from-step", type=int, metavar="N",
                    help="resume from the complete checkpoint of step N instead of the newest (later ones are dropped)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

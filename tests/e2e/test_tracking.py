@@ -1,5 +1,5 @@
 """Tracking a run outside hpcgraft: TensorBoard event files (log.tensorboard=true) read back with
-TensorBoard's own reader after a real kill and resume, and the README's pandas snippet on a real run."""
+TensorBoard's own reader after a real kill and resume, and the pandas snippet of docs/running.md on a real run."""
 
 from __future__ import annotations
 
@@ -84,9 +84,9 @@ def test_tensorboard_without_the_package_is_one_line_before_the_run_starts(tmp_p
 
 
 @pytest.mark.mpi
-def test_readme_pandas_snippet_runs_as_printed_on_a_real_run(e2e_run, tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "import pandas" in b)
+def test_docs_pandas_snippet_runs_as_printed_on_a_real_run(e2e_run, tmp_path):
+    doc = (ROOT / "docs" / "running.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "import pandas" in b)
     demo = tmp_path / "runs" / "demo"
     demo.mkdir(parents=True)
     shutil.copy(e2e_run("graft2").out / "metrics.jsonl", demo)

@@ -1,4 +1,4 @@
-"""Every config key is documented and visible: the README's key table names each key of the schema, and
+"""Every config key is documented and visible: the key table of docs/configuration.md names each key of the schema, and
 ``hpcgraft.train --print-config`` prints the resolved config as YAML that ``--config`` reads back."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from tests._util import ROOT, env
 HEADER = "| key | default | meaning |"
 
 
-def readme_keys() -> list[str]:
-    """The keys named in the first column of the README's key table (the one under 'Running real
-    configurations', which ``--help`` points to)."""
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Running real configurations"):]
+def documented_keys() -> list[str]:
+    """The keys named in the first column of the key table in docs/configuration.md (the one under 'Config
+    keys', which ``--help`` points to)."""
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    section = text[text.index("## Config keys"):]
     lines = section[section.index(HEADER):].splitlines()[2:]
     keys = []
     for line in lines:
@@ -29,11 +29,11 @@ def readme_keys() -> list[str]:
     return keys
 
 
-def test_readme_key_table_lists_every_key_of_the_schema():
-    """A key added to hpcgraft/config.py without its README row (or a row for a key that is gone) fails here."""
-    documented, schema = set(readme_keys()), set(valid_keys())
-    assert not schema - documented, f"config keys missing from the README's key table: {sorted(schema - documented)}"
-    assert not documented - schema, f"README key table rows for keys that do not exist: {sorted(documented - schema)}"
+def test_key_table_lists_every_key_of_the_schema():
+    """A key added to hpcgraft/config.py without its row (or a row for a key that is gone) fails here."""
+    documented, schema = set(documented_keys()), set(valid_keys())
+    assert not schema - documented, f"config keys missing from the key table: {sorted(schema - documented)}"
+    assert not documented - schema, f"key table rows for keys that do not exist: {sorted(documented - schema)}"
 
 
 def _train(*args: str) -> subprocess.CompletedProcess:
@@ -67,4 +67,4 @@ def test_print_config_refuses_a_bad_key_with_one_line():
 def test_help_names_where_the_keys_are_documented():
     r = _train("--help")
     assert r.returncode == 0
-    assert "--print-config" in r.stdout and "README.md" in " ".join(r.stdout.split())
+    assert "--print-config" in r.stdout and "docs/configuration.md" in " ".join(r.stdout.split())
