@@ -320,7 +320,7 @@ def validate(cfg: Config) -> None:
     _choice("graft.topology", g.topology, ("ring", "allreduce"))
     _check(g.level != "filter_authors", "graft.level=filter_authors is not available: the authors' filter level "
            "(filter_level_grafting.py, BN()) applies each channel's |gamma| weight to the whole BatchNorm vector and "
-           "conv slice in turn, leaving ~1e-20 of the peer's own BN; it is declared, not reproduced (README); "
+           "conv slice in turn, leaving ~1e-20 of the peer's own BN; it is declared, not reproduced (docs/method.md); "
            "use one of: layer, filter")
     _choice("graft.level", g.level, ("layer", "filter"))
     _choice("graft.reference", g.reference, ("paper", "authors"))

@@ -5,7 +5,7 @@
                              [--reference paper|authors] [--authors-code grafting_cifar|grafting_imagenet|filter_level]
 
 SELF keeps alpha of itself per layer (or filter) and takes 1 - alpha from SOURCE, alpha from the two
-weights' entropies (method.md). This grafts networks trained apart (the authors' checkpoints, exported
+weights' entropies (docs/method.md). This grafts networks trained apart (the authors' checkpoints, exported
 peers, fine-tuned copies) without MPI. Inputs: a PyTorch state dict (.pt/.pth, read with
 ``weights_only=True``, so loading cannot run code), a checkpoint dict holding one under 'state_dict',
 'model' or 'net' ('module.' prefixes of DataParallel are dropped), or an hpcgraft HDF5 peer file.
@@ -83,7 +83,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--bins must be >= 2, got {args.bins}")
     if args.reference == "authors" and args.level != "layer":
         raise InputError("--reference authors grafts at --level layer only (the authors' filter level is not "
-                         "reproduced; see the README)")
+                         "reproduced; see docs/method.md)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ PROG = "hpcgraft.sweep"
 #: baseline: the peers train independently with the config's common learning rate (the papers' baseline is
 #: the plain recipe; per-peer learning rates, train.dlr, belong to the grafted "dlr" columns).
 #: cultivation: lambda = 1 (the distillation term weighted like the cross-entropy, at the config's
-#: temperature); method.md leaves lambda open, and --arm defines other values.
+#: temperature); docs/method.md leaves lambda open, and --arm defines other values.
 ARMS: dict[str, tuple[str, ...]] = {
     "baseline": ("graft.mode=none", "cultivate.lambda=0", "train.dlr=false"),
     "grafting": ("graft.mode=peers", "cultivate.lambda=0"),

@@ -9,7 +9,7 @@
 #   tools/build_horovod.sh [VENV]        (default VENV: .venv)
 #
 # Environment: HPCGRAFT_WHEEL_CACHE (default ~/.cache/hpcgraft/wheels) holds the built wheel;
-# HOROVOD_GPU_OPERATIONS=NCCL etc. pass through for a GPU cluster build (see README).
+# HOROVOD_GPU_OPERATIONS=NCCL etc. pass through for a GPU cluster build (see docs/cluster.md).
 set -euo pipefail
 venv=$(cd "${1:-.venv}" && pwd)
 version=0.28.1

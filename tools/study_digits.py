@@ -8,7 +8,7 @@ only what the arm is about; each seed changes initialisation, data order and aug
 Re-running resumes an interrupted study and skips the runs that finished. The Markdown table it prints
 (mean and sample standard deviation over the seeds of the final test accuracy per peer, of the peers'
 mean and of the ensemble, and of the invalid-filter counts over peers and seeds) is meant to be pasted
-into the README as measured, whatever it shows. Runs go under --out (one directory per arm and seed,
+into docs/running.md as measured, whatever it shows. Runs go under --out (one directory per arm and seed,
 readable by ``python -m hpcgraft.report``); the table is also written to OUT/study.md with the per-seed
 numbers in OUT/study.json.
 """

@@ -8,7 +8,7 @@ configs/digits.yaml and the early-bird monitor (prune.monitor=bn) under mpirun, 
 ``python -m hpcgraft.prune RUN --criterion ... --keep ... --finetune-epochs N --out RUN/prune`` (mpirun,
 one rank per peer) prunes and fine-tunes each peer. Prints a Markdown table (mean +- sample std over
 the seeds of the peers' mean top-1, and the early-bird epoch of each peer from metrics.jsonl) to paste
-into the README as measured, whatever it shows; also OUT/study.md and the per-seed numbers in
+into docs/pruning.md as measured, whatever it shows; also OUT/study.md and the per-seed numbers in
 OUT/study.json. ``python -m hpcgraft.report RUN_DIR ...`` on the run directories plots top-1 against
 the kept fraction.
 """

@@ -72,7 +72,8 @@ def require_horovod(dist: DistOptions) -> None:
     if dist.device != "cpu" and torch.cuda.is_available() and not hvd.nccl_built():
         raise ConfigError(
             f"dist.replicas={replicas} on GPUs needs Horovod built with NCCL, and this one is not; rebuild it with "
-            "HOROVOD_GPU_OPERATIONS=NCCL bash tools/build_horovod.sh .venv (see the README), or set dist.device=cpu"
+            "HOROVOD_GPU_OPERATIONS=NCCL bash tools/build_horovod.sh .venv (see docs/cluster.md), or set "
+            "dist.device=cpu"
         )
     if dist.channels_last:
         raise ConfigError(

@@ -1,7 +1,7 @@
 """The grafting math exactly as the authors' code (fxmeng/filter-grafting) computes it: ``graft.reference=authors``.
 
 The paper's method is :mod:`hpcgraft.method.grafting`. The authors' code differs from it in ways that
-move their published numbers (README, "Differences from the authors' code"); researchers reproducing
+move their published numbers (docs/method.md, "Differences from the authors' code"); researchers reproducing
 those numbers need the code's arithmetic, bit for bit on CPU, not the formulas. Three of their scripts
 graft, each a little differently, and each is reproduced for the models it was written for:
 

@@ -59,7 +59,7 @@ def entropy_tensor(x: torch.Tensor, bins: int = 10) -> torch.Tensor:
 
 
 def entropy(x: torch.Tensor, bins: int = 10) -> float:
-    """Histogram entropy H(W) = -sum_k p_k ln p_k of a tensor's values (method.md, "Entropy criterion")."""
+    """Histogram entropy H(W) = -sum_k p_k ln p_k of a tensor's values (docs/method.md, "Entropy criterion")."""
     return float(entropy_tensor(x, bins))
 
 

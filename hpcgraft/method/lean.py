@@ -8,7 +8,7 @@ weights is large), not merely when it is large on its own. IndivL1 (per-kernel l
 (per-kernel operator norm x BN factor) rank the same kernels one at a time, under one global threshold.
 
 The graph is read off the model by torch.fx, so every architecture built from the supported layers works
-without a per-family table (the README's "Pruning criteria" lists how each layer enters the graph).
+without a per-family table (docs/pruning.md, "Pruning criteria", lists how each layer enters the graph).
 
 Pure torch and numpy on a module: no MPI, no files. The prune command builds masks with
 :func:`kernel_masks`.
@@ -355,7 +355,7 @@ def _flat_args(args: Any) -> list[Any]:
 
 
 class _Reader:
-    """Follows the channels of a traced model and records the graph's ops (the README's "Pruning criteria")."""
+    """Follows the channels of a traced model and records the graph's ops (docs/pruning.md, "Pruning criteria")."""
 
     def __init__(self, model: nn.Module, image_size: int) -> None:
         self.model, self.size = model, image_size

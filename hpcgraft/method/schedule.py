@@ -1,6 +1,6 @@
 """Learning rates as a pure function of the optimizer step, so a resumed run needs only the step count.
 
-Schedules (method.md, "Diversity"): cosine annealing per step (the reference's diversity option), a
+Schedules (docs/method.md, "Diversity"): cosine annealing per step (the reference's diversity option), a
 step schedule (x gamma at milestone epochs; the paper's baseline), or constant; an optional linear
 warm-up; and ``dlr``, which gives peer i of K the initial rate lr * (1 + cos(pi * (K - i) / K)) / 2.
 """

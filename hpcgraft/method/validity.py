@@ -1,7 +1,7 @@
 """Invalid filters of a network, per conv layer: by l1 norm (the papers' criterion) and by entropy.
 
 A filter is one output channel of a conv layer. It is invalid at threshold t when its l1 norm is below t
-(method.md, "Reason"); the entropy criterion counts filters whose weights' histogram entropy (10 bins over
+(docs/method.md, "Reason"); the entropy criterion counts filters whose weights' histogram entropy (10 bins over
 the filter's own range, as grafting computes it) is below a threshold: a filter with most of its weights
 in one bin varies little whatever its scale. For scale: ln 10 = 2.30 is the most 10 bins can hold,
 freshly initialised 3x3 filters have about 1.7 to 2.0 (depthwise ones, 9 weights, down to about 1), and

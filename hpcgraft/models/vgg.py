@@ -43,7 +43,7 @@ INITS = ("kaiming", "pytorch")
 def initialise(model: nn.Module, init: str) -> nn.Module:
     """``kaiming``: He-normal conv and linear weights (hpcgraft's default for every model); ``pytorch``:
     the layers' own defaults, which is what the authors' VGG and MobileNetV2 train from (item 8 of the
-    README's differences): reproducing their numbers needs their starting point."""
+    differences in docs/method.md): reproducing their numbers needs their starting point."""
     if init not in INITS:
         raise ValueError(f"model.init={init!r} is not allowed; use one of: {', '.join(INITS)}")
     return kaiming_init(model) if init == "kaiming" else model

@@ -89,7 +89,7 @@ def test_dlr_gives_each_of_three_peers_its_rate(e2e_run):
     metrics = e2e_run("allreduce3_dlr").metrics()
     for row in peers_of(metrics):
         i, k, steps = row["peer"] + 1, 3, row["step"]
-        base = 0.1 * (1 + math.cos(math.pi * (k - i) / k)) / 2  # method.md, "Diversity"
+        base = 0.1 * (1 + math.cos(math.pi * (k - i) / k)) / 2  # docs/method.md, "Diversity"
         # cosine annealing per step over the run's `steps` steps; the row holds the rate of the last step
         assert row["lr"] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * (steps - 1) / steps)), rel=1e-9)
     assert [r["lr"] for r in sorted(peers_of(metrics), key=lambda r: r["peer"])] == sorted(

@@ -1,5 +1,6 @@
-"""Items 7 and 8 of the README's differences as options: ``data.reference=authors`` (the authors' CIFAR
-pipeline) and ``model.init=pytorch`` (the layer defaults their VGG and MobileNetV2 start from)."""
+"""Rows 7 and 8 of the differences from the authors' code (docs/method.md) as options:
+``data.reference=authors`` (the authors' CIFAR pipeline) and ``model.init=pytorch`` (the layer defaults their
+VGG and MobileNetV2 start from)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """``graft.reference=authors`` against a literal port of the authors' code (tests/authors_port.py), on
 every model they ship, and ``graft.reference=paper`` against it item by item: each declared difference
-(README, "Differences from the authors' code") shows up where it should and nowhere else."""
+(docs/method.md, "Differences from the authors' code") shows up where it should and nowhere else."""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def test_override_values_are_yaml():
 
 
 def test_dlr_matches_the_method():
-    # method.md: peer i of K (i = 1..K) starts at lr * (1 + cos(pi * (K - i) / K)) / 2
+    # docs/method.md: peer i of K (i = 1..K) starts at lr * (1 + cos(pi * (K - i) / K)) / 2
     for k in (2, 3, 4, 8):
         for p in range(k):
             i = p + 1

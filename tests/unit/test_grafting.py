@@ -1,4 +1,4 @@
-"""The grafting math against calculations written here from method.md (numpy and plain Python, never
+"""The grafting math against calculations written here from docs/method.md (numpy and plain Python, never
 the code under test), and the offline command ``python -m hpcgraft.graft``."""
 
 from __future__ import annotations
