@@ -1,4 +1,4 @@
-"""Benchmark of the grafting exchange (issue 7): bytes per second of hpcgraft's ring and allreduce
+"""Benchmark of the grafting exchange: bytes per second of hpcgraft's ring and allreduce
 transfers for a ResNet-50 state, against raw MPI operations on the same number of bytes.
 
     .venv/bin/python tools/bench_exchange.py [--ranks 2 3 4] [--repeats 15]

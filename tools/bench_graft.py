@@ -1,4 +1,4 @@
-"""Benchmark of one grafting round (issue 2): hpcgraft's in-memory exchange against the floor (a raw
+"""Benchmark of one grafting round: hpcgraft's in-memory exchange against the floor (a raw
 MPI Sendrecv of the same bytes) and against the file-based round of the authors' code.
 
     .venv/bin/python tools/bench_graft.py            (re-launches itself as `mpirun -np 2`)

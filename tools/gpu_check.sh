@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (issue 16): every CUDA path of hpcgraft, PASS/FAIL per item with its figures, in at most
+# The GPU check: every CUDA path of hpcgraft, PASS/FAIL per item with its figures, in at most
 # 8 minutes on one GPU machine. The items are in tools/gpu_check.py; this script prepares the Python.
 #
 #   bash tools/gpu_wheels.sh                  here, once: the wheels the GPU machine cannot download

@@ -39,7 +39,7 @@ def say_last_words(text: str, fd: int = 2) -> None:
 
     MPI_Abort makes the launcher kill every rank and stop forwarding their output; a message still in a
     buffer, or still in the pipe when that happens, is lost, and the job's output ends at "Traceback (most
-    recent call last):" (issue 11, item 4). So the message goes out in as few write calls as the pipe
+    recent call last):", with no cause. So the message goes out in as few write calls as the pipe
     allows, past Python's buffers, and on a pipe the rank waits (bounded) until the launcher has read it."""
     with contextlib.suppress(ValueError, OSError):
         sys.stderr.flush()
@@ -59,7 +59,7 @@ def say_last_words(text: str, fd: int = 2) -> None:
 def abort(comm: MPI.Comm, message: str, code: int = EXIT_FAILURE, detail: str = "") -> None:
     """Print one line naming this rank (after ``detail``, a traceback), then take every rank of the job down."""
     say_last_words(f"{detail}hpcgraft: rank {comm.Get_rank()}: {message}\n")
-    unlink_shared_memory()  # MPI_Finalize, which would remove it, never comes (issue 11, item 14)
+    unlink_shared_memory()  # MPI_Finalize, which would remove it, never comes, and /dev/shm would keep it
     if comm.Get_size() > 1:
         comm.Abort(code)
     sys.exit(code)

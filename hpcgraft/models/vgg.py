@@ -42,7 +42,7 @@ INITS = ("kaiming", "pytorch")
 
 def initialise(model: nn.Module, init: str) -> nn.Module:
     """``kaiming``: He-normal conv and linear weights (hpcgraft's default for every model); ``pytorch``:
-    the layers' own defaults, which is what the authors' VGG and MobileNetV2 train from (item 8 of the
+    the layers' own defaults, which is what the authors' VGG and MobileNetV2 train from (row 8 of the
     differences in docs/method.md): reproducing their numbers needs their starting point."""
     if init not in INITS:
         raise ValueError(f"model.init={init!r} is not allowed; use one of: {', '.join(INITS)}")

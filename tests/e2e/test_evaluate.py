@@ -1,4 +1,4 @@
-"""Evaluating and continuing runs (issue 15): ``python -m hpcgraft.evaluate`` against what real runs
+"""Evaluating and continuing runs: ``python -m hpcgraft.evaluate`` against what real runs
 recorded, top-5 in metrics.jsonl on a synthetic 12-class ImageFolder, ``train.init_from``, ``--extend``,
 ``--from-step`` and ``checkpoint export --best``; bad input is one line and exit 2."""
 

@@ -1,4 +1,4 @@
-"""The GPU check's dry run (issue 16): tools/gpu_check.sh --cpu --fast runs every item of the check on
+"""The GPU check's dry run: tools/gpu_check.sh --cpu --fast runs every item of the check on
 the CPU, so that the script a GPU machine runs cannot rot between the sessions that are lent one."""
 
 import subprocess

@@ -1,4 +1,4 @@
-"""Issue 11 end to end: real jobs racing for one run directory, failures that always say why, signals
+"""Hardening end to end: real jobs racing for one run directory, failures that always say why, signals
 during start-up, and no shared-memory segment left behind."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _holder(lock: Path, job: subprocess.Popen) -> int:
 
 
 def test_a_job_started_while_another_runs_is_refused_and_a_killed_holder_is_taken_over(tmp_path):
-    """The holder is a real mpirun job stalled after step 2; its rank is then killed with kill -9 (item 14:
+    """The holder is a real mpirun job stalled after step 2; its rank is then killed with kill -9 (and
     its supervisor removes the job's shared memory, which the session's check sees)."""
     out = tmp_path / "run"
     job = _start(out, "graft.mode=none", "train.epochs=1", np=1, environ={**env(), "HPCGRAFT_INJECT": "0:2:sleep"})
@@ -78,7 +78,7 @@ def test_a_job_started_while_another_runs_is_refused_and_a_killed_holder_is_take
     assert _rows(out) == [(1, 0), (1, None)]
 
 
-# ------------------------------------------------------------------------------------------ item 4
+# ---------------------------------------------------------------- a failing rank's cause always arrives
 @pytest.fixture
 def busy_cores() -> object:
     """Two spinning processes: the failing rank's message must arrive on a loaded machine too."""
@@ -103,7 +103,7 @@ def test_the_failing_ranks_cause_always_arrives(busy_cores):
     assert not lost, lost
 
 
-# ------------------------------------------------------------------------------------------ item 8
+# ----------------------------------------------------------------------------- stop signals are never lost
 @pytest.mark.parametrize(("sig", "after_s"), [(signal.SIGTERM, 0.3), (signal.SIGUSR1, 1.2), (signal.SIGTERM, 3.0)])
 def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path, sig, after_s):
     """Whenever the signal lands (the supervisors, MPI and torch still starting, or the data loading), the
@@ -124,7 +124,7 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path, s
         assert list((out / "checkpoints").glob("step-*"))
 
 
-# ------------------------------------------------------------------------------------------ item 13
+# ------------------------------------------------------------------------ NaN peers and cultivation
 def test_a_nan_peer_does_not_poison_cultivation_and_all_nan_fails(tmp_path):
     """Peer 1 goes NaN at step 3 while cultivating: peer 0 trains on, finite. When every peer goes NaN
     the run fails (exit 1, status "failed") instead of finishing."""

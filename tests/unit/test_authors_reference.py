@@ -1,5 +1,5 @@
 """``graft.reference=authors`` against a literal port of the authors' code (tests/authors_port.py), on
-every model they ship, and ``graft.reference=paper`` against it item by item: each declared difference
+every model they ship, and ``graft.reference=paper`` against it row by row: each declared difference
 (docs/method.md, "Differences from the authors' code") shows up where it should and nowhere else."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def _alpha_of(grafted: torch.Tensor, own: torch.Tensor, source: torch.Tensor) ->
     return float(((grafted.double().reshape(-1) - source.double().reshape(-1)) @ d) / (d @ d))
 
 
-def test_linear_layer_reuses_the_last_conv_alpha_only_in_the_authors_code() -> None:  # item 2
+def test_linear_layer_reuses_the_last_conv_alpha_only_in_the_authors_code() -> None:  # row 2 of the differences
     own, source = peer_states(MODELS["resnet32"][0], trained=True)
     last_conv = [k for k in own if own[k].dim() == 4][-1]
     theirs, _ = grafting.graft_state(own, source, reference="authors")
@@ -122,7 +122,7 @@ def test_linear_layer_reuses_the_last_conv_alpha_only_in_the_authors_code() -> N
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2", "resnet18"])
-def test_shortcut_convs_reuse_the_previous_alpha_only_in_the_authors_code(name: str) -> None:  # item 3
+def test_shortcut_convs_reuse_the_previous_alpha_only_in_the_authors_code(name: str) -> None:  # row 3
     build, code, _ = MODELS[name]
     own, source = peer_states(build, trained=True)
     keys = list(own)
@@ -141,7 +141,7 @@ def test_shortcut_convs_reuse_the_previous_alpha_only_in_the_authors_code(name: 
     assert differs
 
 
-def test_vgg_conv_bias_and_linear_never_mix_in_the_authors_code() -> None:  # item 4
+def test_vgg_conv_bias_and_linear_never_mix_in_the_authors_code() -> None:  # row 4
     own, source = peer_states(MODELS["vgg16_bn"][0], trained=True)
     theirs, _ = grafting.graft_state(own, source, reference="authors", code="filter_level")
     paper, _ = grafting.graft_state(own, source)
@@ -153,7 +153,7 @@ def test_vgg_conv_bias_and_linear_never_mix_in_the_authors_code() -> None:  # it
         assert not torch.equal(paper[key], own[key]), key
 
 
-def test_num_batches_tracked_is_mixed_as_float_and_truncated_only_in_the_authors_code() -> None:  # item 6
+def test_num_batches_tracked_is_mixed_as_float_and_truncated_only_in_the_authors_code() -> None:  # row 6
     own, source = peer_states(MODELS["resnet32"][0], trained=True)
     theirs, report = grafting.graft_state(own, source, reference="authors")
     paper, _ = grafting.graft_state(own, source)

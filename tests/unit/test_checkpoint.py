@@ -333,7 +333,7 @@ def test_cli_errors_are_one_line(run_with_checkpoints, tmp_path, capsys):
     ckpt = run_dir / CKPT / "step-000000006"
 
     def error(argv: list[str]) -> str:
-        assert main(argv) == 2  # bad input, as the README promises (issue 11, item 7)
+        assert main(argv) == 2  # bad input, as docs/failures.md promises
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("hpcgraft: error: ")
         return err

@@ -26,7 +26,8 @@ RANK = {
     "train": 5, "launch": 5, "sweep": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5, "evaluate": 5,
     "prune": 5,
 }
-# The explicit rules, on top of the ranks.
+# Pairs that the ranks alone would allow but the layering forbids: the math never reaches MPI or storage, and
+# the MPI layer never reads configuration, data or storage, so each can be used and tested alone.
 FORBIDDEN = {
     "method": {"dist", "storage"},
     "dist": {"config", "data", "storage"},

@@ -1,4 +1,4 @@
-"""The run directory's lock (issue 11, item 3): one job per run directory, the holder named, stale locks
+"""The run directory's lock: one job per run directory, the holder named, stale locks
 taken over. Real concurrent jobs are in tests/e2e/test_hardening.py; here the file-system cases."""
 
 from __future__ import annotations

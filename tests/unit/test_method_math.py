@@ -52,7 +52,7 @@ def test_mean_of_others_excludes_the_peer_itself(peers):
 
 
 def test_mean_of_others_leaves_out_non_finite_peers():
-    """Issue 11, item 13: one NaN peer must not make every distillation target NaN."""
+    """One NaN peer must not make every distillation target NaN: its logits are left out of the mean."""
     logits = torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0))
     logits[2, 1, 3] = float("nan")
     np.testing.assert_array_equal(mean_of_others(logits, 0, 2.0).numpy(), mean_of_others(logits[:2], 0, 2.0).numpy())

@@ -124,7 +124,7 @@ def test_missing_horovod_is_one_line_naming_the_install(monkeypatch):
     assert "install it with bash tools/build_horovod.sh .venv" in message and "dist.replicas=1" in message
 
 
-# ------------------------------------------------------------------ issue 11: bad input decided before training
+# ---------------------------------------------------------------------------- bad input decided before training
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -205,7 +205,7 @@ def test_a_garbage_saved_config_is_one_line(capsys, tmp_path, stop_signals_kept)
 
 def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_torn_log_line(
         capsys, tmp_path, stop_signals_kept, monkeypatch):
-    """Item 9: run.h5 holds the config when config.yaml is gone; item 11: a torn last metrics line is dropped."""
+    """run.h5 holds the config when config.yaml is gone, and a torn last metrics line is dropped."""
     out = tmp_path / "run"
     monkeypatch.setenv("HPCGRAFT_INJECT", "0:25:usr1")  # a stop in epoch 2, after epoch 1's checkpoint
     rc, _, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
@@ -227,7 +227,7 @@ def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_to
 
 
 def test_a_full_disk_is_one_line_naming_the_directory_and_the_space(capsys, tmp_path, stop_signals_kept, monkeypatch):
-    """Item 12: HDF5 failing for lack of space ends the run with exit 1 and one line, not its error stack;
+    """HDF5 failing for lack of space ends the run with exit 1 and one line, not its error stack;
     the disk is made "full" where the checkpoint is written and where free space is read."""
     import shutil as shutil_module
     from collections import namedtuple
@@ -282,7 +282,8 @@ def _far_progress(f: h5py.File) -> None:
 @pytest.mark.parametrize("tamper", [_wrong_shape, _far_progress], ids=["wrong-shape", "progress-epoch-1000"])
 def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
         capsys, tmp_path, stop_signals_kept, monkeypatch, tamper):
-    """Item 10: CRCs regenerated over a wrong dataset; the run falls back to the previous checkpoint."""
+    """CRCs regenerated over a wrong dataset (they prove only that files are as written); the run falls back to
+    the previous checkpoint."""
     out = tmp_path / "run"
     monkeypatch.setenv("HPCGRAFT_INJECT", "0:25:usr1")
     rc, _, err = run_main(capsys, tmp_path, "graft.mode=none", "train.epochs=2")
