@@ -46,3 +46,23 @@ def test_the_docs_index_and_the_readme_name_every_docs_page() -> None:
     readme = {Path(t.partition("#")[0]).name for t in links(ROOT / "README.md") if t.startswith("docs/")}
     assert not pages - index, f"docs/README.md does not list {sorted(pages - index)}"
     assert not pages - readme, f"README.md does not link {sorted(pages - readme)}"
+
+
+def test_the_readme_stays_a_front_door() -> None:
+    """Reference, tutorial, figures and design live in docs/; the README keeps what a newcomer reads first."""
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 300, f"README.md has {lines} lines; move sections into docs/ (at most 300)"
+
+
+# An upstream project's bug tracker is a reason a reader can follow; our own tracker's numbers are not.
+UPSTREAM = re.compile(r"\b(horovod|pytorch|torch|mpich|mpi4py|h5py|submitit) issue \d+", re.I)
+TRACKER = re.compile(r"\b(issues?|items?|audit)\s+#?\d+\b|#\d{1,2}\b", re.I)
+
+
+def test_no_text_cites_our_tracker_instead_of_saying_why() -> None:
+    files = [p for d in ("hpcgraft", "tests", "tools", "docs") for p in (ROOT / d).rglob("*")
+             if p.suffix in {".py", ".md", ".sh", ".yaml"} and "data" not in p.relative_to(ROOT).parts[:2]]
+    cited = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}" for p in [*files, ROOT / "README.md"]
+             for n, line in enumerate(p.read_text().splitlines(), 1)
+             if TRACKER.search(UPSTREAM.sub("", line))]
+    assert not cited, "say why, not which issue or item asked for it:\n" + "\n".join(cited)
