@@ -10,7 +10,7 @@ supervisor (``PR_SET_PDEATHSIG``), so a launcher that kills the supervisor never
 
 Stop signals (SIGUSR1, SIGTERM) are held (blocked) from the first moment of the process, across the
 child's exec and its imports of MPI and torch, until the rank has installed its own handlers
-(:func:`hpcgraft.dist.failure.catch_stop_signals`): a signal during start-up is then delivered, recorded
+(:func:`hpcgraft.comm.failure.catch_stop_signals`): a signal during start-up is then delivered, recorded
 and honoured at the first step, instead of killing a rank that cannot yet checkpoint. The supervisor
 passes the signals it receives on to the child; one that also reached the child directly (a launcher
 signalling the process group) is harmless: a rank only records them.

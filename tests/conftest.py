@@ -72,7 +72,7 @@ def _one_torch_thread() -> Iterator[None]:
 def stop_signals_kept() -> Iterator[None]:
     """For tests that call the training command's main in process: it records SIGUSR1/SIGTERM, and the test
     process gets its own handlers back afterwards."""
-    from hpcgraft.dist import failure
+    from hpcgraft.comm import failure
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     failure._stop_signal = None  # a signal recorded by an earlier in-process run is not this test's

@@ -87,7 +87,7 @@ E2E_RUNS = ["cultivate_only", "solo_1ep", "filter_cultivated", "noise", "self_fi
             "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo", "eb_bn", "eb_spline"]
 
 # The ranks' program for `without_horovod`: Horovod cannot be imported, and must not be for R = 1.
-NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.train import main; "
+NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.cli.train import main; "
               "rc = main(sys.argv[1:]); assert 'horovod.torch' not in sys.modules; sys.exit(rc)")
 # Variables the tests set around their own runs (fault injection, replica checks): never inherited.
 TEST_VARIABLES = ("HPCGRAFT_INJECT", "HPCGRAFT_CHECK_REPLICAS")

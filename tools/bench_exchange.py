@@ -38,7 +38,7 @@ def worker(repeats: int) -> None:
     from bench_graft import resnet50_state
     from mpi4py import MPI
 
-    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.comm.exchange import GraftExchange
     from hpcgraft.method import grafting
 
     comm = MPI.COMM_WORLD

@@ -58,7 +58,7 @@ if __name__ == "__main__" and launcher_rank() is None:
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from hpcgraft.dist.exchange import GraftExchange  # noqa: E402
+from hpcgraft.comm.exchange import GraftExchange  # noqa: E402
 from hpcgraft.method import grafting  # noqa: E402
 from hpcgraft.models import create_model  # noqa: E402
 

@@ -59,7 +59,7 @@ def mpirun() -> str:
 def rounds_main(models: list[str], repeats: int, out: str) -> None:
     from mpi4py import MPI
 
-    from hpcgraft.dist.exchange import GraftExchange
+    from hpcgraft.comm.exchange import GraftExchange
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()

@@ -38,9 +38,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     from mpi4py import MPI
 
-    from hpcgraft.dist.exchange import GraftExchange
-    from hpcgraft.dist.replicas import ShardedTransport
-    from hpcgraft.dist.world import init_world, torch_threads
+    from hpcgraft.comm.exchange import GraftExchange
+    from hpcgraft.comm.replicas import ShardedTransport
+    from hpcgraft.comm.world import init_world, torch_threads
     from hpcgraft.models import create_model
 
     world = init_world(args.replicas, MPI.COMM_WORLD)

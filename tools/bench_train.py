@@ -41,9 +41,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_data import write_cifar10  # noqa: E402
 
+from hpcgraft.comm.failure import StopRequest  # noqa: E402
+from hpcgraft.comm.world import init_world  # noqa: E402
 from hpcgraft.config import load_config  # noqa: E402
-from hpcgraft.dist.failure import StopRequest  # noqa: E402
-from hpcgraft.dist.world import init_world  # noqa: E402
 from hpcgraft.models import create_model  # noqa: E402
 from hpcgraft.training.loop import train_one_epoch  # noqa: E402
 from hpcgraft.training.peer import build_peer  # noqa: E402

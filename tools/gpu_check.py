@@ -237,9 +237,9 @@ def rank_graft(device: str, out: Path) -> None:
     import torch
     from mpi4py import MPI
 
+    from hpcgraft.comm.failure import StopRequest, abort_on_error
+    from hpcgraft.comm.world import init_world
     from hpcgraft.config import load_config
-    from hpcgraft.dist.failure import StopRequest, abort_on_error
-    from hpcgraft.dist.world import init_world
     from hpcgraft.method import grafting
     from hpcgraft.training.loop import graft, train_one_epoch
     from hpcgraft.training.peer import build_peer, make_exchange

@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hpcgraft import sweep  # noqa: E402
-from hpcgraft.report import Run, load_run  # noqa: E402
+from hpcgraft.cli import sweep  # noqa: E402
+from hpcgraft.cli.report import Run, load_run  # noqa: E402
 
 ARMS = ("baseline", "grafting", "cultivation", "grafting+cultivation")
 THRESHOLDS = ("0.1", "0.01")

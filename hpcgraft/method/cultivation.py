@@ -2,7 +2,7 @@
 
 Each step every peer adds lambda * T^2 * KL(q_others || q_self), where q = softmax(logits / T) and
 q_others is the mean of the other peers' softened predictions. Peers must draw identical batches while
-cultivation is on; the logits travel between them in :mod:`hpcgraft.dist.logits`.
+cultivation is on; the logits travel between them in :mod:`hpcgraft.comm.logits`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ tensors of the same module (bias) and the normalisation layer that directly foll
 weight, bias, running mean and variance). A whole group is mixed with one coefficient, computed from
 the entropies of the anchors (or one per output filter at filter level). Integer buffers are left alone.
 
-The distributed exchange (:mod:`hpcgraft.dist.exchange`) and the offline command (:mod:`hpcgraft.graft`) both
+The distributed exchange (:mod:`hpcgraft.comm.exchange`) and the offline command (:mod:`hpcgraft.graft`) both
 call these functions, so a grafted peer is bit-for-bit what :func:`graft_state` computes.
 """
 

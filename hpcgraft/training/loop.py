@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hpcgraft.comm import mpi
+from hpcgraft.comm.exchange import all_finite
+from hpcgraft.comm.failure import StopRequest
+from hpcgraft.comm.world import agreed, check_peers_agree, init_world, log
 from hpcgraft.config import Config, load_config
-from hpcgraft.dist import mpi
-from hpcgraft.dist.exchange import all_finite
-from hpcgraft.dist.failure import StopRequest
-from hpcgraft.dist.world import agreed, check_peers_agree, init_world, log
 from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunError
 from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others

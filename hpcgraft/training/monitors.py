@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcgraft.comm.world import gather_peers
 from hpcgraft.config import Config
 from hpcgraft.data import ImageSet
-from hpcgraft.dist.world import gather_peers
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import earlybird as eb
 

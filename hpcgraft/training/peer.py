@@ -12,14 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from hpcgraft.comm.exchange import GraftExchange
+from hpcgraft.comm.failure import Watchdog
+from hpcgraft.comm.logits import PeerLogits
+from hpcgraft.comm.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
+from hpcgraft.comm.world import World, start_ranks, torch_threads
 from hpcgraft.config import Config
 from hpcgraft.data import BatchLoader, ImageSet, build_datasets
 from hpcgraft.data.memory import InMemoryImages
-from hpcgraft.dist.exchange import GraftExchange
-from hpcgraft.dist.failure import Watchdog
-from hpcgraft.dist.logits import PeerLogits
-from hpcgraft.dist.replicas import ReplicaGroup, SingleReplica, replica_group, require_horovod
-from hpcgraft.dist.world import World, start_ranks, torch_threads
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule

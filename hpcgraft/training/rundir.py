@@ -21,9 +21,9 @@ import numpy as np
 import torch
 import yaml
 
+from hpcgraft.comm import mpi
+from hpcgraft.comm.world import World, log, start_ranks
 from hpcgraft.config import Config, config_from_dict
-from hpcgraft.dist import mpi
-from hpcgraft.dist.world import World, log, start_ranks
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager, complete_checkpoints

@@ -162,8 +162,8 @@ def test_sharded_graft_is_the_unsharded_graft():
 def test_channels_last_with_replicas_is_one_line():
     """Decided before any MPI work: checked in process, with the real Horovod. (The other layout errors
     are in tests/unit/test_setup_errors.py.)"""
+    from hpcgraft.comm.replicas import require_horovod
     from hpcgraft.config import load_config
-    from hpcgraft.dist.replicas import require_horovod
     from hpcgraft.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(
@@ -178,11 +178,11 @@ def graft_check() -> None:
     with the sharded exchange, and compare with graft_state and with the unsharded exchange."""
     import torch
 
+    from hpcgraft.comm.exchange import GraftExchange
+    from hpcgraft.comm.failure import StopRequest
+    from hpcgraft.comm.replicas import ShardedTransport
+    from hpcgraft.comm.world import init_world
     from hpcgraft.config import load_config
-    from hpcgraft.dist.exchange import GraftExchange
-    from hpcgraft.dist.failure import StopRequest
-    from hpcgraft.dist.replicas import ShardedTransport
-    from hpcgraft.dist.world import init_world
     from hpcgraft.method import grafting
     from hpcgraft.training import loop as htrain
     from hpcgraft.training.peer import build_peer, make_exchange

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcgraft import launch
+from hpcgraft.cli import submit as launch
 from hpcgraft.errors import ConfigError
 from hpcgraft.supervise import SHM_LOG
 from hpcgraft.text import plural

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpcgraft import report
+from hpcgraft.cli import report
 from hpcgraft.errors import EXIT_REQUEUE
 from hpcgraft.models import create_model
 from hpcgraft.models.dgconv import apply_dgconv, dgconv_layers

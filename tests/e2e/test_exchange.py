@@ -92,8 +92,8 @@ def run_ranks(out_dir: Path) -> None:
     """Every scenario on every rank; pre/post states and the round's result go to ``out_dir``."""
     from mpi4py import MPI
 
-    from hpcgraft.dist.exchange import GraftExchange
-    from hpcgraft.dist.failure import abort_on_error
+    from hpcgraft.comm.exchange import GraftExchange
+    from hpcgraft.comm.failure import abort_on_error
     from hpcgraft.errors import NonFiniteWeightsError
 
     comm = MPI.COMM_WORLD
@@ -259,7 +259,7 @@ def test_a_peer_holding_nan_stops_every_peer(world, topology):
 def test_packing_mixed_dtypes_round_trips():
     """PackedTensors on its own: one buffer per dtype, views shaped like the tensors, the large ones
     outside the packed block; packing and weighting keep every value."""
-    from hpcgraft.dist.exchange import DIRECT_BYTES, PackedTensors
+    from hpcgraft.comm.exchange import DIRECT_BYTES, PackedTensors
 
     state = make_state(BY_NAME["ring-mixed"], 0)
     tensors = [t for t in state.values() if t.is_floating_point()]

@@ -10,8 +10,8 @@ import sys
 import pytest
 from PIL import Image
 
-from hpcgraft import analyze, report
-from hpcgraft.report import graft_matrix, load_run
+from hpcgraft.cli import analyze, report
+from hpcgraft.cli.report import graft_matrix, load_run
 from tests._util import ROOT, env, jsonl
 
 

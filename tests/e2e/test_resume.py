@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcgraft import train as train_command
+from hpcgraft.cli import train as train_command
 from hpcgraft.errors import EXIT_REQUEUE
 from hpcgraft.storage.tree import read_tree
 from tests._util import MPIRUN, ROOT, env, jsonl, train

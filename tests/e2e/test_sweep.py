@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpcgraft import launch, sweep
+from hpcgraft.cli import submit as launch
+from hpcgraft.cli import sweep
 from tests._util import ROOT, env, jsonl
 
 TINY = ["train.epochs=1", "log.progress=off", "dist.threads=1", "checkpoint.keep=1"]

@@ -71,7 +71,7 @@ def test_tensorboard_events_hold_each_logged_step_once_after_a_kill_and_resume(e
 
 
 def test_tensorboard_without_the_package_is_one_line_before_the_run_starts(tmp_path):
-    hidden = ("import sys; sys.modules['tensorboard'] = None; from hpcgraft.train import main; "
+    hidden = ("import sys; sys.modules['tensorboard'] = None; from hpcgraft.cli.train import main; "
               "sys.exit(main(sys.argv[1:]))")
     r = subprocess.run([sys.executable, "-c", hidden, "--config", str(ROOT / "configs/digits.yaml"), "--out",
                         str(tmp_path / "run"), "graft.mode=none", "log.tensorboard=true"],

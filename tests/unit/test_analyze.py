@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hpcgraft import analyze, report
+from hpcgraft.cli import analyze, report
 from hpcgraft.method.grafting import count_invalid_filters
 from hpcgraft.method.validity import analyze_state, totals
 from hpcgraft.models import create_model

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcgraft import graft
+from hpcgraft.cli import graft
 from hpcgraft.config import load_config
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting

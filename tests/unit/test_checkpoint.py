@@ -17,7 +17,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from hpcgraft.checkpoint import main
+from hpcgraft.cli.checkpoint import main
 from hpcgraft.errors import CheckpointError
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
 from hpcgraft.storage.tree import read_tree, write_tree
@@ -365,8 +365,8 @@ OLD_RUN = Path(__file__).resolve().parents[1] / "data" / "run-before-relayout"  
 def test_a_checkpoint_written_before_the_relayout_loads_into_a_peer(tmp_path, capsys):
     """One peer, one digits epoch, written by the flat-module code (commit 9701551): the manifest verifies,
     the tree loads into a peer built from the run's own config, and the peer saves the same tree again."""
+    from hpcgraft.comm.world import World
     from hpcgraft.config import load_config
-    from hpcgraft.dist.world import World
     from hpcgraft.training.peer import build_peer
 
     run = shutil.copytree(OLD_RUN, tmp_path / "run")

@@ -59,8 +59,8 @@ def test_cultivating_peers_draw_identical_batches():
     while distilling, each peer its own order otherwise; the networks start different either way."""
     from mpi4py import MPI
 
+    from hpcgraft.comm.world import World
     from hpcgraft.config import load_config
-    from hpcgraft.dist.world import World
     from hpcgraft.training.peer import build_peer
 
     self_ = MPI.COMM_SELF

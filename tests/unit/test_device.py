@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from hpcgraft.comm.exchange import PackedTensors
+from hpcgraft.comm.failure import StopRequest
+from hpcgraft.comm.world import init_world
 from hpcgraft.config import load_config
 from hpcgraft.data import build_datasets
-from hpcgraft.dist.exchange import PackedTensors
-from hpcgraft.dist.failure import StopRequest
-from hpcgraft.dist.world import init_world
 from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import create_model, list_models

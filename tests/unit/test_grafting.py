@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from hpcgraft import graft
+from hpcgraft.cli import graft
 from hpcgraft.method import grafting
 from hpcgraft.storage.tree import write_tree
 from tests.reference import entropy_weighted_mean

@@ -38,7 +38,7 @@ def test_key_table_lists_every_key_of_the_schema():
 
 def _train(*args: str) -> subprocess.CompletedProcess:
     # In a plain process, as a user types it; the check after main() proves MPI was never started.
-    code = ("import sys; from hpcgraft.train import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from hpcgraft.cli.train import main; rc = main(sys.argv[1:]); "
             "assert 'mpi4py.MPI' not in sys.modules, 'MPI started'; sys.exit(rc)")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env(), cwd=ROOT,
                           timeout=120)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from hpcgraft import report
+from hpcgraft.cli import report
 from hpcgraft.config import load_config
 from hpcgraft.method.validity import analyze_state
 from hpcgraft.models import create_model

@@ -13,11 +13,11 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcgraft import train
+from hpcgraft.cli import train
+from hpcgraft.comm import failure
+from hpcgraft.comm.replicas import require_horovod
+from hpcgraft.comm.world import agreed, check_peers_agree, init_world
 from hpcgraft.config import load_config
-from hpcgraft.dist import failure
-from hpcgraft.dist.replicas import require_horovod
-from hpcgraft.dist.world import agreed, check_peers_agree, init_world
 from hpcgraft.errors import ConfigError, LayoutError, PeerMismatchError, SetupError
 from hpcgraft.training.peer import check_peer_count
 from tests._util import ROOT

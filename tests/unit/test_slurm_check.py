@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
+from hpcgraft.cli.slurm import main as write_main
 from hpcgraft.config import load_config
 from hpcgraft.errors import ConfigError
 from hpcgraft.slurm import SCRIPTS
-from hpcgraft.slurm.__main__ import main as write_main
 from hpcgraft.slurm.check import LAUNCH_OPTIONS, SCRIPT_VARIABLES, Partition, Shape, refusal
 from hpcgraft.training.peer import check_peer_count
 from tests._util import ROOT, env

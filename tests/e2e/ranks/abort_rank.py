@@ -12,8 +12,8 @@ if __name__ == "__main__":
     if should_supervise():  # as the training command runs under a launcher
         sys.exit(supervise([sys.executable, __file__, *sys.argv[1:]]))
 
-    from hpcgraft.dist import mpi
-    from hpcgraft.dist.failure import abort_on_error
+    from hpcgraft.comm import mpi
+    from hpcgraft.comm.failure import abort_on_error
 
     def fail(depth: int) -> None:
         """As deep as a training step's traceback: many lines, each one a write of an unpatched abort."""

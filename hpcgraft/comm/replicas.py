@@ -1,6 +1,6 @@
 """Peers that span several ranks: R data-parallel replicas per peer, with Horovod.
 
-Layout (:func:`hpcgraft.dist.world.init_world`): peer p owns world ranks p*R .. p*R+R-1, replica r = rank % R.
+Layout (:func:`hpcgraft.comm.world.init_world`): peer p owns world ranks p*R .. p*R+R-1, replica r = rank % R.
 Within a peer, :class:`ReplicaGroup` is the peer's Horovod process set: ``horovod.torch.DistributedOptimizer``
 averages the gradients over it, so replicas that start from the same (broadcast) state stay identical
 step after step. Between peers, the exchange with a :class:`ShardedTransport` grafts over ``graft_comm`` (replica r of
@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import nn
 
-from hpcgraft.dist import mpi
-from hpcgraft.dist.exchange import GraftExchange, Guard, Mixer, PackedTensors
-from hpcgraft.dist.world import World, log
+from hpcgraft.comm import mpi
+from hpcgraft.comm.exchange import GraftExchange, Guard, Mixer, PackedTensors
+from hpcgraft.comm.world import World, log
 from hpcgraft.errors import ConfigError, ReplicaMismatchError
 from hpcgraft.method import grafting
 

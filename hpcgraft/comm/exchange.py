@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from hpcgraft.dist import mpi
+from hpcgraft.comm import mpi
 from hpcgraft.errors import NonFiniteWeightsError
 from hpcgraft.method import grafting
 from hpcgraft.method.grafting import GraftReport, LayerGroup
@@ -184,7 +184,7 @@ Mixer = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[torch
 class Transport(Protocol):
     """How a round's weights travel between the peers. The exchange decides what to send and how to mix
     (the method); a transport moves the packed weights: whole (one rank per peer, :class:`WholeTransport`)
-    or in shares over a peer's replicas (:class:`hpcgraft.dist.replicas.ShardedTransport`)."""
+    or in shares over a peer's replicas (:class:`hpcgraft.comm.replicas.ShardedTransport`)."""
 
     nbytes: int  # what this rank sends in a round
 

@@ -17,9 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from hpcgraft.comm import mpi
+from hpcgraft.comm.failure import abort_on_error, catch_stop_signals
 from hpcgraft.config import load_config
-from hpcgraft.dist import mpi
-from hpcgraft.dist.failure import abort_on_error, catch_stop_signals
 from hpcgraft.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AgreedError, ConfigError, SetupError, report
 from hpcgraft.training.loop import run
 from hpcgraft.training.rundir import release_run_dir

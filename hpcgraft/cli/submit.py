@@ -77,7 +77,7 @@ class GraftRun(Checkpointable):
             # asks submitit to requeue (it calls checkpoint(), requeues and exits); the other ranks leave
             # without a result, as submitit's own do.
             if not self.mpirun_np:
-                from hpcgraft.dist import mpi
+                from hpcgraft.comm import mpi
 
                 mpi().Finalize()
             if callable(requeue_handler):
@@ -90,7 +90,7 @@ class GraftRun(Checkpointable):
 
     def _run_training(self) -> int:
         if not self.mpirun_np:
-            from hpcgraft.train import main
+            from hpcgraft.cli.train import main
 
             return main(self.argv())
         proc = subprocess.Popen(mpirun_command(self.mpirun_np, self.argv()))

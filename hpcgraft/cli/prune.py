@@ -61,9 +61,9 @@ def job_dir(out: Path, criterion: str, keep: float) -> Path:
 
 def finetune(cfg: Config, peer_no: int, peers: int, state: dict[str, torch.Tensor], mask: Mask) -> Any:
     """Train the masked peer with the training loop itself; the mask is re-applied after every step."""
-    from hpcgraft.dist import mpi
-    from hpcgraft.dist.failure import StopRequest
-    from hpcgraft.dist.world import init_world
+    from hpcgraft.comm import mpi
+    from hpcgraft.comm.failure import StopRequest
+    from hpcgraft.comm.world import init_world
     from hpcgraft.training.loop import train_one_epoch
     from hpcgraft.training.peer import build_peer
 
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     # MPI for fine-tuning, and whenever started by mpirun (the ranks then share the jobs, not the files).
     launched = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1
     if args.finetune_epochs > 0 or launched:
-        from hpcgraft.dist import mpi
-        from hpcgraft.dist.world import agreed
+        from hpcgraft.comm import mpi
+        from hpcgraft.comm.world import agreed
 
         comm = mpi().COMM_WORLD
     try:

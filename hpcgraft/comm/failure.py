@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from hpcgraft.dist import mpi
+from hpcgraft.comm import mpi
 from hpcgraft.errors import EXIT_FAILURE, AgreedError, UserError
 from hpcgraft.supervise import STOP_SIGNALS, unlink_shared_memory
 

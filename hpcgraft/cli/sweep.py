@@ -27,10 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from hpcgraft import launch
+from hpcgraft.cli import submit as launch
+from hpcgraft.cli.report import SWEEP_FILE, load_sweep, sweep_table
 from hpcgraft.config import Config, config_from_dict, load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, report
-from hpcgraft.report import SWEEP_FILE, load_sweep, sweep_table
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
 from hpcgraft.storage.runlog import STATUS
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hpcgraft.dist import mpi
+from hpcgraft.comm import mpi
 from hpcgraft.errors import LayoutError, PeerMismatchError, SetupError, UserError
 from hpcgraft.text import plural
 
