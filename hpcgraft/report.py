@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from hpcgraft.config import Config, config_from_dict
+from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.errors import ConfigError, InputError, report
 from hpcgraft.method.grafting import filter_l1_norms
 from hpcgraft.method.pruning import RESULTS_FILE
@@ -101,7 +101,7 @@ def load_run(path: str | Path) -> Run:
         raise InputError(f"{p} holds no config.yaml and {METRICS}; give the --out directory of a run "
                           "(python -m hpcgraft.train --out RUN_DIR) that has finished at least one epoch")
     try:
-        cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()) or {})
+        cfg = config_from_dict(parse_yaml((p / "config.yaml").read_text()) or {})
     except (ConfigError, yaml.YAMLError) as exc:
         raise InputError(f"{p / 'config.yaml'} cannot be read: {exc}") from None
     rows: dict[tuple[int, int], dict[str, Any]] = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from hpcgraft import launch
-from hpcgraft.config import Config, config_from_dict, load_config, resolve_config
+from hpcgraft.config import Config, config_from_dict, load_config, parse_yaml, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, report
 from hpcgraft.report import SWEEP_FILE, load_sweep, sweep_table
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
@@ -120,7 +120,7 @@ def run_state(run: Planned) -> str:
     if not saved.is_file():
         return "new"
     try:
-        data = yaml.safe_load(saved.read_text()) or {}
+        data = parse_yaml(saved.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"a {type(data).__name__}, not a mapping")
         old = config_from_dict(data).flat()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from hpcgraft.config import Config, config_from_dict
+from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.dist import mpi
 from hpcgraft.dist.world import World, log, start_ranks
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
@@ -85,7 +85,7 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
     """The config a run was started with must be the one that continues it (``extend``: but for a larger
     ``train.epochs``); returns the old config, flat."""
     try:
-        data = yaml.safe_load(old_yaml) or {}
+        data = parse_yaml(old_yaml) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"a {type(data).__name__}, not a mapping")
         old = config_from_dict(data).flat()
