@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from hpcgraft.errors import EXIT_USAGE, CheckpointError, report
+from hpcgraft.errors import EXIT_USAGE, CheckpointError, InputError, report
 from hpcgraft.storage.atomic import write_bytes_durable
 from hpcgraft.storage.checkpoints import (
     MANIFEST,
@@ -37,6 +37,7 @@ from hpcgraft.storage.checkpoints import (
     read_manifest,
     resolve,
 )
+from hpcgraft.storage.outputs import check_output_file
 from hpcgraft.storage.tree import key_of, read_node, walk
 
 
@@ -152,6 +153,7 @@ def _flat_state(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _export(path: Path, peer: int | None, out: Path, best: bool = False) -> None:
+    check_output_file(out, "--out")
     if best and (path.is_file() or (path / MANIFEST).exists()):
         raise CheckpointError(f"--best picks among a run's checkpoints: give the run directory, not {path}")
     if path.is_file():
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args.path, args.tree)
         else:
             _export(args.path, args.peer, args.out, args.best)
-    except CheckpointError as exc:
+    except (CheckpointError, InputError) as exc:
         return report("hpcgraft", exc, EXIT_USAGE)
     except BrokenPipeError:  # output piped into head: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
