@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({record['images']} images, {record['classes']} classes)")
     print(table)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # checked at start: nothing but folders in the way
         write_text(args.json, json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -82,6 +82,14 @@ def test_evaluate_json_a_directory_or_under_a_file(tmp_path, monkeypatch, capsys
     one_line_exit_2(code, capsys, f"{tmp_path / 'file'} is a file, not a folder")
 
 
+def test_evaluate_json_in_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
+    record = {"source": "run", "model": "m", "data": "d", "images": 1, "classes": 2, "table": "top-1 ..."}
+    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: dict(record))
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert evaluate.main([str(tmp_path), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["model"] == "m"
+
+
 def test_prune_out_an_existing_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prune, "find_config", _work)
     (tmp_path / "out").write_text("")
