@@ -16,7 +16,7 @@ from hpcgraft.errors import ConfigError
 from hpcgraft.training.rundir import _check_same_config
 from tests._util import ROOT, env
 
-AS_LIMIT = 1 << 30  # bytes of address space: torch and MPI fit, the expanded bomb (tens of GB as text) does not
+AS_LIMITS = [1 << 30, 2 << 30, 4 << 30]  # bytes of address space: the smallest the command starts in is used
 
 
 def bomb(levels: int = 10) -> str:
@@ -26,16 +26,26 @@ def bomb(levels: int = 10) -> str:
     return "train:\n  milestones: [" + ", ".join(items) + "]\n"
 
 
+def _train(tmp_path: Path, config: Path, *overrides: str, limit: int) -> subprocess.CompletedProcess:
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return subprocess.run([sys.executable, "-m", "hpcgraft.train", "--config", str(config), "--out",
+                           str(tmp_path / "run"), *overrides], capture_output=True, text=True, env=env(), cwd=ROOT,
+                          preexec_fn=set_limit, timeout=600)
+
+
 def test_a_billion_laughs_config_is_one_line_exit_2_within_a_small_address_space(tmp_path):
+    """The limit is the smallest in which the command starts and refuses a plain bad value (torch and MPI
+    take more address space on some machines); the expanded bomb, ~10 GB as text, fits in none of them."""
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("train:\n  milestones: [1, 2]\n")
+    limit = next((n for n in AS_LIMITS if _train(tmp_path, plain, "train.epochs=-1", limit=n).returncode == 2), None)
+    assert limit is not None, "the command does not start within 4 GiB of address space"
     path = tmp_path / "bomb.yaml"
     path.write_text(bomb())
     assert path.stat().st_size < 600
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
-
-    r = subprocess.run([sys.executable, "-m", "hpcgraft.train", "--config", str(path), "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, env=env(), cwd=ROOT, preexec_fn=limit, timeout=600)
+    r = _train(tmp_path, path, limit=limit)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [
         f"hpcgraft: error: config file '{path}': YAML anchors and aliases (&name, *name, <<: *name) are not allowed "
