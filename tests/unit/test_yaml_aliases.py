@@ -23,7 +23,7 @@ def bomb(levels: int = 10) -> str:
     """One key whose list nests ``levels`` aliases nine times each: 9**levels integers, ~500 bytes of text."""
     items = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
     items += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
-    return "train:\n  milestones: [" + ", ".join(items) + "]\n"
+    return "train:\n  milestones: [[" + ", ".join(items) + "]]\n"  # one item: a message would format it all
 
 
 def _train(tmp_path: Path, config: Path, *overrides: str, limit: int) -> subprocess.CompletedProcess:
