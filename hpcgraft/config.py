@@ -140,8 +140,39 @@ class Config:
         return _flatten(self.to_dict())
 
     def to_yaml(self) -> str:
-        """The YAML text of config.yaml and of a checkpoint's run.h5 (keys in schema order)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """The YAML text of config.yaml and of a checkpoint's run.h5 (keys in schema order), without anchors:
+        :func:`parse_yaml` refuses them, and this text is read back on every resume."""
+        return yaml.dump(self.to_dict(), Dumper=_PlainDumper, sort_keys=False)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+class YamlAliasError(yaml.YAMLError):
+    """A YAML anchor or alias: refused, since a few hundred bytes of nested aliases expand to gigabytes."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(f"YAML anchors and aliases (&name, *name, <<: *name) are not allowed (line {line}); "
+                         "write each value out")
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """The safe loader, refusing anchors and aliases as the parser meets them, before a node is composed:
+    expanding an alias is what costs the memory, and no hpcgraft file needs one."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise YamlAliasError(event.start_mark.line + 1)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str | bytes) -> Any:
+    """Every YAML text hpcgraft reads (configs, overrides, a run's config.yaml or run.h5 copy) is parsed here:
+    safe types only, no anchors or aliases, so the result is never larger than the text."""
+    return yaml.load(text, Loader=_PlainLoader)
 
 
 _RENAMED = {"lambda_": "lambda"}
@@ -243,7 +274,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.epochs=3)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = parse_yaml(raw) if raw.strip() else None
+    except YamlAliasError as exc:
+        raise ConfigError(f"override '{text}': {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': the value is not valid YAML ({exc.problem})") from None
     return key.strip(), value
@@ -279,9 +312,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = resolve_config(path)
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            data = parse_yaml(p.read_text(encoding="utf-8")) or {}
+        except YamlAliasError as exc:
+            raise ConfigError(f"config file '{p}': {exc}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {exc}") from None
+            raise ConfigError(f"config file '{p}' is not valid YAML: {' '.join(str(exc).split())}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file '{p}' is not a text (UTF-8) file; pass a YAML file such as "
                               "configs/digits.yaml") from None

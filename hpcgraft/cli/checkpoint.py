@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from hpcgraft.errors import EXIT_USAGE, CheckpointError, report
+from hpcgraft.errors import EXIT_USAGE, CheckpointError, InputError, report
 from hpcgraft.storage.atomic import write_bytes_durable
 from hpcgraft.storage.checkpoints import (
     MANIFEST,
@@ -37,7 +37,9 @@ from hpcgraft.storage.checkpoints import (
     read_manifest,
     resolve,
 )
+from hpcgraft.storage.outputs import check_output_file
 from hpcgraft.storage.tree import key_of, read_node, walk
+from hpcgraft.text import size
 
 
 def _is_array(kind: str) -> bool:
@@ -59,13 +61,6 @@ def _describe(ds: h5py.Dataset) -> str:
         return f"{kind if kind.startswith('torch.') else f'numpy.{ds.dtype}'} {tuple(ds.shape)}"
     value = repr(read_node(ds))
     return f"{kind} {value if len(value) <= 60 else value[:57] + '...'}"
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
 
 
 def _keys(group: h5py.Group) -> str:
@@ -91,7 +86,7 @@ def _inspect_file(path: Path, show_tree: bool) -> None:
         count, nbytes = _tensor_stats(f)
         head = ", ".join(f"{k} {_plain(v)}" for k, v in meta.items() if k != "format")
         print(f"{path} ({note}): {head}")
-        print(f"tensors {count}, {nbytes} bytes ({_size(nbytes)})")
+        print(f"tensors {count}, {nbytes} bytes ({size(nbytes)})")
         print(f"keys: {_keys(f)}")
         if show_tree:
             for name, ds in walk(f):
@@ -122,7 +117,7 @@ def _inspect(path: Path, show_tree: bool) -> None:
         shown = "-" if metric is None else f"{metric:.4f}"
         mark = " *" if best.get(p) == info.path.name else ""
         print(f"{p:>4}  {count:>7}  {nbytes:>12}  {shown:>8}{mark:2}  {name} "
-              f"({_size(manifest['files'][name]['size'])})")
+              f"({size(manifest['files'][name]['size'])})")
     if best:
         print("best checkpoint per peer (* marks this one): " + ", ".join(f"peer {p} {n}" for p, n in best.items()))
     with open_h5(info.path / RUN_FILE) as f:
@@ -152,6 +147,7 @@ def _flat_state(tree: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
 
 
 def _export(path: Path, peer: int | None, out: Path, best: bool = False) -> None:
+    check_output_file(out, "--out")
     if best and (path.is_file() or (path / MANIFEST).exists()):
         raise CheckpointError(f"--best picks among a run's checkpoints: give the run directory, not {path}")
     if path.is_file():
@@ -176,7 +172,7 @@ def _export(path: Path, peer: int | None, out: Path, best: bool = False) -> None
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     print(f"wrote {out}: peer {peer} of {info.path}{' (its best)' if best else ''} (step {info.step}, "
           f"epoch {info.epoch}), "
-          f"{len(state)} tensors, {_size(nbytes)}")
+          f"{len(state)} tensors, {size(nbytes)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args.path, args.tree)
         else:
             _export(args.path, args.peer, args.out, args.best)
-    except CheckpointError as exc:
+    except (CheckpointError, InputError) as exc:
         return report("hpcgraft", exc, EXIT_USAGE)
     except BrokenPipeError:  # output piped into head: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -18,6 +18,7 @@ from hpcgraft.config import Config, config_from_dict, load_config, parse_overrid
 from hpcgraft.data import BatchLoader, build_datasets
 from hpcgraft.errors import EXIT_USAGE, ConfigError, UserError, report
 from hpcgraft.storage.atomic import write_text
+from hpcgraft.storage.outputs import check_output_file
 from hpcgraft.training.evaluation import evaluate_models, load_weights, run_config, run_weights
 from hpcgraft.training.peer import build_model, select_device
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.peer is not None and args.peer < 0:
             raise ConfigError(f"--peer {args.peer} is negative; peers are numbered from 0")
+        if args.json:
+            check_output_file(args.json, "--json")
         record = evaluate(args.path, peer=args.peer, best=args.best, config=args.config, overrides=overrides,
                           device=args.device)
     except UserError as exc:
@@ -93,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({record['images']} images, {record['classes']} classes)")
     print(table)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # checked at start: nothing but folders in the way
         write_text(args.json, json.dumps(record, indent=1) + "\n")
     return 0
 

@@ -26,6 +26,7 @@ from hpcgraft.errors import EXIT_USAGE, InputError, report
 from hpcgraft.method.authors import CODES
 from hpcgraft.method.grafting import REFERENCES, GraftReport, graft_state
 from hpcgraft.storage import atomic
+from hpcgraft.storage.outputs import check_output_file
 from hpcgraft.storage.statefile import load_state
 
 PROG = "hpcgraft-graft"
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
+        check_output_file(args.out, "--out")
+        if args.report:
+            check_output_file(args.report, "--report")
         own, source = load_state(args.self_path), load_state(args.source_path)
         try:
             grafted, result = graft_state(own, source, a=args.a, c=args.c, bins=args.bins, level=args.level,

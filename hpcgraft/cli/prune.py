@@ -31,6 +31,8 @@ from hpcgraft.config import Config, load_config
 from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
 from hpcgraft.method import lean
 from hpcgraft.method.pruning import CRITERIA, RESULTS_FILE, Mask, check_request, make_mask
+from hpcgraft.storage.atomic import write_text
+from hpcgraft.storage.outputs import check_output_dir, check_output_file
 from hpcgraft.storage.runmodel import build_model, find_config
 from hpcgraft.storage.statefile import load_states
 from hpcgraft.training.evaluation import predict
@@ -144,6 +146,10 @@ def prepare(args: argparse.Namespace) -> tuple[Config, str, dict[int, dict[str, 
             check_request(c, k)
     if args.finetune_epochs < 0:
         raise UserError(f"--finetune-epochs {args.finetune_epochs} must be >= 0")
+    check_output_file(check_output_dir(args.out, "--out") / RESULTS_FILE, "--out")
+    for c in criteria:
+        for k in keeps:
+            check_output_dir(job_dir(args.out, c, k), "--out")
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"{path}: no such run directory or checkpoint; give the run directory the training wrote")
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         })
     doc["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / RESULTS_FILE).write_text(json.dumps(doc, indent=1) + "\n")
+    write_text(args.out / RESULTS_FILE, json.dumps(doc, indent=1) + "\n")
     print(format_table(doc), flush=True)
     return EXIT_OK
 

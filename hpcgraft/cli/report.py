@@ -37,12 +37,13 @@ from typing import Any
 
 import yaml
 
-from hpcgraft.config import Config, config_from_dict
+from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.errors import ConfigError, InputError, report
 from hpcgraft.method.grafting import filter_l1_norms
 from hpcgraft.method.pruning import RESULTS_FILE
 from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state
 from hpcgraft.models import create_model
+from hpcgraft.storage.outputs import check_output_dir
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, fmt, read_jsonl
 from hpcgraft.storage.statefile import load_states
 
@@ -101,7 +102,7 @@ def load_run(path: str | Path) -> Run:
         raise InputError(f"{p} holds no config.yaml and {METRICS}; give the --out directory of a run "
                           "(python -m hpcgraft.train --out RUN_DIR) that has finished at least one epoch")
     try:
-        cfg = config_from_dict(yaml.safe_load((p / "config.yaml").read_text()) or {})
+        cfg = config_from_dict(parse_yaml((p / "config.yaml").read_text()) or {})
     except (ConfigError, yaml.YAMLError) as exc:
         raise InputError(f"{p / 'config.yaml'} cannot be read: {exc}") from None
     rows: dict[tuple[int, int], dict[str, Any]] = {}
@@ -652,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if len(args.runs) == 1 and (Path(args.runs[0]) / SWEEP_FILE).is_file():  # a sweep: its table
         try:
-            md = write_sweep_report(Path(args.runs[0]), Path(args.out or Path(args.runs[0]) / "report"))
+            md = write_sweep_report(Path(args.runs[0]), check_output_dir(args.out or Path(args.runs[0]) / "report",
+                                                                         "--out"))
         except InputError as exc:
             return report(PROG, exc)
         print(md.read_text(), end="")
@@ -660,12 +662,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         runs = [load_run(p) for p in args.runs]
+        out = check_output_dir(args.out or runs[0].path / "report", "--out")
     except InputError as exc:
         return report(PROG, exc)
     empty = [r.path for r in runs if not r.epochs]
     if empty:
         return report(PROG, f"{empty[0]} has no finished epoch yet; wait for one")
-    out = Path(args.out) if args.out else runs[0].path / "report"
     name_runs(runs)
     warning = length_warning(runs)
     if warning:

@@ -35,10 +35,11 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
 from hpcgraft.config import load_config, resolve_config
-from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, InputError, LaunchError, report
 from hpcgraft.slurm import SCRIPTS_DIR
 from hpcgraft.slurm.check import check_slurm_request
 from hpcgraft.storage.follow import JobFollower
+from hpcgraft.storage.outputs import check_output_dir
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.text import plural
 
@@ -298,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: submit, print where things are, optionally wait; 0 on success, 2 on a bad request."""
     a = parse_args(argv)
     try:
+        check_output_dir(a.out, "--out")
         job = submit(a.config, a.out, a.overrides, restart=a.restart, **job_options(a))
-    except (LaunchError, ConfigError) as exc:
+    except (LaunchError, ConfigError, InputError) as exc:
         return report(PROG, exc, EXIT_USAGE)
     print(f"submitted job {job.job_id} ({type(job).__name__}, {plural(job.num_tasks, 'task')}); "
           f"run dir {Path(a.out).absolute()}")

@@ -24,14 +24,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from hpcgraft.cli import submit as launch
 from hpcgraft.cli.report import SWEEP_FILE, load_sweep, sweep_table
-from hpcgraft.config import Config, config_from_dict, load_config, resolve_config
-from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.config import Config, config_from_dict, load_config, parse_yaml, resolve_config
+from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, InputError, LaunchError, report
+from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
+from hpcgraft.storage.outputs import check_output_dir, check_output_file, check_run_outputs
 from hpcgraft.storage.runlog import STATUS
 
 PROG = "hpcgraft.sweep"
@@ -120,7 +123,7 @@ def run_state(run: Planned) -> str:
     if not saved.is_file():
         return "new"
     try:
-        data = yaml.safe_load(saved.read_text()) or {}
+        data = parse_yaml(saved.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"a {type(data).__name__}, not a mapping")
         old = config_from_dict(data).flat()
@@ -144,26 +147,53 @@ def run_state(run: Planned) -> str:
     return "finished" if status.get("state") == "finished" else "unfinished"
 
 
+def read_spec(out: Path) -> dict[str, Any] | None:
+    """DIR/sweep.json as a previous command wrote it, None when there is none; one that is not a sweep's
+    (torn by a kill before it was written atomically, or another tool's file) is an error naming it."""
+    f = out / SWEEP_FILE
+    if not f.exists():
+        return None
+    try:
+        spec = json.loads(f.read_text(encoding="utf-8"))
+        if not isinstance(spec, dict):
+            raise ValueError(f"a JSON {type(spec).__name__}, not an object")
+        arms, seeds, jobs = spec.get("arms"), spec.get("seeds"), spec.get("jobs", {})
+        if not isinstance(arms, dict) or not all(isinstance(v, list) and all(isinstance(o, str) for o in v)
+                                                 for v in arms.values()):
+            raise ValueError("'arms' is not a mapping of arm names to override lists")
+        if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError("'seeds' is not a list of integers")
+        if not isinstance(jobs, dict):
+            raise ValueError("'jobs' is not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else " ".join(str(exc).split())
+        raise ConfigError(f"{f} is damaged or not a sweep's ({reason}); move it away (the runs beside it stay and "
+                          "are resumed) or use another --out") from None
+    return spec
+
+
+def _write_spec(out: Path, spec: dict[str, Any]) -> None:
+    """Atomically, like every state file: a kill or a full disk leaves the old sweep.json or the new one."""
+    write_text(out / SWEEP_FILE, json.dumps(spec, indent=1) + "\n")
+
+
 def record(out: Path, config: str, arms: dict[str, tuple[str, ...]], seeds: int, overrides: list[str]) -> None:
     """DIR/sweep.json: the arms (with their overrides) and seeds the report tabulates. A later command on the
     same DIR adds its arms and seeds; an arm name cannot change its meaning."""
-    spec = {"config": config, "overrides": overrides, "arms": {}, "seeds": []}
-    f = out / SWEEP_FILE
-    if f.is_file():
-        spec = json.loads(f.read_text())
+    spec = read_spec(out) or {"config": config, "overrides": overrides, "arms": {}, "seeds": []}
     for name, ov in arms.items():
         if spec["arms"].setdefault(name, list(ov)) != list(ov):
             raise ConfigError(f"{out} already has an arm '{name}' with {' '.join(spec['arms'][name])}; give this "
                              "one another name or use another --out")
     spec.update(config=config, overrides=overrides, seeds=sorted(set(spec["seeds"]) | set(range(seeds))))
     out.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(spec, indent=1) + "\n")
+    _write_spec(out, spec)
 
 
 def queued(out: Path, run: Planned) -> bool:
     """Whether the SLURM job this sweep last submitted for ``run`` is still in the queue (pending jobs hold
     no lock yet, and a second job for the same run would only be refused when it starts)."""
-    spec = json.loads((out / SWEEP_FILE).read_text()) if (out / SWEEP_FILE).is_file() else {}
+    spec = read_spec(out) or {}
     job = spec.get("jobs", {}).get(f"{run.arm}/seed{run.seed}")
     if not job or shutil.which("squeue") is None:
         return False
@@ -172,10 +202,9 @@ def queued(out: Path, run: Planned) -> bool:
 
 
 def note_job(out: Path, run: Planned, job_id: str) -> None:
-    f = out / SWEEP_FILE
-    spec = json.loads(f.read_text())
+    spec = read_spec(out) or {}
     spec.setdefault("jobs", {})[f"{run.arm}/seed{run.seed}"] = str(job_id)
-    f.write_text(json.dumps(spec, indent=1) + "\n")
+    _write_spec(out, spec)
 
 
 def submissions(runs: list[Planned], config: str, restart: bool, job: dict) -> list[tuple[Planned, dict]]:
@@ -232,15 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     try:
         config = str(resolve_config(a.config).absolute())
-        out = Path(a.out or f"runs/sweep-{Path(config).stem}")
+        out = check_output_dir(a.out or f"runs/sweep-{Path(config).stem}", "--out")
+        check_output_file(out / SWEEP_FILE, "--out")
         arms = parse_arms(a.arms, a.arm)
         runs = plan(config, arms, a.seeds, out, list(a.overrides))
+        for r in runs:
+            check_run_outputs(r.out, r.cfg)
         ranks = _ranks(a, runs)
         states = {r: ("restart" if a.restart else run_state(r)) for r in runs}
         if a.submitit:
             states.update({r: "queued" for r in runs if states[r] in ("new", "unfinished") and queued(out, r)})
         record(out, config, arms, a.seeds, list(a.overrides))
-    except (ConfigError, LaunchError) as exc:
+    except (ConfigError, LaunchError, InputError) as exc:
         return report(PROG, exc, EXIT_USAGE)
     todo = [r for r in runs if states[r] not in ("finished", "running", "queued")]
     for r in runs:

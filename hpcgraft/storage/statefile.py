@@ -93,17 +93,22 @@ def _load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types; all mean "cannot read this"
-        reason = _reason(exc)
-        if "Unsupported global" in reason:
+        text = str(exc)
+        if found := _GLOBAL.search(text):
+            name, why = found.group(1).rstrip("."), " ".join(found.group(2).split())
             raise InputError(
-                f"{path}: holds pickled objects that weights_only loading refuses ({reason}); re-save the "
-                "weights alone with torch.save(model.state_dict(), path)") from exc
-        raise InputError(f"{path}: not a readable PyTorch file ({reason})") from exc
+                f"{path}: refused the pickled global {name}{f' ({why})' if why else ''}; weights-only loading ran "
+                "nothing from the file. Re-save the weights alone with torch.save(model.state_dict(), path)") from None
+        raise InputError(f"{path}: not a readable PyTorch file ({_reason(text, exc)})") from exc
 
 
-def _reason(exc: BaseException) -> str:
+#: torch's words for a refused global: "unsupported GLOBAL posix.system whose module posix is blocked" (2.6+),
+#: "Unsupported global: GLOBAL __main__.Evil was not an allowed global by default" (earlier)
+_GLOBAL = re.compile(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)([^\n]*?)(?:\.\s|\.?$)", re.I | re.M)
+
+
+def _reason(text: str, exc: BaseException) -> str:
     """The informative part of a torch.load error, on one line."""
-    text = str(exc)
     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n\n|$)", text, re.S)
     line = found.group(1) if found else next((ln for ln in text.splitlines() if ln.strip()), "")
     line = " ".join(line.split())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from hpcgraft.config import Config, config_from_dict
+from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.data import BatchLoader
 from hpcgraft.errors import CheckpointError, ConfigError, InputError
 from hpcgraft.storage.checkpoints import (
@@ -180,7 +180,7 @@ def run_config(path: Path) -> Config | None:
         except CheckpointError as exc:
             raise InputError(f"{path}: no config found ({exc}); pass --config") from None
     try:
-        data = yaml.safe_load(text) if isinstance(text, str | bytes) else None
+        data = parse_yaml(text) if isinstance(text, str | bytes) else None
         if not isinstance(data, dict):
             raise ConfigError("not a mapping")
         return config_from_dict(data)

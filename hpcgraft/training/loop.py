@@ -30,6 +30,7 @@ from hpcgraft.errors import EXIT_OK, EXIT_REQUEUE, NonFiniteWeightsError, RunErr
 from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
+from hpcgraft.storage.outputs import check_run_outputs
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.text import plural
@@ -66,6 +67,7 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     world = agreed(comm, lambda: init_world(cfg.dist.replicas, comm))
     agreed(comm, lambda: check_layout(cfg, world))
     # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
+    agreed(comm, lambda: check_run_outputs(run_dir, cfg), root_only=True)
     agreed(comm, lambda: claim_run_dir(run_dir, restart=restart), root_only=True)
     peer: Peer = agreed(comm, lambda: build_peer(cfg, world))
     signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())

@@ -23,10 +23,15 @@ import yaml
 
 from hpcgraft.comm import mpi
 from hpcgraft.comm.world import World, log, start_ranks
-from hpcgraft.config import Config, config_from_dict
+from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
-from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager, complete_checkpoints
+from hpcgraft.storage.checkpoints import (
+    CheckpointInfo,
+    CheckpointManager,
+    CheckpointSpaceError,
+    complete_checkpoints,
+)
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.storage.runmodel import CONFIG
@@ -85,7 +90,7 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
     """The config a run was started with must be the one that continues it (``extend``: but for a larger
     ``train.epochs``); returns the old config, flat."""
     try:
-        data = yaml.safe_load(old_yaml) or {}
+        data = parse_yaml(old_yaml) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"a {type(data).__name__}, not a mapping")
         old = config_from_dict(data).flat()
@@ -252,23 +257,16 @@ class RunStore:
             with peer.watchdog.guard("checkpoint: save"):
                 self.manager.save(peer.progress.step, peer.progress.epoch, state, run_tree, metric=metric)
         except CheckpointError as exc:  # raised on every rank alike: one line, exit 1, no abort
-            raise RunError(self._save_failure(exc, state, peer.progress.epoch, peer.progress.step)) from None
+            raise RunError(self._save_failure(exc, peer.progress.epoch, peer.progress.step)) from None
 
-    def _save_failure(self, exc: CheckpointError, state: dict[str, Any], epoch: int, step: int) -> str:
-        """A full disk explains itself in HDF5's words only, hundreds of lines deep: say it in one line, with
-        the space a checkpoint needs. The last checkpoint is intact, and a re-run resumes from it."""
-        needed = _tree_bytes(state) * self.world.peers
-        try:
-            free: int | None = shutil.disk_usage(self.dir).free
-        except OSError:
-            free = None
+    def _save_failure(self, exc: CheckpointError, epoch: int, step: int) -> str:
+        """One line, status.json says ``failed``; a full disk is named with the space before the write and the
+        space needed (the manager measured both). The last checkpoint is intact, and a re-run resumes from it."""
         if self.log:
             with contextlib.suppress(OSError):
                 self.log.status(state="failed", epoch=epoch, step=step)
-        if free is not None and free < needed * 1.1:
-            return (f"no space left in {self.dir} for the checkpoint at step {step}: {_mib(free)} free, a checkpoint "
-                    f"needs about {_mib(needed)}; free space (or lower checkpoint.keep) and re-run the same command "
-                    "to resume from the last checkpoint")
+        if isinstance(exc, CheckpointSpaceError):
+            return str(exc)
         return f"{exc}; the last checkpoint in {self.dir} is intact: re-run the same command to resume from it"
 
 
@@ -308,22 +306,6 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     for k, v in tree.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
-
-
-def _tree_bytes(tree: Any) -> int:
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, np.ndarray):
-        return tree.nbytes
-    if isinstance(tree, dict):
-        return sum(_tree_bytes(v) for v in tree.values())
-    if isinstance(tree, list | tuple):
-        return sum(_tree_bytes(v) for v in tree)
-    return 8
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def _graft_history(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -227,27 +227,22 @@ def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_to
 
 
 def test_a_full_disk_is_one_line_naming_the_directory_and_the_space(capsys, tmp_path, stop_signals_kept, monkeypatch):
-    """HDF5 failing for lack of space ends the run with exit 1 and one line, not its error stack;
-    the disk is made "full" where the checkpoint is written and where free space is read."""
+    """A checkpoint larger than the free space ends the run with exit 1 and one line that states the
+    space before the write and the space needed, before anything is written (the disk is made "full" where
+    free space is read; tests/e2e/test_disk_full.py fills a real one)."""
     import shutil as shutil_module
     from collections import namedtuple
 
-    import hpcgraft.storage.checkpoints as checkpoints_module
-
-    def full(path, tree, meta):
-        raise OSError(28, "Unable to synchronously create dataset (file write failed: errno = 28, error message "
-                          "= 'No space left on device')")
-
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(checkpoints_module, "_write_h5", full)
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 * 2**20, 10 * 2**20 - 4096, 4096))
     rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none")
     out = tmp_path / "run"
     assert rc == 1 and len(errors) == 1, err
-    assert errors[0].startswith(f"hpcgraft: error: no space left in {out} for the checkpoint at step 22: 0.0 MiB "
-                                "free, a checkpoint needs about "), err
+    assert errors[0].startswith(f"hpcgraft: error: no space left in {out} for the checkpoint at step 22: 4.1 kB "
+                                "free before the write, the checkpoint needs "), err
     assert "Traceback" not in err
     assert json.loads((out / "status.json").read_text())["state"] == "failed"
+    assert not list((out / "checkpoints").glob("*"))
 
 
 def _rewrite_with_crc(ckpt: Path, name: str, edit: Callable[[h5py.File], None]) -> None:
