@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -76,7 +77,9 @@ class RunLog:
 
     def append(self, name: str, rows: Iterable[dict[str, Any]]) -> None:
         rows = list(rows)
-        with (self.dir / name).open("a") as f:
+        # never through a symlink planted in the run directory (the run refuses one at its start)
+        fd = os.open(self.dir / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "a") as f:
             for row in rows:
                 f.write(json.dumps(row, allow_nan=True) + "\n")
             f.flush()
