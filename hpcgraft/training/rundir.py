@@ -317,7 +317,7 @@ class RunStore:
     def _say_torn(self, torn: list[str]) -> None:
         for name in torn:
             log(f"hpcgraft: {self.dir / name} ended in a torn line (a kill or a full disk during the append); "
-                "dropped it, the checkpoint holds the truth", world=self.world)
+                "dropped it; it comes after the checkpoint resumed from, and this run logs it again", world=self.world)
 
     def log_grafts(self, rows: list[dict[str, Any]]) -> None:
         """Rank 0: append a round's graft reports to graft.jsonl."""
@@ -338,6 +338,8 @@ class RunStore:
         if self.manager is None:
             return
         run_tree = None
+        if self.log:
+            self.log.sync()
         if self.world.is_root:
             run_tree = {"config": self.cfg.to_yaml(), "versions": _versions(), "grafts": _graft_history(self._grafts)}
         state = peer.state_dict()

@@ -165,3 +165,29 @@ def test_the_writers_never_follow_a_link_planted_during_the_run(tmp_path):
     with pytest.raises(OSError, match="Too many levels of symbolic links"):
         RunLog(run).append("metrics.jsonl", [{"epoch": 1}])
     assert outside.read_text() == "keep me\n"
+
+
+def test_the_logs_are_on_disk_before_each_checkpoint(capsys, tmp_path, stop_signals_kept, monkeypatch):
+    """A checkpoint is fsynced; rows still in the page cache could be lost with the node while it survives,
+    and the resume would never log their epoch again. So the logs are synced first, each time."""
+    from hpcgraft.storage.checkpoints import CheckpointManager
+
+    events: list[str] = []
+    real_fsync, real_save = os.fsync, CheckpointManager.save
+
+    def fsync(fd: int) -> None:
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).name}")
+        real_fsync(fd)
+
+    def save(self, step, *args, **kw):
+        events.append(f"checkpoint {step}")
+        return real_save(self, step, *args, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(CheckpointManager, "save", save)
+    rc, errors = main(capsys, tmp_path / "run", "train.epochs=2")
+    assert rc == 0 and not errors, errors
+    saves = [i for i, e in enumerate(events) if e.startswith("checkpoint")]
+    assert [events[i] for i in saves] == ["checkpoint 22", "checkpoint 44"]
+    for i in saves:
+        assert "fsync metrics.jsonl" in events[(saves[saves.index(i) - 1] if i != saves[0] else 0):i], events
