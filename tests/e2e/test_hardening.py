@@ -117,7 +117,7 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path, s
     assert job.returncode == 75, err
     assert "Traceback" not in err
     status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else None
-    if status is None:  # stopped before the first step: nothing to save, nothing left but the run's own marker
+    if status is None:  # stopped before the first step: nothing to save, no log written
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     else:
         assert status["state"] == "stopped" and status["step"] <= 2, status
