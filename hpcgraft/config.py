@@ -388,7 +388,7 @@ def validate(cfg: Config) -> None:
     _check(g.c >= 0 and math.isfinite(g.c), f"graft.c={g.c} must be a finite number >= 0; the paper uses 500")
     _check(g.bins >= 2, f"graft.bins={g.bins} must be at least 2; the paper uses 10")
     _check(g.interval_steps >= 0, f"graft.interval_steps={g.interval_steps} must be >= 0 (0: every epoch end)")
-    _check(t.epochs >= 0, f"train.epochs={t.epochs} must be >= 0")
+    _check(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1 (a run trains at least one epoch)")
     _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be a finite number > 0")
     _check(0 <= t.momentum < 1, f"train.momentum={t.momentum} must be in [0, 1)")
     _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")

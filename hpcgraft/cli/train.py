@@ -22,7 +22,7 @@ from hpcgraft.comm.failure import abort_on_error, catch_stop_signals
 from hpcgraft.config import load_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AgreedError, ConfigError, SetupError, report
 from hpcgraft.training.loop import run
-from hpcgraft.training.rundir import release_run_dir
+from hpcgraft.training.rundir import noting_interruption, release_run_dir
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'digits'}")
     world_comm = mpi().COMM_WORLD
     try:
-        with abort_on_error(world_comm):
+        with abort_on_error(world_comm), noting_interruption():
             return run(args.config, args.overrides, run_dir, args.restart, world_comm, extend=args.extend,
                        from_step=args.from_step)
     except AgreedError as exc:

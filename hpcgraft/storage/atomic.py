@@ -23,8 +23,10 @@ CHUNK = 16 << 20  # bytes per os.write / os.read call
 @contextlib.contextmanager
 def _temporary(path: Path) -> Iterator[Path]:
     """A unique temporary name beside ``path`` (same file system, so the rename is atomic), removed
-    whatever happens unless it was renamed into place."""
+    whatever happens unless it was renamed into place. A leftover of that name goes first: a symlink planted
+    there would otherwise take the write to the file it points to."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
     try:
         yield tmp
     finally:

@@ -5,6 +5,14 @@ checkpoint and append every epoch twice. The lock file names its holder (host, p
 refusal can say who holds the directory. ``flock`` is released by the kernel when the holder dies, so a
 killed job never blocks its requeue; where the file system has no ``flock`` (some NFS and parallel file
 systems), the file's content is the lock, and a holder on this host whose pid is gone is taken over.
+
+Where ``flock`` works but only within one node (NFS mounted with ``local_lock=flock`` or ``local_lock=all``,
+Lustre with ``localflock``), a job on another node would get the lock too: there the file's content is
+checked as well, so a holder recorded by another host keeps the directory. The mount is read from
+/proc/self/mountinfo when the lock is taken.
+
+The lock file is opened without following a symlink: a link planted where the lock belongs would
+otherwise receive the holder's record and be truncated at release, whatever file it points to.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -22,6 +31,7 @@ from hpcgraft.errors import CheckpointError
 LOCK_FILE = ".hpcgraft.lock"
 #: flock errors that mean "this file system does not lock", not "someone holds it".
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+MOUNTINFO = Path("/proc/self/mountinfo")
 
 
 class RunDirLockedError(CheckpointError):
@@ -63,11 +73,20 @@ class RunDirLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`RunDirLockedError` naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            kind = "a symlink" if exc.errno == errno.ELOOP else "a directory"
+            raise CheckpointError(f"{self.path} is {kind}, where hpcgraft keeps the run directory's lock file "
+                                  "(it follows no link it did not make); remove it, or use another --out") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 self.flocked = True
+                if node_local_flock(self.path.parent):  # another node's holder is invisible to this flock
+                    self._take_by_content(fd, flocked=True)
             except OSError as exc:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise self._refusal(_read_holder(fd)) from None
@@ -83,13 +102,14 @@ class RunDirLock:
             raise
         self.fd = fd
 
-    def _take_by_content(self, fd: int) -> None:
-        """Without flock: a recorded holder that is alive, or on another host (whose pids this host
-        cannot see), keeps the directory; a dead pid on this host is a stale lock and is taken over."""
+    def _take_by_content(self, fd: int, *, flocked: bool = False) -> None:
+        """Without flock (or with a node-local one): a recorded holder that is alive, or on another host
+        (whose pids this host cannot see), keeps the directory; a dead pid on this host is a stale lock and
+        is taken over. ``flocked``: this host's flock is held, so no holder on this host is alive."""
         holder = _read_holder(fd)
         if not holder:
             return
-        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        if holder.get("host") == socket.gethostname() and (flocked or holder.get("pid") == os.getpid()):
             return
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
                 and not _pid_alive(holder["pid"]):
@@ -108,3 +128,39 @@ class RunDirLock:
             os.ftruncate(self.fd, 0)  # without flock, an empty file is a free lock
         os.close(self.fd)
         self.fd = None
+
+
+def _unescape(field: str) -> str:
+    """A mountinfo path: spaces, tabs, newlines and backslashes are written as octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def node_local_flock(path: Path, mountinfo: str | None = None) -> bool:
+    """Whether ``flock`` on ``path``'s file system locks only within this node (NFS ``local_lock=flock`` or
+    ``all``, Lustre ``localflock``). ``mountinfo``: the text of /proc/self/mountinfo (read when None); a
+    system without it is taken to lock across nodes, as flock is meant to."""
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+    target = os.path.realpath(path)
+    best: tuple[int, str, set[str]] | None = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        dash = fields.index("-", 6)
+        if len(fields) < dash + 3:
+            continue
+        point = _unescape(fields[4])
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= best[0]):  # the last, deepest mount over the path wins
+            options = set(fields[5].split(",")) | set(fields[dash + 3].split(",") if len(fields) > dash + 3 else ())
+            best = (len(point), fields[dash + 1], options)
+    if best is None:
+        return False
+    _, fstype, options = best
+    if fstype.startswith("nfs"):
+        return bool(options & {"local_lock=flock", "local_lock=all"})
+    return fstype == "lustre" and "localflock" in options

@@ -17,9 +17,9 @@ cut away on resume); a start from step 0 removes the old files instead.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import shutil
 import socket
 import struct
 import time
@@ -89,7 +89,7 @@ class TensorBoardSink:
         """Begin a segment after the checkpoint at global ``step`` (0: a run from scratch)."""
         self.close()
         if step == 0:
-            shutil.rmtree(self.root, ignore_errors=True)
+            remove_events(self.root)
             self._start = None
             return
         self._start = step + 1
@@ -139,6 +139,21 @@ class TensorBoardSink:
             f.write(record(event_pb2.Event(wall_time=now, step=self._start, session_log=start).SerializeToString()))
         self._files[run] = f
         return f
+
+
+def remove_events(root: Path) -> None:
+    """Remove the event files hpcgraft wrote under ``root`` (a run's TensorBoard folder) and the folders
+    that leaves empty; anything else there (and what a symlink points to) stays."""
+    if root.is_symlink() or not root.is_dir():
+        return
+    for folder in [root, *(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
+        for f in folder.glob(f"{PREFIX}*.hpcgraft"):
+            if not f.is_symlink() and f.is_file():
+                f.unlink()
+        with contextlib.suppress(OSError):  # not empty: someone else's files stay
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        root.rmdir()
 
 
 def record(data: bytes) -> bytes:

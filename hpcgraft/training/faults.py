@@ -1,6 +1,7 @@
 """Test hook: HPCGRAFT_INJECT="RANK:STEP:WHAT[,...]" makes world rank RANK, right after optimizer step
 STEP, raise an exception (WHAT=raise), stall (sleep), fill its first weight tensor with NaN (nan) or send
-itself SIGUSR1 or SIGTERM (usr1, term). The end-to-end tests cause failures at an exact point with it.
+itself SIGUSR1, SIGTERM or SIGINT (usr1, term, int: Ctrl-C). The end-to-end tests cause failures at an
+exact point with it.
 
 The variable is read once, when a run starts; unset, the loop holds no hook at all, so a production step
 pays nothing for it.
@@ -17,7 +18,8 @@ import torch
 from torch import nn
 
 ENV = "HPCGRAFT_INJECT"
-WHATS = ("raise", "sleep", "nan", "usr1", "term")
+WHATS = ("raise", "sleep", "nan", "usr1", "term", "int")
+_SIGNALS = {"usr1": signal.SIGUSR1, "term": signal.SIGTERM, "int": signal.SIGINT}
 
 
 def fault_hook(rank: int, spec: str | None = None) -> Callable[[nn.Module, int], None] | None:
@@ -28,7 +30,7 @@ def fault_hook(rank: int, spec: str | None = None) -> Callable[[nn.Module, int],
     for item in filter(None, spec.split(",")):
         at_rank, step, what = item.split(":")
         if what not in WHATS:
-            raise ValueError(f"{ENV}: unknown fault {what!r}; use raise, sleep, nan, usr1 or term")
+            raise ValueError(f"{ENV}: unknown fault {what!r}; use {', '.join(WHATS)}")
         if int(at_rank) == rank:
             planned.setdefault(int(step), []).append(what)
     if not planned:
@@ -44,6 +46,6 @@ def fault_hook(rank: int, spec: str | None = None) -> Callable[[nn.Module, int],
                 with torch.no_grad():
                     next(model.parameters()).fill_(float("nan"))
             else:
-                os.kill(os.getpid(), signal.SIGUSR1 if what == "usr1" else signal.SIGTERM)
+                os.kill(os.getpid(), _SIGNALS[what])
 
     return inject

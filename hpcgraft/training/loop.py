@@ -39,7 +39,7 @@ from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.monitors import bn_l1_step, monitor_epoch
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange
 from hpcgraft.training.progress import RunProgress, run_summary
-from hpcgraft.training.rundir import RunStore, claim_run_dir
+from hpcgraft.training.rundir import RunStore, claim_run_dir, start_over
 
 if TYPE_CHECKING:
     from mpi4py import MPI
@@ -68,11 +68,13 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     agreed(comm, lambda: check_layout(cfg, world))
     # Before the data and the model (seconds to minutes): a directory this job cannot use, or another job's.
     agreed(comm, lambda: check_run_outputs(run_dir, cfg), root_only=True)
-    agreed(comm, lambda: claim_run_dir(run_dir, restart=restart), root_only=True)
+    agreed(comm, lambda: claim_run_dir(run_dir), root_only=True)
     peer: Peer = agreed(comm, lambda: build_peer(cfg, world))
     signature = grafting.plan_signature(grafting.plan_layers(peer.model.state_dict()), peer.model.state_dict())
     agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))
     peer.exchange = make_exchange(peer)
+    if restart:  # only now that the job can run: a --restart refused for its data or model keeps the old run
+        agreed(comm, lambda: start_over(run_dir), root_only=True)
     store = agreed(comm, lambda: RunStore(run_dir, cfg, world, extend=extend, from_step=from_step))
 
     t = cfg.train

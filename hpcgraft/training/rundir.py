@@ -12,6 +12,7 @@ import numbers
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 import yaml
 
 from hpcgraft.comm import mpi
-from hpcgraft.comm.world import World, log, start_ranks
+from hpcgraft.comm.world import World, agreed, log, start_ranks
 from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage import atomic
@@ -31,25 +32,36 @@ from hpcgraft.storage.checkpoints import (
     CheckpointManager,
     CheckpointSpaceError,
     complete_checkpoints,
+    is_step_dir,
 )
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.storage.runmodel import CONFIG
-from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink
+from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink, remove_events
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
 
-#: Written into every run directory hpcgraft creates: --restart and resume touch only directories that hold it
-#: (or, from before it existed, a config.yaml), never another project's files.
+#: Written into every run directory hpcgraft accepts: --restart and resume touch only directories that hold it
+#: (or, from before it existed, a config.yaml that parses as an hpcgraft config), never another project's files.
 MARKER = ".hpcgraft-run"
 EPOCHS = "train.epochs"
 LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
+CHECKPOINTS = "checkpoints"
+#: Every entry a run writes in its directory, named once: --restart removes these (inside the folders, only
+#: hpcgraft's own files) and nothing else; none may be a symlink, which would redirect a write, or the wrong
+#: kind of entry. The marker and the lock stay.
+RUN_FILES = (CONFIG, METRICS, GRAFTS, STATUS)
+RUN_FOLDERS = (CHECKPOINTS, TENSORBOARD)
+_CONFIG_MAX_BYTES = 1 << 20  # a config.yaml larger than this is no hpcgraft config: not parsed to find out
 _LOCK: RunDirLock | None = None  # rank 0's lock on the run directory, held until the process ends
+_RUN_LOG: RunLog | None = None  # rank 0's logs once the run is accepted: Ctrl-C records itself in status.json
 
 
-def claim_run_dir(run_dir: Path, *, restart: bool) -> None:
-    """Rank 0, before anything slow: make sure ``run_dir`` is a directory this job may use, take its lock for
-    the job's lifetime, and clear it on ``--restart``. Every refusal is a user error (exit 2)."""
+def claim_run_dir(run_dir: Path) -> None:
+    """Rank 0, before anything slow: make sure ``run_dir`` is a directory this job may use and take its lock
+    for the job's lifetime. Nothing is written in it but the lock until the run is accepted
+    (:meth:`RunStore.record_config`), and nothing removed until :func:`start_over`. Every refusal is a user
+    error (exit 2)."""
     global _LOCK
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir} is an existing file, not a directory; pass a directory path")
@@ -62,19 +74,82 @@ def claim_run_dir(run_dir: Path, *, restart: bool) -> None:
         raise ConfigError(f"--out {run_dir} cannot be written ({exc.strerror}); pass a writable directory") from None
     # hpcgraft.launch's own submitit folder (its logs, written before the first rank starts) belongs to the run
     names = {p.name for p in run_dir.iterdir()} - {LOCK_FILE, LAUNCH_LOGS}
-    if names and not names & {MARKER, CONFIG}:
-        raise ConfigError(f"--out {run_dir} is not an hpcgraft run directory (it holds {', '.join(sorted(names)[:3])}"
-                          f"{', ...' if len(names) > 3 else ''} and no {MARKER}); hpcgraft neither resumes nor clears "
-                          "it: pass an empty or new directory")
+    if names and MARKER not in names:
+        problem = _not_a_run_config(run_dir / CONFIG)
+        if problem:
+            raise ConfigError(f"--out {run_dir} is not an hpcgraft run directory (it holds "
+                              f"{', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''} and no {MARKER}; "
+                              f"{problem}); hpcgraft neither resumes nor clears it: pass an empty or new directory")
+    _check_entries(run_dir)
     if _LOCK is None or _LOCK.path.parent != run_dir:
         release_run_dir()
         lock = RunDirLock(run_dir)
         lock.acquire()
         _LOCK = lock
-    if restart:
-        _clear_run(run_dir)
-    if not (run_dir / MARKER).exists():  # a refused resume must leave the run as it was
-        (run_dir / MARKER).touch()
+
+
+def _not_a_run_config(path: Path) -> str | None:
+    """Why ``path`` is not the config.yaml of an hpcgraft run (None: it is one). Another tool's config.yaml
+    (keys like ``lr``) must not make its directory hpcgraft's to clear."""
+    if path.is_symlink() or not path.is_file():
+        return f"no {CONFIG}"
+    if path.stat().st_size > _CONFIG_MAX_BYTES:
+        return f"its {CONFIG} is too large for an hpcgraft config"
+    try:
+        _parse_config(path.read_bytes())
+    except (OSError, ConfigError) as exc:
+        return f"its {CONFIG} is not an hpcgraft config ({exc})"
+    return None
+
+
+def _check_entries(run_dir: Path) -> None:
+    """The entries a run writes must be what it writes there: a symlink would redirect the write (or the
+    removal) to a file hpcgraft did not make, a folder where a file belongs (or a file where a folder does)
+    would fail late, after the work."""
+    for name in (*RUN_FILES, MARKER, *RUN_FOLDERS):
+        path = run_dir / name
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a symlink; hpcgraft follows no link it did not make: remove it, or use "
+                              "another --out")
+        want_folder = name in RUN_FOLDERS
+        if path.exists() and path.is_dir() != want_folder:
+            kind, wanted = ("a directory", "file") if path.is_dir() else ("a file", "folder")
+            raise ConfigError(f"{path} is {kind} where hpcgraft writes its {name} {wanted}; move it away, or use "
+                              "another --out")
+        if want_folder and path.is_dir():
+            for inner in (path, *(p for p in path.iterdir() if p.is_dir() and not p.is_symlink())):
+                link = next((p for p in inner.iterdir() if p.is_symlink()), None)
+                if link is not None:
+                    raise ConfigError(f"{link} is a symlink; hpcgraft follows no link it did not make: remove it, "
+                                      "or use another --out")
+
+
+def start_over(run_dir: Path) -> None:
+    """Rank 0, on ``--restart``, once the job is set up (config, data, model): remove what earlier runs
+    wrote in ``run_dir`` (:data:`RUN_FILES`, the checkpoints and event files), never another file."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    checkpoints = run_dir / CHECKPOINTS
+    if checkpoints.is_dir():
+        for step in checkpoints.iterdir():
+            if step.is_dir() and is_step_dir(Path(step.name.removeprefix(".trash-"))):
+                shutil.rmtree(step)
+        with contextlib.suppress(OSError):  # kept while it holds files of someone else's
+            checkpoints.rmdir()
+    remove_events(run_dir / TENSORBOARD)
+
+
+@contextlib.contextmanager
+def noting_interruption() -> Iterator[None]:
+    """Ctrl-C ends the job at once, without a checkpoint: status.json says ``interrupted`` (with the last
+    epoch and step it recorded), not ``running``, so that a watcher knows the run is not going on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if _RUN_LOG is not None:
+            with contextlib.suppress(OSError, ValueError):
+                _RUN_LOG.status(**{"epoch": 0, "step": 0, **_RUN_LOG.read_status(), "state": "interrupted"})
+        raise
 
 
 def release_run_dir() -> None:
@@ -85,16 +160,25 @@ def release_run_dir() -> None:
         _LOCK = None
 
 
+def _parse_config(text: str | bytes) -> Config:
+    """A saved config (config.yaml, or the copy in a checkpoint's run.h5); every way it can be damaged is a
+    ConfigError."""
+    try:
+        data = parse_yaml(text) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {type(data).__name__}, not a mapping")
+    return config_from_dict(data)
+
+
 def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: Path,
                        extend: bool = False) -> dict[str, Any]:
     """The config a run was started with must be the one that continues it (``extend``: but for a larger
     ``train.epochs``); returns the old config, flat."""
     try:
-        data = parse_yaml(old_yaml) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"a {type(data).__name__}, not a mapping")
-        old = config_from_dict(data).flat()
-    except (UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
+        old = _parse_config(old_yaml).flat()
+    except ConfigError as exc:
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
     new = cfg.flat()
@@ -141,23 +225,24 @@ class RunStore:
         self._grafts: list[dict[str, Any]] = []  # graft.jsonl as it stands, for run.h5's grafting history
 
     def record_config(self) -> None:
-        """Write the run's config.yaml; called once every rank has checked the old one and the checkpoint's."""
+        """Accept the run: mark the directory as hpcgraft's and write its config.yaml; called once every rank
+        has checked the old config and the checkpoint's."""
+        global _RUN_LOG
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / MARKER).touch()
             atomic.write_text(self.config_path, self.cfg.to_yaml())
             self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
+            _RUN_LOG = self.log
 
     def resume(self, peer: Peer) -> None:
         """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
         copy of the config (run.h5) decides whether this config may continue it."""
         info = self._start_checkpoint()
-        if info is not None and not self.had_config and self.world.is_root:
-            stored = self.manager.load_run(info).get("config")
-            if isinstance(stored, str | bytes):
-                _check_same_config(f"in {info.path.name}/run.h5; its config.yaml is gone", stored, self.cfg, self.dir,
-                                   self.extend)
-        self.record_config()
+        if info is not None and not self.had_config:  # rank 0 reads it; every rank learns the verdict
+            agreed(self.world.comm, lambda: self._check_kept_config(info), root_only=True)
         if info is None:
+            self.record_config()
             if self.log:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
@@ -165,6 +250,7 @@ class RunStore:
             raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with "
                              f"{start_ranks(str(info.peers * self.world.replicas))} to resume it")
         info, state = self._fitting_checkpoint(info, peer)
+        self.record_config()
         peer.load_state_dict(state)
         prog = peer.progress
         if self.log:
@@ -172,6 +258,14 @@ class RunStore:
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
         where = f"epoch {prog.epoch + 1} at batch {prog.batch}" if prog.batch else f"after epoch {prog.epoch}"
         log(f"hpcgraft: resuming {self.dir} from {info.path.name} ({where}, step {prog.step})", world=self.world)
+
+    def _check_kept_config(self, info: CheckpointInfo) -> None:
+        """Rank 0: without config.yaml (deleted), the checkpoint's own copy of the config (run.h5) decides
+        whether this config may continue the run."""
+        stored = self.manager.load_run(info).get("config")
+        if isinstance(stored, str | bytes):
+            _check_same_config(f"in {info.path.name}/run.h5; its config.yaml is gone", stored, self.cfg, self.dir,
+                               self.extend)
 
     def _start_checkpoint(self) -> CheckpointInfo | None:
         """COLLECTIVE: the newest intact checkpoint, or with ``--from-step N`` the one of step N (an error
@@ -229,7 +323,7 @@ class RunStore:
     def _say_torn(self, torn: list[str]) -> None:
         for name in torn:
             log(f"hpcgraft: {self.dir / name} ended in a torn line (a kill or a full disk during the append); "
-                "dropped it, the checkpoint holds the truth", world=self.world)
+                "dropped it; it comes after the checkpoint resumed from, and this run logs it again", world=self.world)
 
     def log_grafts(self, rows: list[dict[str, Any]]) -> None:
         """Rank 0: append a round's graft reports to graft.jsonl."""
@@ -250,6 +344,8 @@ class RunStore:
         if self.manager is None:
             return
         run_tree = None
+        if self.log:
+            self.log.sync()
         if self.world.is_root:
             run_tree = {"config": self.cfg.to_yaml(), "versions": _versions(), "grafts": _graft_history(self._grafts)}
         state = peer.state_dict()
@@ -321,13 +417,6 @@ def _graft_history(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"layers": layers, "alpha": alpha, "step": np.array([r["step"] for r in rows], dtype=np.int64),
             "epoch": np.array([r["epoch"] for r in rows], dtype=np.int64),
             "peer": np.array([r["peer"] for r in rows], dtype=np.int64)}
-
-
-def _clear_run(run_dir: Path) -> None:
-    for name in ("config.yaml", METRICS, GRAFTS, STATUS):
-        (run_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

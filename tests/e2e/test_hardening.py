@@ -117,7 +117,7 @@ def test_a_stop_signal_during_start_up_is_honoured_at_the_first_step(tmp_path, s
     assert job.returncode == 75, err
     assert "Traceback" not in err
     status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else None
-    if status is None:  # stopped before the first step: nothing to save, nothing left but the run's own marker
+    if status is None:  # stopped before the first step: nothing to save, no log written
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     else:
         assert status["state"] == "stopped" and status["step"] <= 2, status
@@ -140,3 +140,15 @@ def test_a_nan_peer_does_not_poison_cultivation_and_all_nan_fails(tmp_path):
     assert errors == ["hpcgraft: error: every peer's weights are NaN/Inf after epoch 1 (step 22); lower train.lr "
                       "(or graft.a) and start over with --restart"], every.stderr
     assert json.loads((tmp_path / "all" / "status.json").read_text())["state"] == "failed"
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+def test_ctrl_c_leaves_status_interrupted_not_running(tmp_path):
+    """SIGINT in epoch 2 (after step 25): the job ends at once, without a checkpoint, and status.json no
+    longer says the run is going on; it keeps the last epoch and step it recorded."""
+    out = tmp_path / "run"
+    r = train(0, out, "graft.mode=none", "train.epochs=2", "log.progress=off", "dist.threads=1",
+              environ={**env(), "HPCGRAFT_INJECT": "0:25:int"})
+    assert r.returncode == 1, r.stderr
+    assert "hpcgraft: rank 0: interrupted" in r.stderr
+    assert json.loads((out / "status.json").read_text()) == {"state": "interrupted", "epoch": 1, "step": 22}

@@ -146,9 +146,9 @@ def reference(e2e_run):
     return get
 
 
-def again(name: str, out: Path, **kw) -> subprocess.CompletedProcess:
-    """The command of the reference run ``name`` (same ranks and overrides), on another directory."""
-    return train(RUNS[name].ranks, out, *RUNS[name].overrides, **kw)
+def again(name: str, out: Path, extra: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess:
+    """The command of the reference run ``name`` (same ranks and overrides, then ``extra``), on another directory."""
+    return train(RUNS[name].ranks, out, *RUNS[name].overrides, *extra, **kw)
 
 
 # ------------------------------------------------------------------------------------------ stop and resume
@@ -327,3 +327,17 @@ def test_a_finished_run_or_another_config_is_a_one_line_error(reference, capsys,
     assert f"{run} {message}" in line and "Traceback" not in err
     # The run is untouched (only the lock records who looked).
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".hpcgraft.lock"} == before
+
+
+def test_a_run_whose_config_yaml_is_gone_resumed_with_another_config_is_one_agreed_line(tmp_path, e2e_run):
+    """Only rank 0 reads the checkpoint's run.h5: under 3 ranks every rank must learn its verdict in the
+    same step, or the ranks' next collectives pair up wrongly (a traceback, exit 1) instead of one line."""
+    out = e2e_run(STEPWISE).copy(tmp_path / "run")
+    (out / "config.yaml").unlink()
+    r = again(STEPWISE, out, extra=("train.lr=0.05",))
+    assert r.returncode == 2, r.stderr
+    assert lines(r.stderr, "hpcgraft: error:") == [
+        f"hpcgraft: error: {out} holds a run with train.lr=0.1 (in step-{2 * STEPS:09d}/run.h5; its config.yaml is "
+        "gone), not 0.05; resume it with the same config, pass --restart to start over, or use another --out"]
+    assert "Traceback" not in r.stderr
+    assert not (out / "config.yaml").exists()  # nothing written for a refused run

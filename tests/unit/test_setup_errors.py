@@ -196,8 +196,10 @@ def test_a_foreign_directory_is_neither_cleared_nor_resumed(capsys, tmp_path, st
 
 
 def test_a_garbage_saved_config_is_one_line(capsys, tmp_path, stop_signals_kept):
+    """In a directory hpcgraft marked as its own: damage, not another tool's file."""
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".hpcgraft-run").touch()
     (out / "config.yaml").write_bytes(b"\x00\xff garbage: [")
     rc, errors, err = run_main(capsys, tmp_path, "graft.mode=none")
     assert rc == 2 and len(errors) == 1 and f"the config of the run in {out} (config.yaml) is damaged" in errors[0], err
