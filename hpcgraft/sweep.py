@@ -25,13 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from hpcgraft import launch
-from hpcgraft.config import Config, config_from_dict, load_config, resolve_config
-from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.config import Config, load_config, resolve_config
+from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, UserError, report
 from hpcgraft.report import SWEEP_FILE, load_sweep, sweep_table
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
+from hpcgraft.storage.run import holds_run, read_config
 from hpcgraft.storage.runlog import STATUS
 
 PROG = "hpcgraft.sweep"
@@ -116,16 +115,12 @@ def plan(config: str, arms: dict[str, tuple[str, ...]], seeds: int, out: Path, o
 def run_state(run: Planned) -> str:
     """``new``, ``finished``, ``running`` (another job holds its lock) or ``unfinished``; a directory that
     holds a run of another config is an error, named before any run starts."""
-    saved = run.out / "config.yaml"
-    if not saved.is_file():
+    if not holds_run(run.out):
         return "new"
     try:
-        data = yaml.safe_load(saved.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"a {type(data).__name__}, not a mapping")
-        old = config_from_dict(data).flat()
-    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{saved} cannot be read ({exc}); delete {run.out} to run it again") from None
+        old = read_config(run.out).cfg.flat()  # type: ignore[union-attr] - a directory: a config or an error
+    except UserError as exc:
+        raise ConfigError(f"{exc}; delete {run.out} to run it again") from None
     new = run.cfg.flat()
     diff = [k for k in new if old.get(k) != new[k]]
     if diff:

@@ -19,17 +19,15 @@ import h5py
 import mpi4py
 import numpy as np
 import torch
-import yaml
 
-from hpcgraft.config import Config, config_from_dict
+from hpcgraft.config import Config
 from hpcgraft.dist import mpi
 from hpcgraft.dist.world import World, log, start_ranks
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
-from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager, complete_checkpoints
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
+from hpcgraft.storage.run import CONFIG, config_text, parse_config, write_config
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
-from hpcgraft.storage.runmodel import CONFIG
 from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
@@ -85,11 +83,8 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
     """The config a run was started with must be the one that continues it (``extend``: but for a larger
     ``train.epochs``); returns the old config, flat."""
     try:
-        data = yaml.safe_load(old_yaml) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"a {type(data).__name__}, not a mapping")
-        old = config_from_dict(data).flat()
-    except (UnicodeDecodeError, yaml.YAMLError, ConfigError) as exc:
+        old = parse_config(old_yaml).flat()
+    except ConfigError as exc:
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
     new = cfg.flat()
@@ -120,7 +115,7 @@ class RunStore:
             raise ConfigError(f"{'--extend' if extend else '--from-step'} continues a run, and {run_dir} holds none; "
                               "drop the flag to start a new run")
         if self.had_config:
-            _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir, extend)
+            _check_same_config(CONFIG, config_text(run_dir) or b"", cfg, run_dir, extend)
             status = RunLog(run_dir).read_status()
             if status.get("state") == "finished" and not extend and from_step is None:
                 raise ConfigError(f"{run_dir} holds a finished run ({plural(status.get('epoch', 0), 'epoch')}); pass "
@@ -139,7 +134,7 @@ class RunStore:
         """Write the run's config.yaml; called once every rank has checked the old one and the checkpoint's."""
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
-            atomic.write_text(self.config_path, self.cfg.to_yaml())
+            write_config(self.dir, self.cfg)
             self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
 
     def resume(self, peer: Peer) -> None:
@@ -342,7 +337,7 @@ def _graft_history(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _clear_run(run_dir: Path) -> None:
-    for name in ("config.yaml", METRICS, GRAFTS, STATUS):
+    for name in (CONFIG, METRICS, GRAFTS, STATUS):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     shutil.rmtree(run_dir / TENSORBOARD, ignore_errors=True)
