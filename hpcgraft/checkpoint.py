@@ -168,9 +168,6 @@ def _export(path: Path, peer: int | None, out: Path, best: bool = False) -> None
         raise CheckpointError(f"{peer_file(peer)} of {info.path.name} has no 'model' subtree "
                               f"(keys: {', '.join(map(str, tree)) or 'none'})")
     state = _flat_state(tree["model"])
-    trained = run.read_config(info.path)
-    if trained is not None:  # weights that fit no model of their run would fail wherever they are loaded
-        run.load_model(trained.cfg, state, f"peer {peer} of {info.path}")
     out.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)  # the export format: a plain state_dict for torch.load(weights_only=True)

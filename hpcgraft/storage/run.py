@@ -131,8 +131,10 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     origin = (run_dir / CONFIG) if text is not None else None
     if text is None:
         info = _config_checkpoint(path, run_dir)
-        stored = load_member(info, RUN_FILE).get("config")
-        text, origin = (stored if isinstance(stored, str | bytes) else ""), info.path / RUN_FILE
+        text, origin = load_member(info, RUN_FILE).get("config"), info.path / RUN_FILE
+        if not isinstance(text, str | bytes):
+            raise InputError(f"{path}: its {CONFIG} is gone and {info.path.name}/{RUN_FILE} holds no copy of it; "
+                             f"restore {CONFIG}, or pass --config where the command takes one")
     try:
         cfg = parse_config(text)
         return RunConfig(with_overrides(cfg, overrides) if overrides else cfg, origin)
@@ -202,8 +204,6 @@ def best(path: Path, peer: int) -> CheckpointInfo:
 def peer_states(path: Path, *, peer: int | None = None, use_best: bool = False) -> dict[str, State]:
     """Label -> state dict of what ``path`` holds: every peer of a run's newest checkpoint (its best per
     peer with ``use_best``), of a checkpoint directory, one peer file, or a .pt state dict."""
-    if not path.exists():
-        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
     if not use_best:
         return load_states(path, peer)
     if not path.is_dir() or is_step_dir(path) or (path / MANIFEST).exists():

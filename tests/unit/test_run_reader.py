@@ -100,8 +100,8 @@ def test_only_the_reader_names_config_yaml() -> None:
             continue
         tree = ast.parse(path.read_text())
         names = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "config.yaml"]
-        imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "hpcgraft.storage.run"
-                   for a in n.names if a.name == "CONFIG"]
+        imports = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                   and n.module == "hpcgraft.storage.run" for a in n.names if a.name == "CONFIG"]
         if names or (imports and path != ROOT / "hpcgraft/training/rundir.py"):  # rundir: --restart removes it
             readers.append(str(path.relative_to(ROOT)))
     assert readers == []
