@@ -25,7 +25,8 @@ from torch import nn
 
 from hpcgraft.data import BatchLoader
 from hpcgraft.errors import CheckpointError, ConfigError, InputError
-from hpcgraft.storage.checkpoints import peer_file, resolve
+from hpcgraft.storage import run
+from hpcgraft.storage.checkpoints import peer_file
 from hpcgraft.storage.statefile import State, load_states
 
 TOP5_MIN_CLASSES = 11  # metrics.jsonl records top-5 only where it says something: more than 10 classes
@@ -121,7 +122,7 @@ def init_state(spec: str, peer: int, peers: int) -> tuple[State, str]:
     path = Path(spec.replace(PEER_FIELD, str(peer)))
     try:
         if path.is_dir():
-            info = resolve(path)
+            info = run.latest(path)
             if info.peers not in (1, peers):
                 raise ConfigError(f"train.init_from={spec} holds {info.peers} peers but this run has {peers}; give "
                                   f"one peer's file ({info.path / peer_file(0)}) for all, or start {info.peers} peers")
