@@ -118,9 +118,9 @@ def run_state(run: Planned) -> str:
     if not holds_run(run.out):
         return "new"
     try:
-        old = read_config(run.out).cfg.flat()  # type: ignore[union-attr] - a directory: a config or an error
+        old = read_config(run.out, fix=f"delete {run.out} to run it again").cfg.flat()  # type: ignore[union-attr]
     except UserError as exc:
-        raise ConfigError(f"{exc}; delete {run.out} to run it again") from None
+        raise ConfigError(str(exc)) from None
     new = run.cfg.flat()
     diff = [k for k in new if old.get(k) != new[k]]
     if diff:

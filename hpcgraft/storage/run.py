@@ -118,9 +118,12 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     atomic.write_text(run_dir / CONFIG, cfg.to_yaml())
 
 
-def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig | None:
+FIX = f"restore {CONFIG}, or pass --config where the command takes one"
+
+
+def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *, fix: str = FIX) -> RunConfig | None:
     """The config the run holding ``path`` was trained with (``overrides`` applied); None for a plain
-    PyTorch file, which holds weights only."""
+    PyTorch file, which holds weights only. ``fix``: what the error of an unreadable config advises."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path} does not exist; give a run directory, a checkpoint or a peer .h5 file")
@@ -130,20 +133,18 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     text = config_text(run_dir) if run_dir is not None else None
     origin = (run_dir / CONFIG) if text is not None else None
     if text is None:
-        info = _config_checkpoint(path, run_dir)
+        info = _config_checkpoint(path, run_dir, fix)
         text, origin = load_member(info, RUN_FILE).get("config"), info.path / RUN_FILE
         if not isinstance(text, str | bytes):
-            raise InputError(f"{path}: its {CONFIG} is gone and {info.path.name}/{RUN_FILE} holds no copy of it; "
-                             f"restore {CONFIG}, or pass --config where the command takes one")
+            raise InputError(f"{path}: its {CONFIG} is gone and {info.path.name}/{RUN_FILE} holds no copy of it; {fix}")
     try:
         cfg = parse_config(text)
         return RunConfig(with_overrides(cfg, overrides) if overrides else cfg, origin)
     except ConfigError as exc:
-        raise InputError(f"the config in {origin} is unreadable ({exc}); restore it, or pass the run's "
-                         "--config where the command takes one") from None
+        raise InputError(f"the config in {origin} is unreadable ({exc}); {fix}") from None
 
 
-def _config_checkpoint(path: Path, run_dir: Path | None) -> CheckpointInfo:
+def _config_checkpoint(path: Path, run_dir: Path | None, fix: str) -> CheckpointInfo:
     """The checkpoint whose run.h5 stands in for a missing config.yaml: the one given, else the run's
     newest intact one."""
     step = path if path.is_dir() else path.parent
@@ -154,8 +155,8 @@ def _config_checkpoint(path: Path, run_dir: Path | None) -> CheckpointInfo:
         if run_dir is not None:
             return resolve(run_dir)
     except CheckpointError as exc:
-        raise InputError(f"{path}: its {CONFIG} is gone and no checkpoint holds a readable copy ({exc}); restore "
-                         f"{CONFIG}, or pass --config where the command takes one") from None
+        raise InputError(f"{path}: its {CONFIG} is gone and no checkpoint holds a readable copy ({exc}); "
+                         f"{fix}") from None
     raise InputError(f"{path} is neither an hpcgraft run directory nor one of its checkpoints (found no {CONFIG} "
                      "beside it and no checkpoint); give the run directory the training wrote")
 
