@@ -26,7 +26,7 @@ from hpcgraft.errors import EXIT_USAGE, InputError, report
 from hpcgraft.method.authors import CODES
 from hpcgraft.method.grafting import REFERENCES, GraftReport, graft_state
 from hpcgraft.storage import atomic
-from hpcgraft.storage.statefile import load_state
+from hpcgraft.storage.run import model_weights
 
 PROG = "hpcgraft-graft"
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
-        own, source = load_state(args.self_path), load_state(args.source_path)
+        own, source = model_weights(args.self_path), model_weights(args.source_path)
         try:
             grafted, result = graft_state(own, source, a=args.a, c=args.c, bins=args.bins, level=args.level,
                                           round_alpha=args.round_alpha, reference=args.reference,

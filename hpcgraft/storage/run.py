@@ -9,7 +9,8 @@ and refused by the next); one reader keeps them equal:
   config.yaml was deleted), saying which it used (:class:`RunConfig`);
 - :func:`latest` / :func:`best`: a checkpoint, passing over damaged ones for the next intact one in
   both orders (newest first; a peer's metric, highest first);
-- :func:`peer_states`: the weights a run, a checkpoint, a peer file or a .pt file holds;
+- :func:`peer_states` / :func:`model_weights`: the weights a run, a checkpoint, a peer file or a .pt
+  file holds;
 - :func:`build_model` / :func:`load_model`: a peer's model as training builds it (architecture, init,
   BatchNorm momentum, DGConv), with weights that do not fit named in one line.
 
@@ -41,10 +42,11 @@ from hpcgraft.storage.checkpoints import (
     is_step_dir,
     load_member,
     peer_file,
+    peer_of_file,
     read_manifest,
     resolve,
 )
-from hpcgraft.storage.statefile import State, load_states
+from hpcgraft.storage.statefile import State, load_state, load_states
 
 CONFIG = "config.yaml"  # a run directory's resolved config, written when the run starts
 CHECKPOINTS = "checkpoints"
@@ -200,6 +202,15 @@ def best(path: Path, peer: int) -> CheckpointInfo:
         return chosen
     raise CheckpointError(f"every checkpoint in {root} that records peer {peer}'s metric is damaged (the best: "
                           f"{damaged[0]}); restore the files, or pick a checkpoint by its directory")
+
+
+def model_weights(path: str | Path) -> State:
+    """One model's weights: a checkpoint's peer file (checked against its manifest, as every checkpoint
+    read is), or any other .pt or HDF5 file as it is."""
+    path = Path(path)
+    if path.is_file() and peer_of_file(path.name) is not None and (path.parent / MANIFEST).exists():
+        return next(iter(load_states(path).values()))
+    return load_state(path)
 
 
 def peer_states(path: Path, *, peer: int | None = None, use_best: bool = False) -> dict[str, State]:

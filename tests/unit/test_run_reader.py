@@ -105,3 +105,13 @@ def test_only_the_reader_names_config_yaml() -> None:
         if names or (imports and path != ROOT / "hpcgraft/training/rundir.py"):  # rundir: --restart removes it
             readers.append(str(path.relative_to(ROOT)))
     assert readers == []
+
+
+def test_a_peer_file_is_checked_against_its_manifest(tmp_path) -> None:
+    """graft reads one model's file: a checkpoint's peer file is verified like any checkpoint read."""
+    d, state = _run_dir(tmp_path, {10: 50.0})
+    peer = d / "checkpoints/step-000000010" / peer_file(0)
+    assert all(torch.equal(run.model_weights(peer)[k], v) for k, v in state.items())
+    _damage(peer)
+    with pytest.raises(InputError, match="step-000000010 is damaged"):
+        run.model_weights(peer)
