@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hpcgraft.config import load_config
 from hpcgraft.data import BatchLoader, build_datasets
-from hpcgraft.errors import EXIT_USAGE, ConfigError, UserError, report
+from hpcgraft.errors import EXIT_USAGE, ConfigError, InputError, UserError, report
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.run import load_model, peer_states, read_config, with_overrides
 from hpcgraft.training.evaluation import evaluate_models
@@ -26,6 +26,8 @@ from hpcgraft.training.peer import select_device
 def evaluate(path: Path, *, peer: int | None = None, best: bool = False, config: str | None = None,
              overrides: list[str] = (), device: str = "auto") -> dict:
     """Evaluate what ``path`` holds on the run's test set (or the one the overrides name); the JSON record."""
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
     states = peer_states(path, peer=peer, use_best=best)
     if config is not None:
         cfg = load_config(config, overrides)
