@@ -141,9 +141,9 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
             raise InputError(f"{path}: its {CONFIG} is gone and {info.path.name}/{RUN_FILE} holds no copy of it; {fix}")
     try:
         cfg = parse_config(text)
-        return RunConfig(with_overrides(cfg, overrides) if overrides else cfg, origin)
     except ConfigError as exc:
         raise InputError(f"the config in {origin} is unreadable ({exc}); {fix}") from None
+    return RunConfig(with_overrides(cfg, overrides) if overrides else cfg, origin)  # a bad override: its own line
 
 
 def _config_checkpoint(path: Path, run_dir: Path | None, fix: str) -> CheckpointInfo:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from hpcgraft import analyze, checkpoint, evaluate, graft, prune, report
-from hpcgraft.storage.checkpoints import complete_checkpoints
+from hpcgraft.storage.run import checkpoints
 from tests.runs import horovod_installed
 
 RUNS = ["dgconv_1ep", pytest.param("hybrid", marks=pytest.mark.skipif(not horovod_installed(),
@@ -19,7 +19,7 @@ RUNS = ["dgconv_1ep", pytest.param("hybrid", marks=pytest.mark.skipif(not horovo
 
 def commands(run: Path, out: Path) -> dict[str, list[str]]:
     """Each command that reads a run, on ``run`` (its outputs under ``out``)."""
-    step = complete_checkpoints(run / "checkpoints")[0].path
+    step = checkpoints(run)[0].path
     return {
         "evaluate": [str(run)],
         "prune": [str(run), "--criterion", "l1,bn", "--keep", "0.5", "--out", str(out / "prune")],
@@ -60,7 +60,7 @@ def test_weights_that_do_not_fit_the_config_are_one_line(e2e_run, tmp_path, caps
 
 def test_evaluate_best_falls_back_past_a_damaged_best(e2e_run, tmp_path, capsys) -> None:
     run = e2e_run("base2").copy(tmp_path / "run")
-    found = complete_checkpoints(run / "checkpoints")
+    found = checkpoints(run)
     assert len(found) >= 2 and all(c.metrics[0] is not None for c in found)
     best = max(found, key=lambda c: (c.metrics[0], c.step))
     damaged = best.path / "peer-001.h5"  # the other peer's file: the checkpoint is damaged, not peer 0's weights

@@ -50,6 +50,9 @@ def test_config_comes_from_config_yaml_else_from_the_checkpoint(tmp_path) -> Non
         assert "its config.yaml is gone" in read.where()
     assert run.read_config(d).origin.parent.name == "step-000000020"  # the newest intact checkpoint
     assert run.read_config(d, ["train.lr=0.5"]).cfg.train.lr == 0.5
+    with pytest.raises(ConfigError, match="unknown config key") as err:
+        run.read_config(d, ["train.nonsense=1"])
+    assert "unreadable" not in str(err.value)  # the override is wrong, not the run's config
 
 
 def test_no_config_anywhere_is_one_line(tmp_path) -> None:
