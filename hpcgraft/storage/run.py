@@ -33,19 +33,8 @@ from hpcgraft.errors import CheckpointError, ConfigError, InputError
 from hpcgraft.models import create_model
 from hpcgraft.models.dgconv import apply_dgconv
 from hpcgraft.storage import atomic
-from hpcgraft.storage.checkpoints import (
-    MANIFEST,
-    RUN_FILE,
-    CheckpointInfo,
-    checkpoints_root,
-    complete_checkpoints,
-    is_step_dir,
-    load_member,
-    peer_file,
-    peer_of_file,
-    read_manifest,
-    resolve,
-)
+from hpcgraft.storage import checkpoints as ck
+from hpcgraft.storage.checkpoints import RUN_FILE, CheckpointInfo
 from hpcgraft.storage.statefile import State, load_state, load_states
 
 CONFIG = "config.yaml"  # a run directory's resolved config, written when the run starts
@@ -136,7 +125,7 @@ def read_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), *
     origin = (run_dir / CONFIG) if text is not None else None
     if text is None:
         info = _config_checkpoint(path, run_dir, fix)
-        text, origin = load_member(info, RUN_FILE).get("config"), info.path / RUN_FILE
+        text, origin = ck.load_member(info, RUN_FILE).get("config"), info.path / RUN_FILE
         if not isinstance(text, str | bytes):
             raise InputError(f"{path}: its {CONFIG} is gone and {info.path.name}/{RUN_FILE} holds no copy of it; {fix}")
     try:
@@ -151,11 +140,11 @@ def _config_checkpoint(path: Path, run_dir: Path | None, fix: str) -> Checkpoint
     newest intact one."""
     step = path if path.is_dir() else path.parent
     try:
-        if is_step_dir(step) or (step / MANIFEST).exists():
-            m = read_manifest(step)
+        if ck.is_step_dir(step) or (step / ck.MANIFEST).exists():
+            m = ck.read_manifest(step)
             return CheckpointInfo(step, m["step"], m["epoch"], m["peers"])
         if run_dir is not None:
-            return resolve(run_dir)
+            return ck.resolve(run_dir)
     except CheckpointError as exc:
         raise InputError(f"{path}: its {CONFIG} is gone and no checkpoint holds a readable copy ({exc}); "
                          f"{fix}") from None
@@ -166,20 +155,20 @@ def _config_checkpoint(path: Path, run_dir: Path | None, fix: str) -> Checkpoint
 # ------------------------------------------------------------------------------------------ checkpoints
 def checkpoints(path: Path) -> list[CheckpointInfo]:
     """The run's complete checkpoints, newest first (manifests only; :func:`latest` and :func:`best` verify)."""
-    return complete_checkpoints(checkpoints_root(path))
+    return ck.complete_checkpoints(ck.checkpoints_root(path))
 
 
 def latest(path: Path) -> CheckpointInfo:
     """A checkpoint directory, or the run's newest intact checkpoint (each newer damaged one reported)."""
-    return resolve(path)
+    return ck.resolve(path)
 
 
 def best(path: Path, peer: int) -> CheckpointInfo:
     """The intact checkpoint holding ``peer``'s best weights (its highest metric, the later of equals). A
     damaged one is reported and passed over for the peer's next best, as :func:`latest` passes over a damaged
     newest checkpoint: one bad file of another peer must not cost this peer its weights."""
-    root = checkpoints_root(path)
-    complete = complete_checkpoints(root)
+    root = ck.checkpoints_root(path)
+    complete = ck.complete_checkpoints(root)
     if not complete:
         raise CheckpointError(f"no complete checkpoint in {root}")
     if not 0 <= peer < complete[0].peers:
@@ -192,7 +181,7 @@ def best(path: Path, peer: int) -> CheckpointInfo:
     damaged = []
     for _, _, i in ranked:
         try:
-            chosen = resolve(complete[i].path)
+            chosen = ck.resolve(complete[i].path)
         except CheckpointError as exc:
             damaged.append(str(exc))
             continue
@@ -208,7 +197,7 @@ def model_weights(path: str | Path) -> State:
     """One model's weights: a checkpoint's peer file (checked against its manifest, as every checkpoint
     read is), or any other .pt or HDF5 file as it is."""
     path = Path(path)
-    if path.is_file() and peer_of_file(path.name) is not None and (path.parent / MANIFEST).exists():
+    if path.is_file() and ck.peer_of_file(path.name) is not None and (path.parent / ck.MANIFEST).exists():
         return next(iter(load_states(path).values()))
     return load_state(path)
 
@@ -218,15 +207,15 @@ def peer_states(path: Path, *, peer: int | None = None, use_best: bool = False) 
     peer with ``use_best``), of a checkpoint directory, one peer file, or a .pt state dict."""
     if not use_best:
         return load_states(path, peer)
-    if not path.is_dir() or is_step_dir(path) or (path / MANIFEST).exists():
+    if not path.is_dir() or ck.is_step_dir(path) or (path / ck.MANIFEST).exists():
         raise InputError(f"--best picks checkpoints of a run: give the run directory, not {path}")
     try:
-        peers = [peer] if peer is not None else range(resolve(path).peers)
+        peers = [peer] if peer is not None else range(ck.resolve(path).peers)
         out = {}
         for p in peers:
             info = best(path, p)
             label = f"peer {p} (best: {info.path.name}, epoch {info.epoch})"
-            out[label] = next(iter(load_states(info.path / peer_file(p)).values()))
+            out[label] = next(iter(load_states(info.path / ck.peer_file(p)).values()))
         return out
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
