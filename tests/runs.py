@@ -77,6 +77,8 @@ RUNS: dict[str, RunSpec] = {
     "eb_bn_stopped": RunSpec(2, EB_BN, env={"HPCGRAFT_INJECT": "1:50:usr1"}, status=75),
     "eb_spline": RunSpec(2, EB_SPLINE),
     "eb_spline_stopped": RunSpec(2, EB_SPLINE, env={"HPCGRAFT_INJECT": "0:50:usr1"}, status=75),
+    # DGConv (1 epoch, one checkpoint): every command reads its run (tests/e2e/test_run_reader.py)
+    "dgconv_1ep": RunSpec(2, ("train.epochs=1", *QUIET, "model.dgconv=true")),
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }
@@ -84,7 +86,8 @@ RUNS: dict[str, RunSpec] = {
 # tests/cluster. The runs with faults are made when asked for: beside the resume tests' own runs, more
 # ranks than cores spin in MPI and the whole suite got slower, not faster.
 E2E_RUNS = ["cultivate_only", "solo_1ep", "filter_cultivated", "noise", "self_filter", "allreduce3_dlr", "ring4",
-            "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo", "eb_bn", "eb_spline"]
+            "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo", "eb_bn", "eb_spline",
+            "dgconv_1ep"]
 
 # The ranks' program for `without_horovod`: Horovod cannot be imported, and must not be for R = 1.
 NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.cli.train import main; "

@@ -20,12 +20,12 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from hpcgraft.errors import EXIT_USAGE, InputError, UserError, report
 from hpcgraft.method.pruning import CRITERIA, LayerOverlap, invalid_overlap
 from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state, totals
-from hpcgraft.storage.runmodel import build_model, run_config
-from hpcgraft.storage.statefile import load_states
+from hpcgraft.storage.run import load_model, peer_states, read_config
 
 PROG = "hpcgraft.analyze"
 
@@ -80,9 +80,12 @@ def criteria_main(args: argparse.Namespace) -> int:
     if not 0 < args.keep <= 1:
         return report(PROG, f"--keep {args.keep} must lie in (0, 1]")
     try:
-        cfg = run_config(args.path)
-        results = {label: invalid_overlap(build_model(cfg, s), criteria, args.keep)
-                   for label, s in load_states(args.path, args.peer).items()}
+        trained = read_config(args.path)
+        if trained is None:
+            raise InputError(f"{args.path} holds weights only; --criterion rebuilds the model from its run: give "
+                             "the run directory, a checkpoint or a peer .h5 file")
+        results = {label: invalid_overlap(load_model(trained.cfg, s, f"{args.path} ({label})"), criteria, args.keep)
+                   for label, s in peer_states(Path(args.path), peer=args.peer).items()}
     except UserError as exc:
         return report(PROG, exc)
     if args.json:
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bins < 2:
         ap.error(f"--bins {args.bins} must be at least 2")
     try:
-        states = load_states(args.path, args.peer)
+        states = peer_states(Path(args.path), peer=args.peer)
     except InputError as exc:
         return report(PROG, exc)
     results = {label: analyze_state(s, args.thresholds, args.entropy_below, args.bins) for label, s in states.items()}

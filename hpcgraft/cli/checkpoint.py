@@ -21,12 +21,12 @@ import h5py
 import numpy as np
 import torch
 
-from hpcgraft.errors import EXIT_USAGE, CheckpointError, InputError, report
+from hpcgraft.errors import EXIT_USAGE, CheckpointError, InputError, UserError, report
+from hpcgraft.storage import run
 from hpcgraft.storage.atomic import write_bytes_durable
 from hpcgraft.storage.checkpoints import (
     MANIFEST,
     RUN_FILE,
-    best_checkpoint,
     best_checkpoints,
     check_peer,
     load_member,
@@ -35,7 +35,6 @@ from hpcgraft.storage.checkpoints import (
     peer_file,
     peer_of_file,
     read_manifest,
-    resolve,
 )
 from hpcgraft.storage.outputs import check_output_file
 from hpcgraft.storage.tree import key_of, read_node, walk
@@ -103,7 +102,7 @@ def _inspect(path: Path, show_tree: bool) -> None:
     if path.is_file():
         _inspect_file(path, show_tree)
         return
-    info = resolve(path)
+    info = run.latest(path)
     manifest = read_manifest(info.path)
     print(f"checkpoint {info.path}: step {info.step}, epoch {info.epoch}, peers {info.peers}, "
           f"created {manifest.get('created', '?')}, all files verified (crc32)")
@@ -159,7 +158,7 @@ def _export(path: Path, peer: int | None, out: Path, best: bool = False) -> None
         peer, path = owner, path.parent
     if peer is None:
         raise CheckpointError("say which peer to export with --peer I")
-    info = best_checkpoint(path, peer) if best else resolve(path)
+    info = run.best(path, peer) if best else run.latest(path)
     tree = load_member(info, peer_file(check_peer(info, peer)))
     if not isinstance(tree.get("model"), Mapping):
         raise CheckpointError(f"{peer_file(peer)} of {info.path.name} has no 'model' subtree "
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args.path, args.tree)
         else:
             _export(args.path, args.peer, args.out, args.best)
-    except (CheckpointError, InputError) as exc:
+    except UserError as exc:
         return report("hpcgraft", exc, EXIT_USAGE)
     except BrokenPipeError:  # output piped into head: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -14,50 +14,35 @@ import json
 import sys
 from pathlib import Path
 
-from hpcgraft.config import Config, config_from_dict, load_config, parse_override
+from hpcgraft.config import load_config
 from hpcgraft.data import BatchLoader, build_datasets
-from hpcgraft.errors import EXIT_USAGE, ConfigError, UserError, report
+from hpcgraft.errors import EXIT_USAGE, ConfigError, InputError, UserError, report
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.outputs import check_output_file
-from hpcgraft.training.evaluation import evaluate_models, load_weights, run_config, run_weights
-from hpcgraft.training.peer import build_model, select_device
-
-
-def with_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """``cfg`` with ``key=value`` overrides applied and validated (unknown keys are one-line errors)."""
-    data = cfg.to_dict()
-    for text in overrides:
-        key, value = parse_override(text)
-        *sections, leaf = key.split(".")
-        node = data
-        for name in sections:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"unknown config key '{key}'")
-        node[leaf] = value
-    return config_from_dict(data)
+from hpcgraft.storage.run import load_model, peer_states, read_config, with_overrides
+from hpcgraft.training.evaluation import evaluate_models
+from hpcgraft.training.peer import select_device
 
 
 def evaluate(path: Path, *, peer: int | None = None, best: bool = False, config: str | None = None,
              overrides: list[str] = (), device: str = "auto") -> dict:
     """Evaluate what ``path`` holds on the run's test set (or the one the overrides name); the JSON record."""
-    states = run_weights(path, peer=peer, best=best)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
+    states = peer_states(path, peer=peer, use_best=best)
     if config is not None:
         cfg = load_config(config, overrides)
     else:
-        trained = run_config(path)
+        trained = read_config(path)
         if trained is None:
             raise ConfigError(f"{path} holds weights only; pass --config with the YAML it was trained with (a "
                               "configs/*.yaml or the run's config.yaml) to build its model")
-        cfg = with_overrides(trained, list(overrides))
+        cfg = with_overrides(trained.cfg, list(overrides))
     _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
     dev = select_device(device, 0)
     num_classes = cfg.model.num_classes or test_set.num_classes
-    models = {}
-    for label, state in states.items():
-        model = build_model(cfg, num_classes, dev)
-        load_weights(model, {k: v.to(dev) for k, v in state.items()}, f"{path} ({label})", cfg.model.name)
-        models[label] = model
+    models = {label: load_model(cfg, state, f"{path} ({label})", num_classes=num_classes, device=dev)
+              for label, state in states.items()}
     loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False)
     result = evaluate_models(models, loader, dev)
     return {"source": str(path), "data": cfg.data.name, "data_root": cfg.data.root, "model": cfg.model.name,

@@ -27,7 +27,7 @@ from hpcgraft.method.authors import CODES
 from hpcgraft.method.grafting import REFERENCES, GraftReport, graft_state
 from hpcgraft.storage import atomic
 from hpcgraft.storage.outputs import check_output_file
-from hpcgraft.storage.statefile import load_state
+from hpcgraft.storage.run import model_weights
 
 PROG = "hpcgraft-graft"
 
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         check_output_file(args.out, "--out")
         if args.report:
             check_output_file(args.report, "--report")
-        own, source = load_state(args.self_path), load_state(args.source_path)
+        own, source = model_weights(args.self_path), model_weights(args.source_path)
         try:
             grafted, result = graft_state(own, source, a=args.a, c=args.c, bins=args.bins, level=args.level,
                                           round_alpha=args.round_alpha, reference=args.reference,

@@ -27,14 +27,13 @@ from typing import Any
 
 import torch
 
-from hpcgraft.config import Config, load_config
+from hpcgraft.config import Config
 from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
 from hpcgraft.method import lean
 from hpcgraft.method.pruning import CRITERIA, RESULTS_FILE, Mask, check_request, make_mask
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.outputs import check_output_dir, check_output_file
-from hpcgraft.storage.runmodel import build_model, find_config
-from hpcgraft.storage.statefile import load_states
+from hpcgraft.storage.run import load_model, peer_states, read_config
 from hpcgraft.training.evaluation import predict
 
 PROG = "hpcgraft.prune"
@@ -96,7 +95,7 @@ def run_jobs(cfg: Config, jobs: list[tuple[str, float, int]], states: dict[int, 
     results = {}
     for criterion, keep, p in jobs:
         mask = masks[(criterion, keep, p)]
-        model = build_model(cfg, states[p])
+        model = load_model(cfg, states[p], f"peer {p}")
         mask.apply(model)
         before = top1(*predict(model, loader, device))
         if epochs > 0:
@@ -118,7 +117,7 @@ def unpruned_top1(cfg: Config, states: dict[int, dict[str, torch.Tensor]]) -> di
 
     _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
     loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False)
-    return {p: top1(*predict(build_model(cfg, s), loader, torch.device("cpu"))) for p, s in states.items()}
+    return {p: top1(*predict(load_model(cfg, s, f"peer {p}"), loader, torch.device("cpu"))) for p, s in states.items()}
 
 
 def format_table(doc: dict[str, Any]) -> str:
@@ -153,14 +152,18 @@ def prepare(args: argparse.Namespace) -> tuple[Config, str, dict[int, dict[str, 
     path = Path(args.path)
     if not path.exists():
         raise UserError(f"{path}: no such run directory or checkpoint; give the run directory the training wrote")
-    cfg_path = find_config(path)
+    trained = read_config(path)
+    if trained is None:
+        raise UserError(f"{path} holds weights only; prune reads the run they came from: give its run directory, "
+                        "a checkpoint or a peer .h5 file")
     overrides = [*FINETUNE, f"train.epochs={max(1, args.finetune_epochs)}", *args.set]
-    cfg = load_config(cfg_path, overrides)
-    arm = "baseline" if load_config(cfg_path).graft.mode == "none" else "grafted"
-    states = {peer_index(label): s for label, s in load_states(path, args.peer).items()}
+    cfg = read_config(path, overrides).cfg
+    arm = "baseline" if trained.cfg.graft.mode == "none" else "grafted"
+    labelled = peer_states(path, peer=args.peer)
+    states = {peer_index(label): s for label, s in labelled.items()}
     masks = {}
-    for p, s in states.items():
-        model = build_model(cfg, s)
+    for (label, s), p in zip(labelled.items(), states, strict=True):
+        model = load_model(cfg, s, f"{path} ({label})")
         for c in criteria:
             for k in keeps:
                 masks[(c, k, p)] = make_mask(model, c, k, args.image_size)

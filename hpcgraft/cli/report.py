@@ -3,8 +3,8 @@
     python -m hpcgraft.report RUN_DIR [RUN_DIR ...] [--out DIR]
     python -m hpcgraft.report SWEEP_DIR [--out DIR]     (a sweep's table: sweep.md)
 
-Reads each run directory's config.yaml, metrics.jsonl and graft.jsonl (see :mod:`hpcgraft.storage.runlog`) and
-writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
+Reads each run directory's config (:mod:`hpcgraft.storage.run`), metrics.jsonl and graft.jsonl (see
+:mod:`hpcgraft.storage.runlog`) and writes into ``--out`` (default: ``RUN_DIR/report`` of the first run):
 
 - ``accuracy.png``: test top-1 of every peer and of the ensemble per epoch, one panel per run;
 - ``invalid.png``: invalid filters (l1 norm below each threshold) per epoch, every run in the same
@@ -35,17 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from hpcgraft.config import Config, config_from_dict, parse_yaml
+from hpcgraft.config import Config
 from hpcgraft.errors import ConfigError, InputError, report
 from hpcgraft.method.grafting import filter_l1_norms
 from hpcgraft.method.pruning import RESULTS_FILE
 from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state
-from hpcgraft.models import create_model
 from hpcgraft.storage.outputs import check_output_dir
+from hpcgraft.storage.run import build_model, holds_run, peer_states, read_config
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, fmt, read_jsonl
-from hpcgraft.storage.statefile import load_states
 
 PROG = "hpcgraft.report"
 
@@ -98,13 +95,10 @@ class Run:
 def load_run(path: str | Path) -> Run:
     """A run directory written by ``python -m hpcgraft.train --out PATH``."""
     p = Path(path)
-    if not (p / "config.yaml").is_file() or not (p / METRICS).is_file():
+    if not (p / METRICS).is_file() or not holds_run(p):
         raise InputError(f"{p} holds no config.yaml and {METRICS}; give the --out directory of a run "
-                          "(python -m hpcgraft.train --out RUN_DIR) that has finished at least one epoch")
-    try:
-        cfg = config_from_dict(parse_yaml((p / "config.yaml").read_text()) or {})
-    except (ConfigError, yaml.YAMLError) as exc:
-        raise InputError(f"{p / 'config.yaml'} cannot be read: {exc}") from None
+                         "(python -m hpcgraft.train --out RUN_DIR) that has finished at least one epoch")
+    cfg = read_config(p).cfg  # type: ignore[union-attr] - a directory always has a config or an error
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     ensemble: dict[int, float] = {}
     for row in read_jsonl(p / METRICS):
@@ -128,8 +122,8 @@ def _state(p: Path) -> str:
 def conv_filters(cfg: Config) -> int | None:
     """Output filters of all conv layers of the run's model (None if the model cannot be built here)."""
     try:
-        model = create_model(cfg.model.name, cfg.model.num_classes or 10)
-    except (ValueError, TypeError):
+        model = build_model(cfg, cfg.model.num_classes or 10)
+    except (ConfigError, TypeError):
         return None
     return sum(int(n.numel()) for n in filter_l1_norms(model.state_dict()).values())
 
@@ -139,7 +133,7 @@ def layer_invalid(run: Run, thresholds: list[float]) -> tuple[str, list[LayerSta
     if not (run.path / "checkpoints").is_dir():
         return None
     try:
-        states = load_states(run.path, 0)
+        states = peer_states(run.path, peer=0)
     except InputError:
         return None
     label, state = next(iter(states.items()))
@@ -533,7 +527,7 @@ def load_sweep(path: str | Path) -> dict[str, dict[int, Run | None]]:
         found[arm] = {}
         for seed in seeds:
             d = p / arm / f"seed{seed}"
-            found[arm][seed] = load_run(d) if (d / "config.yaml").is_file() and (d / METRICS).is_file() else None
+            found[arm][seed] = load_run(d) if (d / METRICS).is_file() else None
     return found
 
 

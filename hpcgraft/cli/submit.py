@@ -40,6 +40,7 @@ from hpcgraft.slurm import SCRIPTS_DIR
 from hpcgraft.slurm.check import check_slurm_request
 from hpcgraft.storage.follow import JobFollower
 from hpcgraft.storage.outputs import check_output_dir
+from hpcgraft.storage.run import read_config
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.text import plural
 
@@ -247,7 +248,7 @@ def final_metrics(out: str | Path) -> str:
     last = rows[-1]["epoch"]
     peers = [r for r in rows if r["epoch"] == last and r.get("peer") is not None]
     ensemble = next((r["ensemble_acc"] for r in rows if r["epoch"] == last and r.get("peer") is None), None)
-    cfg = load_config(Path(out) / "config.yaml")
+    cfg = read_config(Path(out)).cfg
     return epoch_table(peers, ensemble, cfg.train.epochs, cfg.log.thresholds, header=True)
 
 

@@ -26,15 +26,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from hpcgraft.cli import submit as launch
 from hpcgraft.cli.report import SWEEP_FILE, load_sweep, sweep_table
-from hpcgraft.config import Config, config_from_dict, load_config, parse_yaml, resolve_config
-from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, InputError, LaunchError, report
+from hpcgraft.config import Config, load_config, resolve_config
+from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, InputError, LaunchError, UserError, report
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
 from hpcgraft.storage.outputs import check_output_dir, check_output_file, check_run_outputs
+from hpcgraft.storage.run import holds_run, read_config
 from hpcgraft.storage.runlog import STATUS
 
 PROG = "hpcgraft.sweep"
@@ -119,16 +118,12 @@ def plan(config: str, arms: dict[str, tuple[str, ...]], seeds: int, out: Path, o
 def run_state(run: Planned) -> str:
     """``new``, ``finished``, ``running`` (another job holds its lock) or ``unfinished``; a directory that
     holds a run of another config is an error, named before any run starts."""
-    saved = run.out / "config.yaml"
-    if not saved.is_file():
+    if not holds_run(run.out):
         return "new"
     try:
-        data = parse_yaml(saved.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"a {type(data).__name__}, not a mapping")
-        old = config_from_dict(data).flat()
-    except (ConfigError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{saved} cannot be read ({exc}); delete {run.out} to run it again") from None
+        old = read_config(run.out, fix=f"delete {run.out} to run it again").cfg.flat()  # type: ignore[union-attr]
+    except UserError as exc:
+        raise ConfigError(str(exc)) from None
     new = run.cfg.flat()
     diff = [k for k in new if old.get(k) != new[k]]
     if diff:

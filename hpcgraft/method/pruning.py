@@ -31,10 +31,14 @@ from torch import nn
 from hpcgraft.errors import UserError
 from hpcgraft.method import earlybird, lean
 from hpcgraft.method.grafting import filter_entropies, filter_l1_norms
+from hpcgraft.models.dgconv import DGConv2d
 
 CHANNEL_CRITERIA = ("l1", "entropy", "bn")
 CRITERIA = ("l1", "entropy", *lean.KERNEL_CRITERIA, "bn")
 RESULTS_FILE = "prune.json"  # what hpcgraft.prune writes into its --out; hpcgraft.report plots it
+# A DGConv layer is a conv whose kernels are masked by its learned groups: its filters are pruned like any
+# conv's, and the BatchNorm after it is its BatchNorm.
+CONVS = (nn.Conv2d, DGConv2d)
 UNITS = {"l1": "filters", "entropy": "filters", "bn": "BatchNorm channels",
          **{c: "kernels" for c in lean.KERNEL_CRITERIA}}
 
@@ -58,7 +62,7 @@ def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
             continue  # containers: only leaves follow one another
         if isinstance(m, nn.BatchNorm2d) and last is not None and last[1].out_channels == m.num_features:
             pairs[last[0]] = name
-        last = (name, m) if isinstance(m, nn.Conv2d) else None
+        last = (name, m) if isinstance(m, CONVS) else None
     return pairs
 
 
@@ -66,8 +70,8 @@ def _param(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
 
 
-def convs(model: nn.Module) -> dict[str, nn.Conv2d]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+def convs(model: nn.Module) -> dict[str, nn.Conv2d | DGConv2d]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, CONVS)}
 
 
 @dataclass

@@ -7,10 +7,8 @@ mean) softmax. The training loop, ``python -m hpcgraft.evaluate`` and anything e
 - :func:`predict` runs one model over a loader (softmax and labels);
 - :func:`score` turns the peers' softmax into per-peer and ensemble top-1/top-5 (:class:`Evaluation`);
 - :func:`evaluate_models` is both in one call, for models held in memory;
-- :func:`run_weights` / :func:`run_config` read what a run, a checkpoint or a .pt holds (no MPI, no pickle
-  code: .pt files are read with ``weights_only=True``);
-- :func:`load_weights` loads a state dict strictly, failing with one line that names the first key
-  that does not fit (``train.init_from`` and the evaluate command alike).
+- :func:`init_state` reads the weights ``train.init_from`` names (a run is read by
+  :mod:`hpcgraft.storage.run`, as every command reads it).
 """
 
 from __future__ import annotations
@@ -23,20 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from hpcgraft.config import Config, config_from_dict, parse_yaml
 from hpcgraft.data import BatchLoader
 from hpcgraft.errors import CheckpointError, ConfigError, InputError
-from hpcgraft.storage.checkpoints import (
-    RUN_FILE,
-    best_checkpoint,
-    is_step_dir,
-    load_member,
-    peer_file,
-    resolve,
-)
+from hpcgraft.storage import run
+from hpcgraft.storage.checkpoints import peer_file
 from hpcgraft.storage.statefile import State, load_states
 
 TOP5_MIN_CLASSES = 11  # metrics.jsonl records top-5 only where it says something: more than 10 classes
@@ -123,71 +113,6 @@ def evaluate_models(models: Mapping[str, nn.Module], loader: BatchLoader, device
 
 
 # ------------------------------------------------------------------------------------------ weights
-def state_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str | None:
-    """The first key (in the model's order) where ``got`` does not fit the model's state, or None."""
-    for name, want in expected.items():
-        if name not in got:
-            return f"{name} is missing"
-        have = got[name]
-        if tuple(have.shape) != tuple(want.shape):
-            return f"{name} has shape {tuple(have.shape)}, the model's is {tuple(want.shape)}"
-    extra = next((k for k in got if k not in expected), None)
-    return None if extra is None else f"{extra} is not part of the model"
-
-
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, model_name: str) -> None:
-    """Load ``state`` into ``model`` strictly; anything that does not fit is one line naming the first key."""
-    problem = state_mismatch(model.state_dict(), state)
-    if problem:
-        raise ConfigError(f"the weights of {source} do not fit model.name={model_name}: {problem}; give weights "
-                          "of the same architecture and number of classes (model.num_classes)")
-    model.load_state_dict(dict(state))
-
-
-def run_weights(path: Path, *, peer: int | None = None, best: bool = False) -> dict[str, State]:
-    """Label -> state dict of what ``path`` holds: every peer of a run's newest checkpoint (its best per
-    peer with ``best``), of a checkpoint directory, one peer file, or a .pt state dict."""
-    if not path.exists():
-        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
-    if not best:
-        return load_states(path, peer)
-    if not path.is_dir() or is_step_dir(path):
-        raise InputError(f"--best picks checkpoints of a run: give the run directory, not {path}")
-    try:
-        peers = [peer] if peer is not None else range(resolve(path).peers)
-        out = {}
-        for p in peers:
-            info = best_checkpoint(path, p)
-            label = f"peer {p} (best: {info.path.name}, epoch {info.epoch})"
-            out[label] = next(iter(load_states(info.path / peer_file(p)).values()))
-        return out
-    except CheckpointError as exc:
-        raise InputError(str(exc)) from None
-
-
-def run_config(path: Path) -> Config | None:
-    """The config a run directory, a checkpoint or a peer file was trained with; None for a .pt file."""
-    if path.is_file() and path.suffix != ".h5":
-        return None
-    where = path.parent if path.is_file() else path
-    text: Any = None
-    if (where / "config.yaml").is_file():
-        text, origin = (where / "config.yaml").read_text(), where / "config.yaml"
-    else:
-        try:
-            info = resolve(where)
-            text, origin = load_member(info, RUN_FILE).get("config"), info.path / RUN_FILE
-        except CheckpointError as exc:
-            raise InputError(f"{path}: no config found ({exc}); pass --config") from None
-    try:
-        data = parse_yaml(text) if isinstance(text, str | bytes) else None
-        if not isinstance(data, dict):
-            raise ConfigError("not a mapping")
-        return config_from_dict(data)
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise InputError(f"the config in {origin} is unreadable ({exc}); pass --config") from None
-
-
 def init_state(spec: str, peer: int, peers: int) -> tuple[State, str]:
     """The state ``train.init_from`` gives ``peer`` of ``peers``, and where it came from.
 
@@ -197,7 +122,7 @@ def init_state(spec: str, peer: int, peers: int) -> tuple[State, str]:
     path = Path(spec.replace(PEER_FIELD, str(peer)))
     try:
         if path.is_dir():
-            info = resolve(path)
+            info = run.latest(path)
             if info.peers not in (1, peers):
                 raise ConfigError(f"train.init_from={spec} holds {info.peers} peers but this run has {peers}; give "
                                   f"one peer's file ({info.path / peer_file(0)}) for all, or start {info.peers} peers")

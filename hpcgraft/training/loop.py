@@ -31,10 +31,11 @@ from hpcgraft.method import grafting
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
 from hpcgraft.storage.outputs import check_run_outputs
+from hpcgraft.storage.run import load_weights
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.text import plural
-from hpcgraft.training.evaluation import TOP5_MIN_CLASSES, init_state, load_weights, predict, topk_correct
+from hpcgraft.training.evaluation import TOP5_MIN_CLASSES, init_state, predict, topk_correct
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.monitors import bn_l1_step, monitor_epoch
 from hpcgraft.training.peer import Peer, build_peer, check_layout, make_exchange

@@ -23,8 +23,7 @@ from hpcgraft.data.memory import InMemoryImages
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
-from hpcgraft.models import create_model
-from hpcgraft.models.dgconv import apply_dgconv
+from hpcgraft.storage.run import build_model
 from hpcgraft.training.monitors import EarlyBirdMonitor, build_monitor
 
 
@@ -166,18 +165,6 @@ def check_model_fits_data(cfg: Config, model: nn.Module, data: ImageSet, device:
     if out.dim() != 2 or out.shape[1] < need:
         raise ConfigError(f"model.name={cfg.model.name} gives outputs of shape {tuple(out.shape[1:])} for "
                           f"data.name={cfg.data.name} with {need} classes; pick a model made for this data")
-
-
-def build_model(cfg: Config, num_classes: int, device: torch.device) -> nn.Module:
-    """The configured architecture (``model.*``) on ``device``, initialised from the current RNG state."""
-    try:
-        options = {} if cfg.model.init == "kaiming" else {"init": cfg.model.init}
-        model = create_model(cfg.model.name, num_classes, cfg.model.bn_momentum, **options)
-        if cfg.model.dgconv:
-            apply_dgconv(model, cfg.model.dgconv_init)
-        return model.to(device)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def build_peer(cfg: Config, world: World) -> Peer:

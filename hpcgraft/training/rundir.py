@@ -20,7 +20,6 @@ import h5py
 import mpi4py
 import numpy as np
 import torch
-import yaml
 
 from hpcgraft.comm import mpi
 from hpcgraft.comm.world import World, agreed, log, start_ranks
@@ -35,8 +34,8 @@ from hpcgraft.storage.checkpoints import (
     is_step_dir,
 )
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
+from hpcgraft.storage.run import CONFIG, config_text, parse_config, write_config
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
-from hpcgraft.storage.runmodel import CONFIG
 from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink, remove_events
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
@@ -96,7 +95,7 @@ def _not_a_run_config(path: Path) -> str | None:
     if path.stat().st_size > _CONFIG_MAX_BYTES:
         return f"its {CONFIG} is too large for an hpcgraft config"
     try:
-        _parse_config(path.read_bytes())
+        parse_config(path.read_bytes())
     except (OSError, ConfigError) as exc:
         return f"its {CONFIG} is not an hpcgraft config ({exc})"
     return None
@@ -160,24 +159,12 @@ def release_run_dir() -> None:
         _LOCK = None
 
 
-def _parse_config(text: str | bytes) -> Config:
-    """A saved config (config.yaml, or the copy in a checkpoint's run.h5); every way it can be damaged is a
-    ConfigError."""
-    try:
-        data = parse_yaml(text) or {}
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(" ".join(str(exc).split())) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"a {type(data).__name__}, not a mapping")
-    return config_from_dict(data)
-
-
 def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: Path,
                        extend: bool = False) -> dict[str, Any]:
     """The config a run was started with must be the one that continues it (``extend``: but for a larger
     ``train.epochs``); returns the old config, flat."""
     try:
-        old = _parse_config(old_yaml).flat()
+        old = parse_config(old_yaml).flat()
     except ConfigError as exc:
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
@@ -209,7 +196,7 @@ class RunStore:
             raise ConfigError(f"{'--extend' if extend else '--from-step'} continues a run, and {run_dir} holds none; "
                               "drop the flag to start a new run")
         if self.had_config:
-            _check_same_config(CONFIG, saved.read_bytes(), cfg, run_dir, extend)
+            _check_same_config(CONFIG, config_text(run_dir) or b"", cfg, run_dir, extend)
             status = RunLog(run_dir).read_status()
             if status.get("state") == "finished" and not extend and from_step is None:
                 raise ConfigError(f"{run_dir} holds a finished run ({plural(status.get('epoch', 0), 'epoch')}); pass "
@@ -231,7 +218,7 @@ class RunStore:
         if self.world.is_root:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / MARKER).touch()
-            atomic.write_text(self.config_path, self.cfg.to_yaml())
+            write_config(self.dir, self.cfg)
             self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
             _RUN_LOG = self.log
 

@@ -22,6 +22,7 @@ from hpcgraft.method.pruning import (
     make_mask,
 )
 from hpcgraft.models import create_model
+from hpcgraft.models.dgconv import apply_dgconv
 
 
 class Tiny(nn.Module):
@@ -204,3 +205,13 @@ def test_report_plots_prune_results(tmp_path):
     assert not plot_pruning([], tmp_path / "none.png") and not (tmp_path / "none.png").exists()
     assert plot_pruning([doc("baseline", 80.0), doc("grafted", 90.0)], tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bn_criterion_prunes_the_dgconv_layer_that_feeds_the_batchnorm() -> None:
+    """A DGConv layer is a conv: a pruned BatchNorm channel zeroes the DGConv filter that produces it."""
+    torch.manual_seed(0)
+    model = create_model("digits_resnet", 10)
+    layers = apply_dgconv(model)
+    mask = make_mask(model, "bn", 0.5)
+    assert layers and all(mask.masks[f"{name}.weight"].dim() == 2 for name in layers)
+    assert set(invalid_overlap(model, ["bn"], 0.5)[1].invalid) == {"l1", "bn"}
