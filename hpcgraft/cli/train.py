@@ -11,7 +11,7 @@ from __future__ import annotations
 if __name__ == "__main__":  # before MPI and torch are imported: under a launcher, become the rank's supervisor
     from hpcgraft.supervise import supervise_module
 
-    supervise_module("hpcgraft.train")
+    supervise_module("hpcgraft.cli.train")
 
 import argparse
 import sys

@@ -24,6 +24,10 @@ RANK = {
     "comm": 3, "data": 3,
     "training": 4,
     "cli": 5,  # the commands
+    # The older module paths (python -m hpcgraft.train, from hpcgraft import launch) and python -m hpcgraft:
+    # they forward to cli.
+    **dict.fromkeys(("train", "evaluate", "prune", "analyze", "graft", "checkpoint", "report", "sweep", "launch",
+                     "__main__"), 6),
 }
 # The explicit rules, on top of the ranks.
 FORBIDDEN = {
