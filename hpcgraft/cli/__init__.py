@@ -8,6 +8,7 @@ become the rank's supervisor (:mod:`hpcgraft.supervise`) before MPI or torch are
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import runpy
 import sys
@@ -56,6 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         supervise_module(module, rest)
     return importlib.import_module(module).main(rest)
+
+
+def add_overrides(parser: argparse.ArgumentParser, what: str = "config overrides") -> None:
+    """The ``key=value`` words every command that reads a config takes after its options, and where to see
+    what they resolve to."""
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help=what)
+    parser.epilog = f"{parser.epilog} {OVERRIDES_HELP}" if parser.epilog else OVERRIDES_HELP
 
 
 def forward(name: str, module: str) -> None:
