@@ -118,7 +118,7 @@ def test_each_layer_imports_only_the_layers_below_it():
             continue
         for target in imports_of(name, path):
             theirs = layer(target)
-            if mine == theirs == "cli" and "cli" not in (name, target):
+            if mine == theirs == "cli" and "hpcgraft.cli" not in (name, target):  # the dispatcher is shared
                 if (name.split(".")[-1], target.split(".")[-1]) not in ALLOWED:
                     bad.append(f"{name} imports {target} (one command imports another)")
                 continue
