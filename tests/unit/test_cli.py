@@ -118,3 +118,15 @@ def test_sweep_arms_are_a_name_and_key_value_words_or_the_older_single_word():
 def test_a_sweep_arm_without_a_name_or_overrides_is_refused(words):
     with pytest.raises(sweep.ConfigError, match="is not NAME key=value ...; e.g. --arm filter graft.level=filter"):
         sweep.parse_arms("", [words])
+
+
+def test_every_console_script_names_a_function():
+    """`hpcgraft` and its older aliases (hpcgraft-train, -graft, -sweep, -slurm) point at functions that exist."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["hpcgraft"] == "hpcgraft.cli:main"
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
