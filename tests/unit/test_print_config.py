@@ -67,4 +67,4 @@ def test_print_config_refuses_a_bad_key_with_one_line():
 def test_help_names_where_the_keys_are_documented():
     r = _train("--help")
     assert r.returncode == 0
-    assert "--print-config" in r.stdout and "README.md" in " ".join(r.stdout.split())
+    assert "--print-config" in r.stdout and "docs/configuration.md" in " ".join(r.stdout.split())
