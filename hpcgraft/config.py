@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -343,6 +344,23 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed; use one of: {', '.join(allowed)}")
 
 
+#: What the authors' code can do (graft.reference=authors): the graft settings it has, and their values.
+AUTHORS_GRAFT = {"mode": ("peers", "none"), "topology": ("ring",), "level": ("layer",)}
+
+
+def authors_reference_conflict(spell: Callable[[str, str], str] = lambda key, value: f"graft.{key}={value}",
+                               **settings: str) -> str | None:
+    """The one check of the authors' reference (the config, the offline graft command and the exchange all
+    ask it): the first of ``settings`` (graft keys) their code lacks, as a message that names settings the
+    way the caller's user writes them (``spell(key, value)``); None when their code has them all."""
+    for key, value in settings.items():
+        allowed = AUTHORS_GRAFT[key]
+        if value not in allowed:
+            return (f"{spell(key, value)} is not allowed with {spell('reference', 'authors')} (the authors' code has "
+                    f"only {' and '.join(allowed)}); use one of: {', '.join(allowed)}")
+    return None
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -360,10 +378,8 @@ def validate(cfg: Config) -> None:
     _choice("graft.level", g.level, ("layer", "filter"))
     _choice("graft.reference", g.reference, ("paper", "authors"))
     if g.reference == "authors":
-        for key, value, needed in (("graft.mode", g.mode, ("peers", "none")), ("graft.topology", g.topology, ("ring",)),
-                                   ("graft.level", g.level, ("layer",))):
-            _check(value in needed, f"{key}={value!r} is not allowed with graft.reference=authors (the authors' code "
-                   f"has only {' and '.join(needed)}); use one of: {', '.join(needed)}")
+        conflict = authors_reference_conflict(mode=g.mode, topology=g.topology, level=g.level)
+        _check(conflict is None, conflict or "")
     _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
     _choice("model.init", cfg.model.init, ("kaiming", "pytorch"))
     _choice("model.dgconv_init", cfg.model.dgconv_init, ("random", "depthwise"))

@@ -181,18 +181,19 @@ def supervise(argv: Sequence[str]) -> int:
     return 128 + signum  # not reached for signals whose default action ends the process
 
 
-def supervise_module(module: str) -> None:
-    """Call first thing in ``python -m <module>``, before MPI or torch are imported: under a launcher
-    this process becomes the rank's supervisor and exits here; otherwise it returns and the module runs,
-    with the stop signals held until it installs its handlers."""
+def supervise_module(module: str, args: Sequence[str] | None = None) -> None:
+    """Call first thing in ``python -m <module>`` (``args``: its arguments, default ``sys.argv[1:]``), before
+    MPI or torch are imported: under a launcher this process becomes the rank's supervisor and exits here;
+    otherwise it returns and the module runs, with the stop signals held until it installs its handlers."""
     hold_stop_signals()
     if should_supervise():
-        sys.exit(supervise([sys.executable, "-m", module, *sys.argv[1:]]))
+        sys.exit(supervise([sys.executable, "-m", module, *(sys.argv[1:] if args is None else args)]))
 
 
 def train() -> None:
-    """The ``hpcgraft-train`` command: ``python -m hpcgraft.train``, supervised under a launcher.
+    """The ``hpcgraft-train`` command (``hpcgraft train``'s older name): ``python -m hpcgraft.cli.train``,
+    supervised under a launcher.
 
     The module runs as ``__main__`` (its own guard supervises), so this module never imports the
     training and stays importable before MPI and torch."""
-    runpy.run_module("hpcgraft.train", run_name="__main__", alter_sys=True)
+    runpy.run_module("hpcgraft.cli.train", run_name="__main__", alter_sys=True)

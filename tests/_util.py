@@ -31,10 +31,11 @@ def mpirun(np: int, *args: str, timeout: float = 300, cwd: Path | None = None,
 
 
 def train(np: int, out: Path, *overrides: str, config: str = "configs/digits.yaml", restart: bool = False,
-          timeout: float = 300, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    args = ["-m", "hpcgraft.train", "--config", str(ROOT / config), "--out", str(out), *overrides]
-    if restart:
-        args.insert(2, "--restart")
+          timeout: float = 300, environ: dict[str, str] | None = None,
+          command: tuple[str, ...] = ("-m", "hpcgraft.train")) -> subprocess.CompletedProcess:
+    """The training command (``command``: its Python arguments, e.g. ``-m hpcgraft train``) on ``np`` ranks."""
+    args = [*command, *(["--restart"] if restart else []), "--config", str(ROOT / config), "--out", str(out),
+            *overrides]
     if np == 0:  # a plain process, no mpirun
         return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
                               env=environ or env(), cwd=ROOT)

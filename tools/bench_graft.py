@@ -162,7 +162,7 @@ def bench_model(name: str, comm: MPI.Comm, repeats: int, folder: Path, device: t
     rank = comm.Get_rank()
     state = {k: v.to(device) for k, v in MODELS[name](1000 + rank).items()}
     plan = grafting.plan_layers(state)
-    ex = GraftExchange(state, comm, topology="ring", level="layer")
+    ex = GraftExchange(state, comm, grafting.GraftMath(level="layer"), topology="ring")
     succ, pred = (rank + 1) % comm.Get_size(), (rank - 1) % comm.Get_size()
     r = {"params": sum(t.numel() for t in ex.tensors), "bytes": ex.packed.nbytes}
     send = torch.ones(ex.packed.nbytes, dtype=torch.uint8).numpy()

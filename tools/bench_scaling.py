@@ -60,6 +60,7 @@ def rounds_main(models: list[str], repeats: int, out: str) -> None:
     from mpi4py import MPI
 
     from hpcgraft.comm.exchange import GraftExchange
+    from hpcgraft.method.grafting import GraftMath
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -70,8 +71,7 @@ def rounds_main(models: list[str], repeats: int, out: str) -> None:
         g = cfg.graft
         torch.manual_seed(100 + rank)
         state = create_model(cfg.model.name, 10).state_dict()
-        ex = GraftExchange(state, comm, topology=g.topology, level=g.level, a=g.a, c=g.c, bins=g.bins,
-                           round_alpha=g.round_alpha)
+        ex = GraftExchange(state, comm, GraftMath.from_config(cfg), topology=g.topology)
         ex.graft()  # warm-up
         times = []
         for _ in range(repeats):

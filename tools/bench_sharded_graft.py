@@ -41,13 +41,14 @@ def worker(args: argparse.Namespace) -> None:
     from hpcgraft.comm.exchange import GraftExchange
     from hpcgraft.comm.replicas import ShardedTransport
     from hpcgraft.comm.world import init_world, torch_threads
+    from hpcgraft.method.grafting import GraftMath
     from hpcgraft.models import create_model
 
     world = init_world(args.replicas, MPI.COMM_WORLD)
     torch.set_num_threads(torch_threads(world.local_size))
     torch.manual_seed(world.peer)  # replicas of a peer hold the same weights
     state = create_model("resnet50", 1000).state_dict()
-    options = dict(topology=args.topology, level=args.level)
+    options = dict(math=GraftMath(level=args.level), topology=args.topology)
     if world.replicas > 1:
         exchange = GraftExchange(state, world.graft_comm, **options,
                                  transport=partial(ShardedTransport, peer_comm=world.peer_comm))

@@ -119,7 +119,7 @@ def main() -> int:
                               *QUIET, *overrides], f"training {run}")
             t_prune = mpirun(["-m", "hpcgraft.prune", str(run), "--criterion", args.criteria, "--keep", args.keep,
                               "--finetune-epochs", str(args.finetune_epochs), "--out", str(run / "prune"),
-                              "--set", f"train.lr={args.finetune_lr:g}", *QUIET], f"pruning {run}")
+                              f"train.lr={args.finetune_lr:g}", *QUIET], f"pruning {run}")
             doc = json.loads((run / "prune" / "prune.json").read_text())
             found[arm][seed] = {"prune": doc, "eb_epoch": early_birds(run), "seconds": [t_train, t_prune]}
             print(f"study: {arm} seed {seed}: trained in {t_train:.0f} s, pruned in {t_prune:.0f} s", flush=True)

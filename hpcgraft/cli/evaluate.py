@@ -14,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from hpcgraft.cli import add_overrides
 from hpcgraft.config import load_config
 from hpcgraft.data import BatchLoader, build_datasets
 from hpcgraft.errors import EXIT_USAGE, ConfigError, InputError, UserError, report
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="its folder (data.root)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", type=Path, help="also write the result as JSON here")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.test_batch_size=512")
+    add_overrides(p, "config overrides, e.g. data.test_batch_size=512")
     args = p.parse_intermixed_args(argv)
     overrides = list(args.overrides)
     overrides += [f"data.name={args.data}"] if args.data else []

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from hpcgraft.config import authors_reference_conflict
 from hpcgraft.errors import EXIT_USAGE, InputError, report
 from hpcgraft.method.authors import CODES
-from hpcgraft.method.grafting import REFERENCES, GraftReport, graft_state
+from hpcgraft.method.grafting import REFERENCES, GraftMath, GraftReport, graft_state
 from hpcgraft.storage import atomic
 from hpcgraft.storage.outputs import check_output_file
 from hpcgraft.storage.run import model_weights
@@ -82,9 +83,9 @@ def _check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--c must be >= 0, got {args.c}")
     if args.bins < 2:
         raise InputError(f"--bins must be >= 2, got {args.bins}")
-    if args.reference == "authors" and args.level != "layer":
-        raise InputError("--reference authors grafts at --level layer only (the authors' filter level is not "
-                         "reproduced; see docs/method.md)")
+    conflict = authors_reference_conflict(lambda key, value: f"--{key} {value}", level=args.level)
+    if args.reference == "authors" and conflict:
+        raise InputError(conflict)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output_file(args.report, "--report")
         own, source = model_weights(args.self_path), model_weights(args.source_path)
         try:
-            grafted, result = graft_state(own, source, a=args.a, c=args.c, bins=args.bins, level=args.level,
-                                          round_alpha=args.round_alpha, reference=args.reference,
-                                          code=args.authors_code)
+            grafted, result = graft_state(own, source, GraftMath(args.reference, args.level, args.a, args.c, args.bins,
+                                                                 args.round_alpha, args.authors_code))
         except ValueError as exc:
             raise InputError(f"{args.self_path} and {args.source_path} cannot be grafted: {exc}") from exc
         _save_atomic(grafted, Path(args.out), torch.save)

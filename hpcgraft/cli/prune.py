@@ -1,12 +1,12 @@
 """Prune a trained run's peers by a criterion, optionally fine-tune them, and measure top-1.
 
     python -m hpcgraft.prune RUN_OR_CHECKPOINT --criterion lean,l1,bn --keep 0.1,0.3,0.5 \\
-        [--finetune-epochs N] [--peer I] [--set KEY=VALUE ...] --out DIR
+        [--finetune-epochs N] [--peer I] --out DIR [key=value ...]
     mpirun -np K python -m hpcgraft.prune ...     # rank r fine-tunes peers r, r+K, ...
 
 Every (criterion, keep) pair is one job per peer: mask (:mod:`hpcgraft.method.pruning`; what keep counts is
 defined there), fine-tune N epochs with the run's config (its schedule restarted over N epochs, no
-grafting, no cultivation, no monitor; ``--set`` overrides more keys, e.g. train.lr=0.01) re-applying the
+grafting, no cultivation, no monitor; ``key=value`` words override more keys, e.g. train.lr=0.01) re-applying the
 mask after every optimizer step, evaluate. Writes DIR/prune.json, one directory per job with each peer's
 weights (peer-NNN.pt) and mask (peer-NNN.mask.pt), and prints a table. Every mask is computed before any
 fine-tuning, so bad input (criterion, keep, no BatchNorm for bn, a stride LEAN does not support) ends the
@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from hpcgraft.config import Config
+from hpcgraft.cli import add_overrides
+from hpcgraft.config import Config, load_config
 from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
 from hpcgraft.method import lean
 from hpcgraft.method.pruning import CRITERIA, RESULTS_FILE, Mask, check_request, make_mask
@@ -178,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", required=True, help="kept fraction(s) in (0, 1], comma-separated, e.g. 0.1,0.3,0.5")
     ap.add_argument("--finetune-epochs", type=int, default=0, metavar="N", help="fine-tune epochs (default 0)")
     ap.add_argument("--peer", type=int, help="only this peer (default: all)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for fine-tuning")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the older spelling of key=value")
     ap.add_argument("--image-size", type=int, default=lean.DEFAULT_IMAGE_SIZE, help="M of LEAN's operator norms")
     ap.add_argument("--out", required=True, type=Path, help="directory for prune.json, weights and masks")
-    args = ap.parse_args(argv)
+    add_overrides(ap, "config overrides for fine-tuning")
+    args = ap.parse_intermixed_args(argv)
+    args.set = [*args.set, *args.overrides]
     comm = None
     # MPI for fine-tuning, and whenever started by mpirun (the ranks then share the jobs, not the files).
     launched = int(os.environ.get("PMI_SIZE") or os.environ.get("OMPI_COMM_WORLD_SIZE") or 1) > 1

@@ -10,41 +10,13 @@ directories, data) are then taken; configs can be given by name (``HPCGRAFT_CONF
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 from hpcgraft.errors import EXIT_USAGE, report
-from hpcgraft.slurm import SCRIPTS, SCRIPTS_DIR
+from hpcgraft.slurm import write_scripts
 
 PROG = "hpcgraft.slurm"
-# The scripts' default interpreter in a checkout; written-out copies name the interpreter that wrote them.
-CHECKOUT_PYTHON = "PYTHON=${HPCGRAFT_PYTHON:-.venv/bin/python}"
-
-
-def write_scripts(out: str | Path, force: bool = False) -> list[Path]:
-    """Copy the scripts into ``out`` (made if needed), executable; refuses to overwrite unless ``force``."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; pick another DIR")
-    clash = [n for n in SCRIPTS if (out / n).exists()]
-    if clash and not force:
-        raise FileExistsError(f"{out / clash[0]} already exists; pass --force to overwrite the scripts in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name in SCRIPTS:
-        text = (SCRIPTS_DIR / name).read_text()
-        if name.startswith("graft_"):
-            if CHECKOUT_PYTHON not in text:
-                raise RuntimeError(f"{SCRIPTS_DIR / name} has no '{CHECKOUT_PYTHON}' line to point at this python")
-            line = next(x for x in text.splitlines() if x.startswith(CHECKOUT_PYTHON))
-            text = text.replace(line, f"PYTHON=${{HPCGRAFT_PYTHON:-{shlex.quote(sys.executable)}}}"
-                                      "  # the python that wrote these scripts (python -m hpcgraft.slurm)")
-        path = out / name
-        path.write_text(text)
-        path.chmod(0o755 if name.endswith(".sh") else 0o644)
-        written.append(path)
-    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
+from hpcgraft.cli import add_overrides
 from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_REQUEUE, EXIT_USAGE, ConfigError, InputError, LaunchError, report
 from hpcgraft.slurm import SCRIPTS_DIR
@@ -258,7 +259,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m hpcgraft.launch",
         description="Submit a grafting run with submitit: to SLURM (one MPI rank per GPU, formed by srun) "
                     "or to this machine (mpirun).",
-        epilog="Overrides: dotted config keys for hpcgraft.train, e.g. train.epochs=3 graft.level=filter",
     )
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
     p.add_argument("--out", required=True, help="run directory; a requeued or resubmitted job resumes it")
@@ -266,8 +266,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart", action="store_true", help="start over, discarding the run in --out")
     p.add_argument("--wait", action="store_true", help="wait for the run to end, printing the job's state changes "
                    "and its log (epoch rows, progress lines) as they come, then its final metrics")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return p.parse_args(argv)
+    add_overrides(p, "config overrides of the run (hpcgraft train's)")
+    return p.parse_intermixed_args(argv)
 
 
 def add_job_options(p: argparse.ArgumentParser) -> None:

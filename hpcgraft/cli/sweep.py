@@ -1,7 +1,7 @@
 """The papers' tables in one command: every arm of a comparison, several seeds each, one run per pair.
 
     python -m hpcgraft.sweep CONFIG [--arms baseline,grafting,grafting+cultivation] [--seeds 3] [--out DIR]
-        [--np K] [--arm NAME=OVERRIDES ...] [--restart] [--submitit|--slurm [job options] [--wait]] [key=value ...]
+        [--np K] [--arm NAME key=value ...] [--restart] [--submitit|--slurm [job options] [--wait]] [key=value ...]
 
 Each (arm, seed) is an ordinary run directory, ``DIR/<arm>/seed<k>``, trained by ``hpcgraft.train`` with
 the config, then the sweep's overrides, then the arm's, then ``seed=k``. Locally the runs go one after
@@ -23,9 +23,11 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcgraft.cli import add_overrides
 from hpcgraft.cli import submit as launch
 from hpcgraft.cli.report import SWEEP_FILE, load_sweep, sweep_table
 from hpcgraft.config import Config, load_config, resolve_config
@@ -69,17 +71,15 @@ class Planned:
         return f"{self.arm} seed {self.seed}"
 
 
-def parse_arms(names: str, defined: list[str]) -> dict[str, tuple[str, ...]]:
-    """The arms to run, in order: the built-in ones named in ``names`` and those ``--arm NAME=OVERRIDES``
-    defines (a defined arm runs whether or not ``names`` lists it)."""
+def parse_arms(names: str, defined: Sequence[str | Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    """The arms to run, in order: the built-in ones named in ``names`` and those each ``--arm NAME key=value
+    ...`` defines (a defined arm runs whether or not ``names`` lists it)."""
     custom: dict[str, tuple[str, ...]] = {}
     for spec in defined:
-        name, sep, rest = spec.partition("=")
-        if not sep or not _ARM_NAME.fullmatch(name) or not rest.strip():
-            raise ConfigError(f"--arm '{spec}' is not NAME=OVERRIDES; e.g. --arm 'filter=graft.level=filter'")
+        name, overrides = arm_words([spec] if isinstance(spec, str) else list(spec))
         if name in ARMS or name in custom:
             raise ConfigError(f"--arm {name}: the arm '{name}' is already defined; pick another name")
-        custom[name] = tuple(shlex.split(rest))
+        custom[name] = overrides
     chosen: dict[str, tuple[str, ...]] = {}
     for name in (n.strip() for n in names.split(",")):
         if not name:
@@ -88,13 +88,22 @@ def parse_arms(names: str, defined: list[str]) -> dict[str, tuple[str, ...]]:
             raise ConfigError(f"--arms names '{name}' twice; name each arm once")
         if name not in ARMS and name not in custom:
             raise ConfigError(f"unknown arm '{name}'; built-in arms: {', '.join(ARMS)} (or define it: "
-                             f"--arm '{name}=key=value ...')")
+                             f"--arm {name} key=value ...)")
         chosen[name] = ARMS.get(name) or custom[name]
     for name, overrides in custom.items():
         chosen.setdefault(name, overrides)
     if not chosen:
         raise ConfigError("--arms names no arm; e.g. --arms baseline,grafting")
     return chosen
+
+
+def arm_words(words: list[str]) -> tuple[str, tuple[str, ...]]:
+    """One ``--arm``: ``NAME key=value ...``, or the older single word ``'NAME=key=value ...'``."""
+    name, sep, rest = words[0].partition("=") if words else ("", "", "")
+    overrides = (*shlex.split(rest), *words[1:]) if sep else tuple(words[1:])
+    if not _ARM_NAME.fullmatch(name) or not overrides:
+        raise ConfigError(f"--arm {' '.join(words)!r} is not NAME key=value ...; e.g. --arm filter graft.level=filter")
+    return name, overrides
 
 
 def plan(config: str, arms: dict[str, tuple[str, ...]], seeds: int, out: Path, overrides: list[str]) -> list[Planned]:
@@ -233,8 +242,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "hpcgraft.report DIR writes the table (mean +- std over seeds).")
     p.add_argument("config", metavar="CONFIG", help="YAML config: a file or a packaged name (cifar10_resnet32)")
     p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated (default {','.join(DEFAULT_ARMS)})")
-    p.add_argument("--arm", action="append", default=[], metavar="NAME=OVERRIDES",
-                   help="define an arm: --arm 'filter=graft.level=filter cultivate.lambda=1' (repeatable)")
+    p.add_argument("--arm", action="append", nargs="+", default=[], metavar="NAME key=value",
+                   help="define an arm: --arm filter graft.level=filter cultivate.lambda=1 (repeatable; the words "
+                        "up to the next option are the arm's; 'NAME=key=value ...' is the older spelling)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0..N-1 (default 3)")
     p.add_argument("--out", help="sweep directory (default: runs/sweep-<config name>)")
     p.add_argument("--np", type=int, help="ranks (peers) per run (default 2; with --submitit the job options decide)")
@@ -244,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wait", action="store_true", help="with --submitit: wait for the jobs, then print the table")
     jobs = p.add_argument_group("job options (with --submitit/--slurm, as python -m hpcgraft.launch)")
     launch.add_job_options(jobs)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    add_overrides(p, "config overrides for every run")
     a = p.parse_intermixed_args(argv)
     if a.slurm:
         a.submitit, a.executor = True, "slurm"

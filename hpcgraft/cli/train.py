@@ -11,12 +11,13 @@ from __future__ import annotations
 if __name__ == "__main__":  # before MPI and torch are imported: under a launcher, become the rank's supervisor
     from hpcgraft.supervise import supervise_module
 
-    supervise_module("hpcgraft.train")
+    supervise_module("hpcgraft.cli.train")
 
 import argparse
 import sys
 from pathlib import Path
 
+from hpcgraft.cli import add_overrides
 from hpcgraft.comm import mpi
 from hpcgraft.comm.failure import abort_on_error, catch_stop_signals
 from hpcgraft.config import load_config
@@ -30,9 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m hpcgraft.train",
         description="Train K peer networks with filter grafting; one MPI rank per peer "
         "(mpirun -np K python -m hpcgraft.train ...).",
-        epilog="Overrides: dotted config keys, e.g. train.epochs=3 graft.level=filter graft.mode=none. Every key, "
-        "its default and its meaning: the key table in docs/configuration.md; "
-        "the values a run would use: --print-config.",
+        epilog="Every key, its default and its meaning: docs/configuration.md.",
     )
     p.add_argument("--config", help="YAML run config (default: the built-in digits defaults)")
     p.add_argument("--out", help="run directory (default: runs/<config name>); re-running resumes it")
@@ -45,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(docs/running.md)")
     p.add_argument("--from-step", type=int, metavar="N",
                    help="resume from the complete checkpoint of step N instead of the newest (later ones are dropped)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_overrides(p)
     # Overrides may come anywhere, also after --out (argparse's plain parsing stops at the first option).
     return p.parse_intermixed_args(argv)
 

@@ -228,36 +228,31 @@ class GraftExchange:
     """Grafting rounds between the peers of ``comm`` (rank = peer index) for one model's state.
 
     ``state`` must be a state dict whose tensors share storage with the model (``model.state_dict()``),
-    so that mixing in place updates the model. ``source_fn`` replaces the peers as information source
-    (noise, the network's own weights); it maps this peer's tensors to the source tensors. ``transport``
-    builds what moves the weights from the packed buffers and the tensors (default: whole).
+    so that mixing in place updates the model. ``math`` is the round's arithmetic (the paper's method or the
+    authors' code; level, a, c, bins; default: the paper's with its defaults), the same object an offline graft
+    uses. ``source_fn`` replaces the peers as information source (noise, the network's own weights); it maps
+    this peer's tensors to the source tensors. ``transport`` builds what moves the weights from the packed
+    buffers and the tensors (default: whole).
     """
 
     def __init__(
         self,
         state: dict[str, torch.Tensor],
         comm: MPI.Comm,
+        math: grafting.GraftMath | None = None,
         *,
         topology: str = "ring",
-        level: str = "layer",
-        a: float = 0.4,
-        c: float = 500.0,
-        bins: int = 10,
-        round_alpha: bool = False,
-        reference: str = "paper",
-        code: str = "grafting_cifar",
         on_nonfinite: str = "skip",
         source_fn: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None,
         transport: Callable[[PackedTensors, list[torch.Tensor]], Transport] = WholeTransport,
     ) -> None:
         self.state, self.comm = state, comm
         self.peer, self.peers = comm.Get_rank(), comm.Get_size()
-        self.topology, self.level = topology, level
-        self.math = grafting.GraftMath(reference, level, a, c, bins, round_alpha, code)
+        math = math or grafting.GraftMath()
+        self.topology, self.level, self.math = topology, math.level, math
         self.on_nonfinite = on_nonfinite
         self.source_fn = source_fn
-        if self.math.authors and (source_fn is not None or topology != "ring"):
-            raise ValueError("the authors' reference grafts from one peer around the ring only")
+        math.check(topology=topology, mode="peers" if source_fn is None else "noise or self")
         self.plan: list[LayerGroup] = self.math.plan(state)
         self.keys = grafting.member_keys(self.plan)
         self.tensors = [state[k] for k in self.keys]

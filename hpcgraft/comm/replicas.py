@@ -176,12 +176,13 @@ class ReplicaGroup:
                                        f"digests {[d[:12] for d in digests]}")
 
 
-    def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, **options: Any) -> GraftExchange:
+    def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, math: grafting.GraftMath,
+                 **options: Any) -> GraftExchange:
         """The peer's grafting exchange: sharded over the replicas between peers, whole for other sources."""
         if source_fn is None:  # each replica moves its share of the peer's weights
-            return GraftExchange(state, self.world.graft_comm, **options,
+            return GraftExchange(state, self.world.graft_comm, math, **options,
                                  transport=partial(ShardedTransport, peer_comm=self.world.peer_comm))
-        return GraftExchange(state, self.world.graft_comm, source_fn=source_fn, **options)
+        return GraftExchange(state, self.world.graft_comm, math, source_fn=source_fn, **options)
 
 
 class SingleReplica:
@@ -206,8 +207,9 @@ class SingleReplica:
     def check_synced(self, model: nn.Module, optimizer: torch.optim.Optimizer, what: str) -> None:
         pass
 
-    def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, **options: Any) -> GraftExchange:
-        return GraftExchange(state, self.world.graft_comm, source_fn=source_fn, **options)
+    def exchange(self, state: dict[str, torch.Tensor], source_fn: SourceFn | None, math: grafting.GraftMath,
+                 **options: Any) -> GraftExchange:
+        return GraftExchange(state, self.world.graft_comm, math, source_fn=source_fn, **options)
 
 
 def replica_group(world: World) -> ReplicaGroup | SingleReplica:

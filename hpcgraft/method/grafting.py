@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
+from hpcgraft.config import Config, authors_reference_conflict
 from hpcgraft.method import authors as _authors_code
 from hpcgraft.method.groups import LayerGroup
 from hpcgraft.models import dgconv
@@ -307,8 +309,20 @@ class GraftMath:
     def __post_init__(self) -> None:
         if self.reference not in REFERENCES:
             raise ValueError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
-        if self.reference == "authors" and self.level != "layer":
-            raise ValueError("the authors' reference grafts at layer level only")
+        self.check(level=self.level)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> GraftMath:
+        """A run's grafting arithmetic: its graft section, and the authors' script for its model and data."""
+        g = cfg.graft
+        return cls(g.reference, g.level, g.a, g.c, g.bins, g.round_alpha,
+                   _authors_code.code_for(cfg.model.name, cfg.data.name))
+
+    def check(self, **settings: str) -> None:
+        """ValueError when the authors' reference cannot do ``settings`` (graft keys: level, topology, mode)."""
+        conflict = authors_reference_conflict(**settings) if self.authors else None
+        if conflict:
+            raise ValueError(conflict)
 
     @property
     def authors(self) -> bool:
@@ -337,26 +351,21 @@ class GraftMath:
             mix_(targets, sources, alphas)
 
 
-def graft_state(
-    self_state: State,
-    source_state: State,
-    *,
-    a: float = 0.4,
-    c: float = 500.0,
-    bins: int = 10,
-    level: str = "layer",
-    round_alpha: bool = False,
-    reference: str = "paper",
-    code: str = "grafting_cifar",
-) -> tuple[dict[str, torch.Tensor], GraftReport]:
+def graft_state(self_state: State, source_state: State, math_: GraftMath | None = None, **settings: Any
+                ) -> tuple[dict[str, torch.Tensor], GraftReport]:
     """Graft ``source_state`` into ``self_state`` (same architecture); returns a new state and a report.
 
     W_self <- alpha * W_self + (1 - alpha) * W_source per layer (or per filter), with alpha from the
-    entropies of both anchors. Neither input is modified; integer buffers are copied from ``self_state``
+    entropies of both anchors, by ``math_`` (or, for a call by hand, a :class:`GraftMath` of ``settings``,
+    e.g. ``level="filter", a=0.6``). Neither input is modified; integer buffers are copied from ``self_state``
     (``reference="authors"``: mixed and truncated, as the authors' ``code`` does).
     """
     check_compatible(self_state, source_state)
-    math_ = GraftMath(reference, level, a, c, bins, round_alpha, code)
+    if math_ is None:
+        math_ = GraftMath(**settings)
+    elif settings:
+        raise TypeError("graft_state takes a GraftMath or its settings, not both")
+    level = math_.level
     plan = math_.plan(self_state)
     h_self = math_.entropies(self_state, plan)
     h_source = math_.entropies(source_state, plan)

@@ -121,7 +121,8 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
             recompute_bn_statistics(peer, cfg.train.precise_bn)
         row, ensemble = evaluate(peer)
         check_some_peer_finite(peer, store)
-        monitored = monitor_epoch(peer, row)  # prune.monitor: early-bird fields, on the weights just evaluated
+        monitored = monitor_epoch(peer.monitor, peer.model, peer.progress.epoch, peer.world, peer.watchdog,
+                                  row)  # prune.monitor: early-bird fields, on the weights just evaluated
         grafted = grafts_at_epoch_end(cfg, peer.progress.epoch)
         if grafted:
             graft(peer)
@@ -195,7 +196,7 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
                 loss = loss * dgconv.budget_scale(model, cfg.model.dgconv_budget, over=cfg.model.dgconv_exponent)
         peer.optimizer.zero_grad()  # sets the gradients to None (Horovod's optimizer takes no arguments here)
         loss.backward()
-        bn_l1_step(peer)
+        bn_l1_step(model, cfg)
         peer.optimizer.step()
         for hook in peer.after_step:
             hook(model)

@@ -11,20 +11,18 @@ The math lives in :mod:`hpcgraft.method.earlybird`.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from hpcgraft.comm.world import gather_peers
+from hpcgraft.comm.failure import Watchdog
+from hpcgraft.comm.world import World, gather_peers
 from hpcgraft.config import Config
 from hpcgraft.data import ImageSet
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import earlybird as eb
-
-if TYPE_CHECKING:
-    from hpcgraft.training.peer import Peer
 
 
 class EarlyBirdMonitor:
@@ -96,18 +94,19 @@ def build_monitor(cfg: Config, model: nn.Module, test_set: ImageSet, device: tor
     return EarlyBirdMonitor(cfg, model, images)
 
 
-def monitor_epoch(peer: Peer, row: dict[str, Any]) -> dict[str, Any]:
+def monitor_epoch(monitor: EarlyBirdMonitor | None, model: nn.Module, epoch: int, world: World, watchdog: Watchdog,
+                  row: dict[str, Any]) -> dict[str, Any]:
     """COLLECTIVE over the peer leads. Adds this peer's early-bird fields to its metrics ``row`` and returns
-    the fields of the epoch's ``peer: null`` row (the distances between peers, on rank 0; {} elsewhere)."""
-    monitor = peer.monitor
+    the fields of the epoch's ``peer: null`` row (the distances between peers, on rank 0; {} elsewhere).
+    Takes the peer's parts, not the peer: the peer builds its monitor here, so this module never imports it."""
     if monitor is None:
         return {}
-    mask = monitor.measure(peer.model)
-    found = monitor.detector.update(mask, peer.progress.epoch)
+    mask = monitor.measure(model)
+    found = monitor.detector.update(mask, epoch)
     row.update({"eb_monitor": monitor.kind, "eb_dist_prev": found["dist_prev"], "eb_dist_max": found["dist_max"],
                 "eb_flag": found["flag"], "eb_epoch": found["eb_epoch"]})
-    with peer.watchdog.guard("early-bird monitor: gather of the peers' masks"):
-        masks = gather_peers(peer.world, mask)
+    with watchdog.guard("early-bird monitor: gather of the peers' masks"):
+        masks = gather_peers(world, mask)
     if not masks:
         return {}
     k = len(masks)
@@ -118,7 +117,7 @@ def monitor_epoch(peer: Peer, row: dict[str, Any]) -> dict[str, Any]:
     return {"eb_peer_dist": dist.tolist(), "eb_peer_dist_mean": float(np.mean(pairs)) if pairs else None}
 
 
-def bn_l1_step(peer: Peer) -> None:
+def bn_l1_step(model: nn.Module, cfg: Config) -> None:
     """``prune.bn_l1=s``: grad += s sign(gamma) on every BatchNorm2d, between backward and the optimizer
     step, as the reference's ``--sr`` training does."""
-    eb.add_bn_l1_subgradient(peer.model, peer.cfg.prune.bn_l1)
+    eb.add_bn_l1_subgradient(model, cfg.prune.bn_l1)

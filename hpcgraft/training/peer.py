@@ -21,7 +21,7 @@ from hpcgraft.config import Config
 from hpcgraft.data import BatchLoader, ImageSet, build_datasets
 from hpcgraft.data.memory import InMemoryImages
 from hpcgraft.errors import ConfigError
-from hpcgraft.method import authors, grafting, seeding
+from hpcgraft.method import grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.storage.run import build_model
 from hpcgraft.training.monitors import EarlyBirdMonitor, build_monitor
@@ -216,7 +216,5 @@ def make_exchange(peer: Peer) -> GraftExchange | None:
             return grafting.noise_source(tensors, gen)
     elif g.mode == "self":
         source_fn = grafting.self_source
-    return peer.replicas.exchange(peer.model.state_dict(), source_fn, topology=g.topology, level=g.level, a=g.a,
-                                  c=g.c, bins=g.bins, round_alpha=g.round_alpha, on_nonfinite=g.on_nonfinite,
-                                  reference=g.reference, code=authors.code_for(peer.cfg.model.name,
-                                                                               peer.cfg.data.name))
+    return peer.replicas.exchange(peer.model.state_dict(), source_fn, grafting.GraftMath.from_config(peer.cfg),
+                                  topology=g.topology, on_nonfinite=g.on_nonfinite)

@@ -204,7 +204,7 @@ def graft_check() -> None:
         peer.progress.batch = 0
         before = {k: v.clone() for k, v in peer.model.state_dict().items()}
         unsharded = {k: v.clone() for k, v in before.items()}  # the same round with one rank per peer
-        GraftExchange(unsharded, world.graft_comm, topology=topology, level=level).graft()
+        GraftExchange(unsharded, world.graft_comm, grafting.GraftMath(level=level), topology=topology).graft()
         htrain.graft(peer)
         after = {k: v.clone() for k, v in peer.model.state_dict().items()}
         states = world.comm.gather((world.peer, world.replica, before, after, unsharded), root=0)

@@ -105,7 +105,7 @@ def run_ranks(out_dir: Path) -> None:
             folder.mkdir(parents=True, exist_ok=True)
             state = make_state(sc, rank)
             torch.save(state, folder / f"pre{rank}.pt")
-            ex = GraftExchange(state, comm, topology=sc.topology, level=sc.level, a=sc.a,
+            ex = GraftExchange(state, comm, grafting.GraftMath(level=sc.level, a=sc.a), topology=sc.topology,
                                on_nonfinite=sc.on_nonfinite)
             result: dict = {"error": None, "dir": str(folder)}
             try:

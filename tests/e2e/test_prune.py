@@ -12,7 +12,7 @@ import torch
 
 from tests._util import ROOT, env, mpirun
 
-QUIET = ("--set", "log.progress=off", "dist.threads=1")
+QUIET = ("log.progress=off", "dist.threads=1")  # key=value words after the options
 
 
 def prune(*args: str) -> subprocess.CompletedProcess:

@@ -97,7 +97,7 @@ def test_sweep_runs_every_arm_and_seed_then_resumes_and_skips(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--arms", "baseline,nope"], "unknown arm 'nope'; built-in arms: baseline, grafting, grafting+cultivation, "
-                                  "cultivation (or define it: --arm 'nope=key=value ...')"),
+                                  "cultivation (or define it: --arm nope key=value ...)"),
     (["--seeds", "0"], "--seeds 0: give the number of seeds per arm, at least 1"),
     (["--arms", "grafting,grafting"], "--arms names 'grafting' twice"),
     (["seed=3"], "a seed=... override: the sweep sets the seed of each run"),

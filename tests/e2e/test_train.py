@@ -2,7 +2,8 @@
 
 import pytest
 
-from tests._util import train
+from tests._util import jsonl, train
+from tests.runs import RUNS
 
 pytestmark = pytest.mark.mpi
 
@@ -36,6 +37,15 @@ def test_digits_run_writes_metrics_reports_and_table(e2e_run):
     assert all(0 < g["seconds"] < 60 for g in grafts)  # the round's wall time
     assert (run.out / "config.yaml").exists()
     assert "train_loss" in run.proc.stdout and "ens" in run.proc.stdout  # the table
+
+
+def test_the_hpcgraft_command_trains_as_python_m_hpcgraft_train(e2e_run, tmp_path):
+    """`mpirun -np 2 hpcgraft train ...` (here `python -m hpcgraft train`, the same entry point) trains the
+    same numbers as the `python -m hpcgraft.train` run of tests/runs.py with the same overrides."""
+    r = train(2, tmp_path / "run", *RUNS["cultivate_only"].overrides, command=("-m", "hpcgraft", "train"))
+    assert r.returncode == 0, r.stderr
+    reference = e2e_run("cultivate_only")
+    assert untimed(jsonl(tmp_path / "run" / "metrics.jsonl")) == untimed(reference.metrics())
 
 
 def untimed(rows: list[dict]) -> list[dict]:

@@ -5,6 +5,7 @@ every model they ship, and ``graft.reference=paper`` against it row by row: each
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from hpcgraft.cli import graft
-from hpcgraft.config import load_config
+from hpcgraft.config import AUTHORS_GRAFT, authors_reference_conflict, load_config
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting
 from hpcgraft.models import create_model
@@ -196,6 +197,39 @@ def test_config_refuses_what_the_authors_code_does_not_do_in_one_line(overrides:
         load_config(None, overrides)
     message = str(err.value)
     assert "\n" not in message and all(n in message for n in names)
+
+
+@pytest.mark.parametrize("key, value", [("level", "filter"), ("topology", "allreduce"), ("mode", "noise")])
+def test_the_authors_rules_are_one_rule_everywhere(key: str, value: str, tmp_path: Path, capsys) -> None:
+    """The config, the grafting arithmetic, the exchange and the offline command refuse the same settings
+    with the same sentence (each in its own spelling of a setting)."""
+    from mpi4py import MPI
+
+    from hpcgraft.comm.exchange import GraftExchange
+
+    want = authors_reference_conflict(**{key: value})
+    assert want == (f"graft.{key}={value} is not allowed with graft.reference=authors (the authors' code has only "
+                    f"{' and '.join(AUTHORS_GRAFT[key])}); use one of: {', '.join(AUTHORS_GRAFT[key])}")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["graft.reference=authors", f"graft.{key}={value}"])
+    assert str(err.value) == want
+    math_ = grafting.GraftMath("authors")
+    with pytest.raises(ValueError) as err:
+        math_.check(**{key: value})
+    assert str(err.value) == want
+    if key == "level":
+        with pytest.raises(ValueError, match=re.escape(want)):
+            grafting.GraftMath("authors", level=value)
+        state = create_model("digits_resnet", 10).state_dict()
+        torch.save(state, tmp_path / "a.pt")
+        assert graft.main([str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out", str(tmp_path / "o.pt"),
+                           "--reference", "authors", "--level", value]) == 2
+        assert f"--level {value} is not allowed with --reference authors" in capsys.readouterr().err
+    else:
+        kwargs = {"topology": value} if key == "topology" else {"source_fn": grafting.self_source}
+        with pytest.raises(ValueError) as err:
+            GraftExchange(create_model("digits_resnet", 10).state_dict(), MPI.COMM_SELF, math_, **kwargs)
+        assert f"graft.{key}=" in str(err.value) and "is not allowed with graft.reference=authors" in str(err.value)
 
 
 def test_code_for_picks_the_script_that_grafted_each_model() -> None:
