@@ -42,7 +42,13 @@ class FixedOp:
 @dataclass
 class ChannelGraph:
     nodes: int = 0
-    ops: list[ConvOp | FixedOp] = field(default_factory=list)
+    ops: list[ConvOp | FixedOp] = field(default_factory=list)  # in trace order: an op reads only earlier nodes
+    inputs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # the image channels
+    outputs: set[int] = field(default_factory=set)  # channels the end of the graph (pooling, classifier) reads
+
+    def read_by_the_end(self, maps: list[_Map]) -> None:
+        for m in maps:
+            self.outputs.update(int(v) for v in m.nodes[m.nodes >= 0])
 
     def new(self, count: int) -> torch.Tensor:
         self.nodes += count
@@ -68,6 +74,7 @@ _PASS_METHODS = {"relu", "relu_", "contiguous", "clone", "sigmoid", "tanh"}
 _END_MODULES = (nn.Linear, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
 _END_FUNCTIONS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, F.linear}
 _END_METHODS = {"flatten", "view", "reshape", "mean", "size", "dim"}
+_SHAPE_METHODS = {"size", "dim"}  # read the shape only: no channel reaches the end through them
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 _SUPPORTED = ("Conv2d (DGConv too), BatchNorm2d, activations, max and average pooling, additions, channel "
               "padding, slicing and concatenation, then global pooling and linear layers at the end")
@@ -85,7 +92,7 @@ def _flat_args(args: Any) -> list[Any]:
 
 
 class _Reader:
-    """Follows the channels of a traced model and records the graph's ops (docs/pruning.md lists how each layer enters)."""
+    """Follows the channels of a traced model and records the graph's ops (docs/pruning.md: how layers enter)."""
 
     def __init__(self, model: nn.Module, image_size: int) -> None:
         self.model, self.size = model, image_size
@@ -109,11 +116,15 @@ class _Reader:
         if first is None:
             raise CriterionError(f"{type(self.model).__name__} has no Conv2d layer: nothing for a kernel "
                                  "criterion to prune")
-        inputs = self.graph.new(self.model.get_submodule(str(first.target)).in_channels)
+        inputs = self.graph.inputs = self.graph.new(self.model.get_submodule(str(first.target)).in_channels)
         for node in self.fx_graph.nodes:
             if node.op == "placeholder":
                 env[node] = _Map(inputs)
-            elif node.op in ("get_attr", "output"):
+            elif node.op == "get_attr":
+                env[node] = _DEAD
+            elif node.op == "output":  # a fully convolutional model: its last feature maps are the output
+                self.graph.read_by_the_end([a for a in _flat_args(fx.node.map_arg(node.args, lambda n: env[n]))
+                                            if isinstance(a, _Map)])
                 env[node] = _DEAD
             else:
                 args = fx.node.map_arg(node.args, lambda n: env[n])
@@ -136,6 +147,7 @@ class _Reader:
             if isinstance(mod, nn.AvgPool2d):
                 return self.avgpool(node, maps[0], mod.kernel_size, mod.stride)
             if isinstance(mod, _END_MODULES):
+                self.graph.read_by_the_end(maps)
                 return _DEAD
             raise self.fail(node, f"a {type(mod).__name__}")
         if not maps:
@@ -145,6 +157,7 @@ class _Reader:
             if target in _PASS_FUNCTIONS:
                 return _Map(maps[0].nodes)
             if target in _END_FUNCTIONS:
+                self.graph.read_by_the_end(maps)
                 return _DEAD
             if target in _ADD_FUNCTIONS:
                 return self.add(node, args)
@@ -165,6 +178,8 @@ class _Reader:
             if target in _PASS_METHODS:
                 return _Map(maps[0].nodes)
             if target in _END_METHODS:
+                if target not in _SHAPE_METHODS:
+                    self.graph.read_by_the_end(maps)
                 return _DEAD
             if target in ("add", "add_"):
                 return self.add(node, args)
