@@ -22,7 +22,7 @@ follows it directly in module order with as many channels (every registered mode
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -179,8 +179,8 @@ def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = l
     by_criterion = sum(int(m.sum()) for m in kernel_masks.values())
     if not keep_redundant:
         kernel_masks = _without_redundant(model, kernel_masks, image_size)
-        masks.update({k: m for k, m in kernel_masks.items() if k in masks or not bool(m.all())})
-    filters = {k: m.any(1) for k, m in kernel_masks.items() if k in masks}
+    masks.update(kernel_masks)
+    filters = {k: m.any(1) for k, m in kernel_masks.items()}
     for conv_weight, f in filters.items():
         conv = conv_weight[: -len(".weight")] if conv_weight.endswith(".weight") else ""
         if _param(conv, "bias") in weights:
@@ -196,11 +196,12 @@ def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = l
 
 
 def invalid_filters(model: nn.Module, criterion: str, keep: float,
-                    image_size: int = lean.DEFAULT_IMAGE_SIZE) -> dict[str, torch.Tensor]:
+                    image_size: int = lean.DEFAULT_IMAGE_SIZE, keep_redundant: bool = False) -> dict[str, torch.Tensor]:
     """Conv weight name -> bool [out], True where ``criterion`` at ``keep`` calls the filter invalid: a
     pruned filter for the channel criteria, the conv feeding a pruned BatchNorm channel for ``bn``, and
-    a filter with every one of its kernels pruned for the kernel criteria."""
-    mask = make_mask(model, criterion, keep, image_size)
+    a filter with every one of its kernels pruned for the kernel criteria (redundant kernels removed
+    first unless ``keep_redundant``)."""
+    mask = make_mask(model, criterion, keep, image_size, keep_redundant)
     return {k: ~v for k, v in mask.channels().items()}
 
 
@@ -210,14 +211,23 @@ class LayerOverlap:
     filters: int
     invalid: dict[str, int]  # criterion -> filters it calls invalid in this layer
     with_l1: dict[str, int]  # criterion -> of those, how many the l1 criterion (same keep) calls invalid too
+    kernels: int = 0  # the layer's 2-D kernels
+    kept_by_criterion: dict[str, int] = field(default_factory=dict)  # criterion -> kernels its choice keeps
+    kept: dict[str, int] = field(default_factory=dict)  # criterion -> of those, left after removing redundant ones
 
 
 def invalid_overlap(model: nn.Module, criteria: list[str], keep: float,
-                    image_size: int = lean.DEFAULT_IMAGE_SIZE) -> list[LayerOverlap]:
-    """Per conv layer: the filters each criterion at ``keep`` calls invalid (:func:`invalid_filters`) and
-    how many of them the l1 criterion at the same ``keep`` calls invalid as well."""
-    sets = {c: invalid_filters(model, c, keep, image_size) for c in dict.fromkeys(["l1", *criteria])}
+                    image_size: int = lean.DEFAULT_IMAGE_SIZE, keep_redundant: bool = False) -> list[LayerOverlap]:
+    """Per conv layer: the filters each criterion at ``keep`` calls invalid (:func:`invalid_filters`), how
+    many of them the l1 criterion at the same ``keep`` calls invalid as well, and the kernels each keeps
+    before and after the redundant ones are removed."""
+    raw = {c: make_mask(model, c, keep, image_size, keep_redundant=True) for c in dict.fromkeys(["l1", *criteria])}
+    final = raw if keep_redundant else {c: make_mask(model, c, keep, image_size) for c in raw}
+    sets = {c: {k: ~v for k, v in m.channels().items()} for c, m in final.items()}
     return [LayerOverlap(name, int(l1.numel()),
                          {c: int(sets[c][name].sum()) for c in sets},
-                         {c: int((sets[c][name] & l1).sum()) for c in sets})
+                         {c: int((sets[c][name] & l1).sum()) for c in sets},
+                         final["l1"].masks[name].numel(),
+                         {c: int(raw[c].masks[name].sum()) for c in sets},
+                         {c: int(final[c].masks[name].sum()) for c in sets})
             for name, l1 in sets["l1"].items()]

@@ -177,6 +177,10 @@ def test_invalid_overlap_by_hand():
     assert [(s.name, s.filters, s.invalid, s.with_l1) for s in layers] == [
         ("conv1.weight", 3, {"l1": 2, "bn": 2}, {"l1": 2, "bn": 1}),
         ("conv2.weight", 2, {"l1": 1, "bn": 1}, {"l1": 1, "bn": 1})]
+    # l1 keeps conv2's filter 1 whole (3 kernels) and bn as well, but only the kernel reading the one kept
+    # channel of conv1 (1 for l1, 2 for bn) is on a path: 3 -> 1 for both.
+    assert [(s.kernels, s.kept_by_criterion, s.kept) for s in layers] == [
+        (3, {"l1": 1, "bn": 1}, {"l1": 1, "bn": 1}), (6, {"l1": 3, "bn": 3}, {"l1": 1, "bn": 1})]
 
 
 def test_analyze_criterion_on_a_real_checkpoint(capsys):
@@ -187,6 +191,7 @@ def test_analyze_criterion_on_a_real_checkpoint(capsys):
     assert analyze.main([str(run), "--peer", "0", "--criterion", "entropy,bn", "--keep", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "entropy&l1" in out and "bn&l1" in out and out.splitlines()[-1].startswith("total")
+    assert "bn kept" in out and ">" in out.splitlines()[-1]  # kernels chosen > left after removing redundant ones
     assert analyze.main([str(run), "--criterion", "magnitude"]) == 2
     assert "unknown criterion 'magnitude'" in capsys.readouterr().err
 
