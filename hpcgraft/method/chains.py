@@ -161,7 +161,8 @@ def longest_chains(src: torch.Tensor, dst: torch.Tensor, weight: torch.Tensor, n
     n_keep. ``fixed`` edges (identity shortcuts, pooling) carry paths but are never kept or counted.
     ``truncate=False`` keeps a whole last path as the reference's Rust code does (it may keep more than
     n_keep); ``truncate=True`` stops inside it at exactly n_keep, as the reference's Python code does.
-    Ties go as in the reference: the last node and the last edge in (from, to) order among equal values.
+    Ties: the last node and the last edge in (from, to) order among equal values, as the reference's first
+    pass; its recomputations take ties in hash-set order (docs/pruning.md, "Smaller differences").
     """
     s = src.detach().cpu().long().numpy().reshape(-1)
     d = dst.detach().cpu().long().numpy().reshape(-1)
