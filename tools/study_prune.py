@@ -112,7 +112,7 @@ def plot(found: dict[str, dict], criteria: list[str], keeps: list[float], path: 
                 ax.errorbar(xs, [statistics.fmean(y) for y in ys],
                             yerr=[statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys],
                             fmt=style + "o", color=f"C{i}", label=f"{c} ({arm})", markersize=3, capsize=2)
-        ax.set_xscale("log")
+        ax.set_xscale("symlog", linthresh=1e-3)  # linear near 0: a criterion that leaves no kernel still shows
         ax.set_xlabel("fraction of conv kernels left (after removing redundant kernels)")
         ax.set_ylabel("top-1 (%) after fine-tuning")
         ax.set_title(model)
