@@ -33,7 +33,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | cifar100 | imagenet | imagenet_h5
+    name: str = "digits"  # digits | digits32 | cifar10 | cifar100 | imagenet | imagenet_h5
     root: str | None = None  # directory of the data set on disk (not needed for digits)
     reference: str = "paper"  # paper | authors: the authors' CIFAR pipeline (hpcgraft.data.cifar)
     batch_size: int = 64  # per peer, summed over its replicas

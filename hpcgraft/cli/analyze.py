@@ -11,7 +11,9 @@ criteria are :mod:`hpcgraft.method.validity`. Offline: no MPI.
 With ``--criterion`` (a run or checkpoint: the model is rebuilt from the run's config), per conv layer
 the filters each pruning criterion of :mod:`hpcgraft.method.pruning` calls invalid at ``--keep`` (a filter
 it prunes; for a kernel criterion one with every kernel pruned; for bn the conv feeding a pruned BatchNorm
-channel), and how many of them the l1 criterion at the same keep calls invalid too ("&l1").
+channel), and how many of them the l1 criterion at the same keep calls invalid too ("&l1"); then the
+kernels each criterion keeps, "chosen>left": chosen by the criterion, left after removing the redundant
+kernels (on no path from the image to the end of the network; ``--keep-redundant`` keeps them).
 """
 
 from __future__ import annotations
@@ -50,17 +52,26 @@ def format_table(label: str, stats: list[LayerStats], thresholds: list[float], e
 
 
 def format_overlap(label: str, layers: list[LayerOverlap], keep: float) -> str:
+    """Invalid filters per criterion (and how many l1 shares), then the kernels each criterion keeps:
+    "chosen>left", its own choice and what is left after removing the redundant kernels."""
     criteria = list(layers[0].invalid)
-    cols = ["layer", "filters", *[h for c in criteria for h in ([c] if c == "l1" else [c, f"{c}&l1"])]]
+    cols = ["layer", "filters", *[h for c in criteria for h in ([c] if c == "l1" else [c, f"{c}&l1"])],
+            "kernels", *[f"{c} kept" for c in criteria]]
 
-    def cells(name: str, filters: int, inv: dict[str, int], both: dict[str, int]) -> list[str]:
-        return [name, str(filters), *[v for c in criteria
-                                      for v in ([str(inv[c])] if c == "l1" else [str(inv[c]), str(both[c])])]]
+    def cells(name: str, s: LayerOverlap) -> list[str]:
+        return [name, str(s.filters), *[v for c in criteria for v in ([str(s.invalid[c])] if c == "l1" else
+                                                                      [str(s.invalid[c]), str(s.with_l1[c])])],
+                str(s.kernels), *[f"{s.kept_by_criterion[c]}>{s.kept[c]}" for c in criteria]]
 
-    rows = [cells(s.name, s.filters, s.invalid, s.with_l1) for s in layers]
-    total = {c: sum(s.invalid[c] for s in layers) for c in criteria}
-    both = {c: sum(s.with_l1[c] for s in layers) for c in criteria}
-    rows.append(cells("total", sum(s.filters for s in layers), total, both))
+    def summed(field: str) -> dict[str, int]:
+        return {c: sum(getattr(s, field)[c] for s in layers) for c in criteria}
+
+    rows = [cells(s.name, s) for s in layers]
+    total = summed("invalid")
+    rows.append(cells("total", LayerOverlap("total", sum(s.filters for s in layers), total, summed("with_l1"),
+                                            sum(s.kernels for s in layers), summed("kept_by_criterion"),
+                                            summed("kept"))))
+    both = summed("with_l1")
     widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
 
     def line(r: list[str]) -> str:
@@ -84,7 +95,8 @@ def criteria_main(args: argparse.Namespace) -> int:
         if trained is None:
             raise InputError(f"{args.path} holds weights only; --criterion rebuilds the model from its run: give "
                              "the run directory, a checkpoint or a peer .h5 file")
-        results = {label: invalid_overlap(load_model(trained.cfg, s, f"{args.path} ({label})"), criteria, args.keep)
+        results = {label: invalid_overlap(load_model(trained.cfg, s, f"{args.path} ({label})"), criteria, args.keep,
+                                                   keep_redundant=args.keep_redundant)
                    for label, s in peer_states(Path(args.path), peer=args.peer).items()}
     except UserError as exc:
         return report(PROG, exc)
@@ -108,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
     ap.add_argument("--criterion", help=f"pruning criteria to compare with l1, comma-separated: {','.join(CRITERIA)}")
     ap.add_argument("--keep", type=float, default=0.5, help="the criteria's kept fraction (default 0.5)")
+    ap.add_argument("--keep-redundant", action="store_true",
+                    help="with --criterion: keep the kernels on no path from the image to the end (default: removed)")
     args = ap.parse_args(argv)
     if args.criterion is not None:
         return criteria_main(args)

@@ -21,7 +21,7 @@ import h5py
 import numpy as np
 import torch
 
-from hpcgraft.errors import EXIT_USAGE, CheckpointError, InputError, UserError, report
+from hpcgraft.errors import EXIT_USAGE, CheckpointError, UserError, report
 from hpcgraft.storage import run
 from hpcgraft.storage.atomic import write_bytes_durable
 from hpcgraft.storage.checkpoints import (

@@ -5,12 +5,14 @@
     mpirun -np K python -m hpcgraft.prune ...     # rank r fine-tunes peers r, r+K, ...
 
 Every (criterion, keep) pair is one job per peer: mask (:mod:`hpcgraft.method.pruning`; what keep counts is
-defined there), fine-tune N epochs with the run's config (its schedule restarted over N epochs, no
-grafting, no cultivation, no monitor; ``key=value`` words override more keys, e.g. train.lr=0.01) re-applying the
-mask after every optimizer step, evaluate. Writes DIR/prune.json, one directory per job with each peer's
-weights (peer-NNN.pt) and mask (peer-NNN.mask.pt), and prints a table. Every mask is computed before any
-fine-tuning, so bad input (criterion, keep, no BatchNorm for bn, a stride LEAN does not support) ends the
-command with one line and exit status 2 before any work.
+defined there), fine-tune N epochs with the run's config (its schedule restarted over N epochs, no grafting,
+no cultivation, no monitor; ``key=value`` words override more keys, e.g. train.lr=0.01) re-applying the mask after
+every optimizer step, evaluate. Kernels on no path from the image to the end of the network (redundant:
+:mod:`hpcgraft.method.redundancy`) are removed after the criterion's choice unless ``--keep-redundant``;
+prune.json reports the kernels chosen and those left. Writes DIR/prune.json, one directory per job with each
+peer's weights (peer-NNN.pt) and mask (peer-NNN.mask.pt), and prints a table. Every mask is computed before
+any fine-tuning, so bad input (criterion, keep, no BatchNorm for bn, a stride LEAN does not support) ends
+the command with one line and exit status 2 before any work.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 
 from hpcgraft.cli import add_overrides
-from hpcgraft.config import Config, load_config
+from hpcgraft.config import Config
 from hpcgraft.errors import EXIT_OK, SetupError, UserError, report
 from hpcgraft.method import lean
 from hpcgraft.method.pruning import CRITERIA, RESULTS_FILE, Mask, check_request, make_mask
@@ -123,13 +126,16 @@ def unpruned_top1(cfg: Config, states: dict[int, dict[str, torch.Tensor]]) -> di
 
 def format_table(doc: dict[str, Any]) -> str:
     peers = sorted(doc["unpruned"], key=int)
-    cols = ["criterion", "keep", "kept", *[f"peer {p}" for p in peers], "ensemble"]
-    rows = [["unpruned", "1", "", *[f"{doc['unpruned'][p]:.2f}" for p in peers], ""]]
+    cols = ["criterion", "keep", "kept", "kernels chosen>left (peer mean)", *[f"peer {p}" for p in peers], "ensemble"]
+    rows = [["unpruned", "1", "", "", *[f"{doc['unpruned'][p]:.2f}" for p in peers], ""]]
     for r in doc["results"]:
+        k = r["kernels"]
+        chosen, left = (statistics.fmean(k[key].values()) for key in ("kept_by_criterion", "kept"))
         rows.append([r["criterion"], f"{r['keep']:g}", f"{r['kept']}/{r['total']} {r['unit']}",
+                     f"{chosen:.0f}>{left:.0f}/{k['total']}",
                      *[f"{r['top1'][p]:.2f}" for p in peers], f"{r['ensemble']:.2f}"])
     widths = [max(len(row[i]) for row in [cols, *rows]) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
              for row in [cols, *rows]]
     ft = doc["finetune_epochs"]
     return f"top-1 (%) after pruning{f' and {ft} fine-tune epoch(s)' if ft else ''}:\n" + "\n".join(lines)
@@ -167,7 +173,7 @@ def prepare(args: argparse.Namespace) -> tuple[Config, str, dict[int, dict[str, 
         model = load_model(cfg, s, f"{path} ({label})")
         for c in criteria:
             for k in keeps:
-                masks[(c, k, p)] = make_mask(model, c, k, args.image_size)
+                masks[(c, k, p)] = make_mask(model, c, k, args.image_size, args.keep_redundant)
     jobs = [(c, k, p) for c in criteria for k in keeps for p in states]
     return cfg, arm, states, jobs, masks
 
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer", type=int, help="only this peer (default: all)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the older spelling of key=value")
     ap.add_argument("--image-size", type=int, default=lean.DEFAULT_IMAGE_SIZE, help="M of LEAN's operator norms")
+    ap.add_argument("--keep-redundant", action="store_true",
+                    help="keep the kernels on no path from the image to the end of the network (default: removed)")
     ap.add_argument("--out", required=True, type=Path, help="directory for prune.json, weights and masks")
     add_overrides(ap, "config overrides for fine-tuning")
     args = ap.parse_intermixed_args(argv)
@@ -209,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {"source": str(args.path), "model": cfg.model.name, "data": cfg.data.name,
                            "arm": arm,
                            "finetune_epochs": args.finetune_epochs, "overrides": list(args.set),
+                           "redundant_removed": not args.keep_redundant,
                            "unpruned": {str(p): v for p, v in unpruned_top1(cfg, states).items()}, "results": []}
     seen = []
     for c, k, _ in jobs:
@@ -221,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["results"].append({
             "criterion": c, "keep": k, "unit": m.unit, "kept": m.kept, "total": m.total,
             "kept_fraction": m.kept / m.total, "dir": str(job_dir(args.out, c, k)),
+            "kernels": {"total": m.kernels_total,
+                        "kept_by_criterion": {str(p): masks[(c, k, p)].kernels_by_criterion for p in peers},
+                        "kept": {str(p): masks[(c, k, p)].kernels for p in peers}},
             "top1_pruned": {str(p): allres[(c, k, p)][0] for p in peers},
             "top1": {str(p): allres[(c, k, p)][1] for p in peers},
             "pruned_zero": all(allres[(c, k, p)][4] for p in peers),

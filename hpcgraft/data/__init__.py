@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from hpcgraft.data.cifar import load_cifar
-from hpcgraft.data.digits import load_digits_split
+from hpcgraft.data.digits import load_digits32_split, load_digits_split
 from hpcgraft.errors import DataError
 from hpcgraft.method import seeding
 
@@ -32,7 +32,7 @@ class ImageSet(Protocol):
 
 
 def list_datasets() -> list[str]:
-    return ["digits", "cifar10", "cifar100", "imagenet", "imagenet_h5"]
+    return ["digits", "digits32", "cifar10", "cifar100", "imagenet", "imagenet_h5"]
 
 
 def build_datasets(name: str, root: str | None = None, image_size: int = 224,
@@ -41,6 +41,8 @@ def build_datasets(name: str, root: str | None = None, image_size: int = 224,
     ``reference="authors"``: CIFAR as the authors' code prepares it (``data.reference``)."""
     if name == "digits":
         return load_digits_split()
+    if name == "digits32":
+        return load_digits32_split()
     if name in ("cifar10", "cifar100"):
         return load_cifar(name, root, reference)
     if name in ("imagenet", "imagenet_h5"):

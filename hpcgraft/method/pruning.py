@@ -22,7 +22,7 @@ follows it directly in module order with as many channels (every registered mode
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,9 @@ from torch import nn
 
 from hpcgraft.errors import UserError
 from hpcgraft.method import earlybird, lean
+from hpcgraft.method.channelgraph import read_graph
 from hpcgraft.method.grafting import filter_entropies, filter_l1_norms
+from hpcgraft.method.redundancy import remove_redundant
 from hpcgraft.models.dgconv import DGConv2d
 
 CHANNEL_CRITERIA = ("l1", "entropy", "bn")
@@ -83,8 +85,12 @@ class Mask:
     keep: float
     masks: dict[str, torch.Tensor]
     unit: str
-    kept: int  # units kept, of
+    kept: int  # units kept by the criterion, of
     total: int
+    # Conv kernels W[o, i]: kept by the criterion, kept after removing the redundant ones, of the network's.
+    kernels_by_criterion: int = 0
+    kernels: int = 0
+    kernels_total: int = 0
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> None:
@@ -101,12 +107,14 @@ class Mask:
 
     def state_dict(self) -> dict[str, Any]:
         return {"criterion": self.criterion, "keep": self.keep, "unit": self.unit, "kept": self.kept,
-                "total": self.total, "masks": dict(self.masks)}
+                "total": self.total, "kernels_by_criterion": self.kernels_by_criterion, "kernels": self.kernels,
+                "kernels_total": self.kernels_total, "masks": dict(self.masks)}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> Mask:
         return cls(str(state["criterion"]), float(state["keep"]), {k: v.bool() for k, v in state["masks"].items()},
-                   str(state["unit"]), int(state["kept"]), int(state["total"]))
+                   str(state["unit"]), int(state["kept"]), int(state["total"]),
+                   *(int(state.get(k, 0)) for k in ("kernels_by_criterion", "kernels", "kernels_total")))
 
 
 def _ranked_filters(scores: dict[str, torch.Tensor], keep: float) -> tuple[dict[str, torch.Tensor], int, int]:
@@ -132,8 +140,19 @@ def channel_scores(model: nn.Module, criterion: str, bins: int = 10) -> dict[str
     return {k: filter_entropies(state[k].reshape(state[k].shape[0], -1), bins) for k in norms}
 
 
-def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = lean.DEFAULT_IMAGE_SIZE) -> Mask:
-    """The mask of ``criterion`` keeping exactly ``keep`` of its units (module docstring)."""
+def _without_redundant(model: nn.Module, masks: dict[str, torch.Tensor], image_size: int) -> dict[str, torch.Tensor]:
+    try:
+        graph = read_graph(model, image_size)
+    except lean.CriterionError as e:
+        raise PruneError(f"{e}; --keep-redundant skips the removal of redundant kernels that needs it") from None
+    return remove_redundant(graph, masks)
+
+
+def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = lean.DEFAULT_IMAGE_SIZE,
+              keep_redundant: bool = False) -> Mask:
+    """The mask of ``criterion`` keeping exactly ``keep`` of its units (module docstring), then, unless
+    ``keep_redundant``, without the kernels that lie on no path from the image to the end of the network
+    (:mod:`hpcgraft.method.redundancy`): ``kept`` counts the criterion's choice, ``kernels`` what remains."""
     check_request(criterion, keep)
     layers = convs(model)
     pairs = conv_bn_pairs(model)
@@ -143,7 +162,6 @@ def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = l
     if criterion in lean.KERNEL_CRITERIA:
         masks = {k: v.bool().cpu() for k, v in lean.kernel_masks(model, criterion, keep, image_size).items()}
         kept, total = sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
-        filters = {k: m.any(1) for k, m in masks.items()}
     elif criterion == "bn":
         layers_bn = earlybird.batchnorm_layers(model)
         total = sum(m.num_features for _, m in layers_bn)
@@ -160,6 +178,14 @@ def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = l
     for conv_weight, f in filters.items():
         if conv_weight not in masks:
             masks[conv_weight] = f[:, None].expand(weights[conv_weight].shape[:2]).clone()
+    kernel_masks = {_param(c, "weight"): torch.ones(m.weight.shape[:2], dtype=torch.bool) for c, m in layers.items()}
+    kernel_masks.update({k: m for k, m in masks.items() if m.dim() == 2})  # a conv without a mask keeps every kernel
+    by_criterion = sum(int(m.sum()) for m in kernel_masks.values())
+    if not keep_redundant:
+        kernel_masks = _without_redundant(model, kernel_masks, image_size)
+    masks.update(kernel_masks)
+    filters = {k: m.any(1) for k, m in kernel_masks.items()}
+    for conv_weight, f in filters.items():
         conv = conv_weight[: -len(".weight")] if conv_weight.endswith(".weight") else ""
         if _param(conv, "bias") in weights:
             masks[_param(conv, "bias")] = f.clone()
@@ -169,15 +195,17 @@ def make_mask(model: nn.Module, criterion: str, keep: float, image_size: int = l
         bias = name[: -len("weight")] + "bias"
         if bias in weights:
             masks[bias] = masks[name].clone()
-    return Mask(criterion, keep, masks, UNITS[criterion], kept, total)
+    return Mask(criterion, keep, masks, UNITS[criterion], kept, total, by_criterion,
+                sum(int(m.sum()) for m in kernel_masks.values()), sum(m.numel() for m in kernel_masks.values()))
 
 
 def invalid_filters(model: nn.Module, criterion: str, keep: float,
-                    image_size: int = lean.DEFAULT_IMAGE_SIZE) -> dict[str, torch.Tensor]:
+                    image_size: int = lean.DEFAULT_IMAGE_SIZE, keep_redundant: bool = False) -> dict[str, torch.Tensor]:
     """Conv weight name -> bool [out], True where ``criterion`` at ``keep`` calls the filter invalid: a
     pruned filter for the channel criteria, the conv feeding a pruned BatchNorm channel for ``bn``, and
-    a filter with every one of its kernels pruned for the kernel criteria."""
-    mask = make_mask(model, criterion, keep, image_size)
+    a filter with every one of its kernels pruned for the kernel criteria (redundant kernels removed
+    first unless ``keep_redundant``)."""
+    mask = make_mask(model, criterion, keep, image_size, keep_redundant)
     return {k: ~v for k, v in mask.channels().items()}
 
 
@@ -187,14 +215,23 @@ class LayerOverlap:
     filters: int
     invalid: dict[str, int]  # criterion -> filters it calls invalid in this layer
     with_l1: dict[str, int]  # criterion -> of those, how many the l1 criterion (same keep) calls invalid too
+    kernels: int = 0  # the layer's 2-D kernels
+    kept_by_criterion: dict[str, int] = field(default_factory=dict)  # criterion -> kernels its choice keeps
+    kept: dict[str, int] = field(default_factory=dict)  # criterion -> of those, left after removing redundant ones
 
 
 def invalid_overlap(model: nn.Module, criteria: list[str], keep: float,
-                    image_size: int = lean.DEFAULT_IMAGE_SIZE) -> list[LayerOverlap]:
-    """Per conv layer: the filters each criterion at ``keep`` calls invalid (:func:`invalid_filters`) and
-    how many of them the l1 criterion at the same ``keep`` calls invalid as well."""
-    sets = {c: invalid_filters(model, c, keep, image_size) for c in dict.fromkeys(["l1", *criteria])}
+                    image_size: int = lean.DEFAULT_IMAGE_SIZE, keep_redundant: bool = False) -> list[LayerOverlap]:
+    """Per conv layer: the filters each criterion at ``keep`` calls invalid (:func:`invalid_filters`), how
+    many of them the l1 criterion at the same ``keep`` calls invalid as well, and the kernels each keeps
+    before and after the redundant ones are removed."""
+    raw = {c: make_mask(model, c, keep, image_size, keep_redundant=True) for c in dict.fromkeys(["l1", *criteria])}
+    final = raw if keep_redundant else {c: make_mask(model, c, keep, image_size) for c in raw}
+    sets = {c: {k: ~v for k, v in m.channels().items()} for c, m in final.items()}
     return [LayerOverlap(name, int(l1.numel()),
                          {c: int(sets[c][name].sum()) for c in sets},
-                         {c: int((sets[c][name] & l1).sum()) for c in sets})
+                         {c: int((sets[c][name] & l1).sum()) for c in sets},
+                         final["l1"].masks[name].numel(),
+                         {c: int(raw[c].masks[name].sum()) for c in sets},
+                         {c: int(final[c].masks[name].sum()) for c in sets})
             for name, l1 in sets["l1"].items()]

@@ -23,9 +23,8 @@ import torch
 
 from hpcgraft.comm import mpi
 from hpcgraft.comm.world import World, agreed, log, start_ranks
-from hpcgraft.config import Config, config_from_dict, parse_yaml
+from hpcgraft.config import Config
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
-from hpcgraft.storage import atomic
 from hpcgraft.storage.checkpoints import (
     CheckpointInfo,
     CheckpointManager,

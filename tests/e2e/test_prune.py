@@ -29,20 +29,27 @@ def test_prune_and_finetune_under_mpirun(e2e_run, tmp_path):
     doc = json.loads((out / "prune.json").read_text())
     assert doc["arm"] == "baseline" and doc["finetune_epochs"] == 1 and set(doc["unpruned"]) == {"0", "1"}
     assert [(x["criterion"], x["keep"]) for x in doc["results"]] == [("l1", 0.5), ("bn", 0.5)]
+    assert doc["redundant_removed"]
     for res in doc["results"]:
         assert res["kept"] == -(-res["total"] // 2) and res["pruned_zero"]
+        kernels = res["kernels"]
+        # global l1 ranks by fan-in first: it drops the whole first conv, and then nothing is left on a path
+        for p in ("0", "1"):
+            assert 0 <= kernels["kept"][p] <= kernels["kept_by_criterion"][p] <= kernels["total"]
         assert set(res["top1"]) == {"0", "1"} and 0 <= res["ensemble"] <= 100
         for p in (0, 1):
             weights = torch.load(out / f"{res['criterion']}-keep0.5" / f"peer-{p:03d}.pt", weights_only=True)
             mask = torch.load(out / f"{res['criterion']}-keep0.5" / f"peer-{p:03d}.mask.pt", weights_only=True)
             pruned = kept = 0
+            left = kernels["kept"][str(p)]
+            assert sum(int(m.sum()) for m in mask["masks"].values() if m.dim() == 2) == left
             for name, m in mask["masks"].items():
                 w = weights[name]
                 m = m.reshape(*m.shape, *([1] * (w.dim() - m.dim()))).expand_as(w)
                 assert (w[~m] == 0).all(), f"{name} of peer {p}: pruned weights moved in fine-tuning"
                 pruned += int((~m).sum())
                 kept += int((w[m] != 0).sum())
-            assert pruned > 0 and kept > 0
+            assert pruned > 0 and (kept > 0) == (left > 0)
     assert "ensemble" in r.stdout and "l1" in r.stdout
 
 

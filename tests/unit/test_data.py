@@ -76,3 +76,16 @@ def test_cultivating_peers_draw_identical_batches():
         (x0, y0, w0), (x1, y1, w1) = seen
         assert (torch.equal(x0, x1) and torch.equal(y0, y1)) is same, lam
         assert not torch.equal(w0, w1)
+
+
+def test_digits32_is_the_digits_split_grown_to_a_cifar_input():
+    train8, test8 = build_datasets("digits")
+    train, test = build_datasets("digits32")
+    assert train.input_shape == test.input_shape == (3, 32, 32)
+    assert torch.equal(train.labels, train8.labels) and torch.equal(test.labels, test8.labels)
+    assert torch.equal(train.images[:, 0], train.images[:, 2])  # grey, repeated over the channels
+    # a black 8x8 pixel stays black and a white one white in its 4x4 block's centre
+    corner = train8.images[:, 0, 0, 0] == 0
+    assert (train.images[corner, :, 1, 1] == 0).all()
+    x, y = train.get_batch(torch.arange(4), None)
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == train8.labels[:4].tolist()

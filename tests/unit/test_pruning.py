@@ -58,7 +58,10 @@ def test_l1_mask_by_hand():
     m = make_mask(tiny(), "l1", 0.6)
     assert (m.kept, m.total, m.unit) == (3, 5, "filters")
     assert m.masks["conv1.weight"].tolist() == [[False], [True], [True]]
-    assert m.masks["conv2.weight"].tolist() == [[False] * 3, [True] * 3]
+    # conv2's filter 1 reads conv1's pruned channel 0 through a redundant kernel: removed by default
+    assert m.masks["conv2.weight"].tolist() == [[False] * 3, [False, True, True]]
+    assert (m.kernels_by_criterion, m.kernels, m.kernels_total) == (5, 4, 9)
+    assert make_mask(tiny(), "l1", 0.6, keep_redundant=True).masks["conv2.weight"].tolist() == [[False] * 3, [True] * 3]
     assert m.masks["conv2.bias"].tolist() == [False, True]
     assert m.masks["bn1.weight"].tolist() == m.masks["bn1.bias"].tolist() == [False, True, True]
     assert m.masks["bn2.weight"].tolist() == [False, True]
@@ -68,10 +71,11 @@ def test_entropy_mask_by_hand():
     # conv2's filter 0 has two equal weights and a zero: 2 of 3 in one bin, entropy (2/3, 1/3) = 0.64;
     # filter 1 (-2, 1, 1): also two bins, 0.64; conv1's filters are single weights: entropy 0.
     # keep 0.4 of 5: 2 kept, the two conv2 filters; conv1 loses every filter.
-    m = make_mask(tiny(), "entropy", 0.4)
+    m = make_mask(tiny(), "entropy", 0.4, keep_redundant=True)
     assert m.kept == 2
     assert m.masks["conv1.weight"].flatten().tolist() == [False, False, False]
     assert m.masks["conv2.weight"].all()
+    assert make_mask(tiny(), "entropy", 0.4).kernels == 0  # conv2 reads only dead channels
 
 
 def test_bn_mask_by_hand():
@@ -147,7 +151,8 @@ def test_exact_kept_fraction(name, keep, criterion):
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.1, 1.0)  # fresh BN gammas all equal 1: rank something
-    mask = make_mask(model, criterion, keep)
+    mask = make_mask(model, criterion, keep, keep_redundant=True)
+    assert make_mask(model, criterion, keep).kernels <= mask.kernels == mask.kernels_by_criterion
     convs = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     if criterion in lean.KERNEL_CRITERIA:
         n = sum(m.weight.shape[0] * m.weight.shape[1] for m in convs.values())
@@ -173,6 +178,10 @@ def test_invalid_overlap_by_hand():
     assert [(s.name, s.filters, s.invalid, s.with_l1) for s in layers] == [
         ("conv1.weight", 3, {"l1": 2, "bn": 2}, {"l1": 2, "bn": 1}),
         ("conv2.weight", 2, {"l1": 1, "bn": 1}, {"l1": 1, "bn": 1})]
+    # l1 keeps conv2's filter 1 whole (3 kernels) and bn as well, but only the kernel reading the one kept
+    # channel of conv1 (1 for l1, 2 for bn) is on a path: 3 -> 1 for both.
+    assert [(s.kernels, s.kept_by_criterion, s.kept) for s in layers] == [
+        (3, {"l1": 1, "bn": 1}, {"l1": 1, "bn": 1}), (6, {"l1": 3, "bn": 3}, {"l1": 1, "bn": 1})]
 
 
 def test_analyze_criterion_on_a_real_checkpoint(capsys):
@@ -183,6 +192,7 @@ def test_analyze_criterion_on_a_real_checkpoint(capsys):
     assert analyze.main([str(run), "--peer", "0", "--criterion", "entropy,bn", "--keep", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "entropy&l1" in out and "bn&l1" in out and out.splitlines()[-1].startswith("total")
+    assert "bn kept" in out and ">" in out.splitlines()[-1]  # kernels chosen > left after removing redundant ones
     assert analyze.main([str(run), "--criterion", "magnitude"]) == 2
     assert "unknown criterion 'magnitude'" in capsys.readouterr().err
 
