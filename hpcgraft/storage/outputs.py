@@ -14,11 +14,6 @@ from pathlib import Path
 
 from hpcgraft.config import Config
 from hpcgraft.errors import InputError
-from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS
-from hpcgraft.storage.tbevents import TENSORBOARD
-
-CHECKPOINTS = "checkpoints"  # the folder of a run's checkpoints (hpcgraft.storage.checkpoints)
-RUN_CONFIG = "config.yaml"
 
 
 def check_output_dir(path: str | Path, flag: str) -> Path:
@@ -45,21 +40,9 @@ def check_output_file(path: str | Path, flag: str) -> Path:
 
 
 def check_run_outputs(run_dir: Path, cfg: Config) -> None:
-    """What a training run writes inside ``run_dir``: each entry, when present, must be of the kind the run
-    writes (checked before the lock is taken and the data loaded, so that a run does not fail at its first
-    logged row or its first checkpoint)."""
-    run_dir = check_output_dir(run_dir, "--out")
-    folders = [name for name, on in ((CHECKPOINTS, cfg.checkpoint.enabled), (TENSORBOARD, cfg.log.tensorboard)) if on]
-    for name in folders:
-        entry = run_dir / name
-        if entry.exists() and not entry.is_dir():
-            why = " (log.tensorboard=true writes its event files there)" if name == TENSORBOARD else ""
-            raise InputError(f"{entry} is a file, where the run keeps its {name} folder{why}; move it away or "
-                             "use another --out")
-    for name in (RUN_CONFIG, METRICS, GRAFTS, STATUS):
-        if (run_dir / name).is_dir():
-            raise InputError(f"{run_dir / name} is a directory, where the run writes its {name}; move it away or "
-                             "use another --out")
+    """A training run's ``--out``: a directory, or one it can make (checked before the lock is taken and the
+    data loaded). What may stand inside it is the run directory's rule (hpcgraft.training.rundir)."""
+    check_output_dir(run_dir, "--out")
 
 
 def _check_folder(folder: Path, path: Path, flag: str) -> None:

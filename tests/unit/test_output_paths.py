@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from hpcgraft import checkpoint, evaluate, graft, launch, prune, report, sweep
-from hpcgraft.config import Config
 from hpcgraft.errors import ConfigError, InputError
 from hpcgraft.report import SWEEP_FILE
-from hpcgraft.storage.outputs import check_output_dir, check_output_file, check_run_outputs
+from hpcgraft.storage.outputs import check_output_dir, check_output_file
 from tests._util import train
 
 
@@ -58,19 +57,6 @@ def test_the_rule(tmp_path):
         check_output_file(tmp_path / "fifo", "--json")
 
 
-def test_a_run_directory_holding_a_file_where_tensorboard_goes_is_refused(tmp_path):
-    (tmp_path / "tensorboard").write_text("")
-    check_run_outputs(tmp_path, Config())  # log.tensorboard=false: the run never touches it
-    cfg = Config()
-    cfg.log.tensorboard = True
-    with pytest.raises(InputError, match=r"tensorboard is a file, where the run keeps its tensorboard folder"):
-        check_run_outputs(tmp_path, cfg)
-    (tmp_path / "tensorboard").unlink()
-    (tmp_path / "status.json").mkdir()
-    with pytest.raises(InputError, match=r"status.json is a directory, where the run writes its status.json"):
-        check_run_outputs(tmp_path, cfg)
-
-
 # ------------------------------------------------------------------------------------------ every command
 def test_evaluate_json_a_directory_or_under_a_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "evaluate", _work)
@@ -91,14 +77,14 @@ def test_evaluate_json_in_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
 
 
 def test_prune_out_an_existing_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prune, "find_config", _work)
+    monkeypatch.setattr(prune, "read_config", _work)
     (tmp_path / "out").write_text("")
     code = prune.main([str(tmp_path), "--criterion", "l1", "--keep", "0.5", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'out'} is an existing file, not a directory")
 
 
 def test_prune_out_holding_a_directory_where_prune_json_goes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prune, "find_config", _work)
+    monkeypatch.setattr(prune, "read_config", _work)
     (tmp_path / "out" / "prune.json").mkdir(parents=True)
     code = prune.main([str(tmp_path), "--criterion", "l1", "--keep", "0.5", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, "prune.json is a directory")
@@ -122,7 +108,7 @@ def test_sweep_run_directory_an_existing_file(tmp_path, monkeypatch, capsys):
 
 
 def test_graft_out_and_report_a_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(graft, "load_state", _work)
+    monkeypatch.setattr(graft, "model_weights", _work)
     (tmp_path / "dir").mkdir()
     for flag in ("--out", "--report"):
         argv = ["a.pt", "b.pt", "--out", str(tmp_path / "g.pt"), flag, str(tmp_path / "dir")]
@@ -130,7 +116,7 @@ def test_graft_out_and_report_a_directory(tmp_path, monkeypatch, capsys):
 
 
 def test_export_out_a_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(checkpoint, "resolve", _work)
+    monkeypatch.setattr(checkpoint.run, "latest", _work)
     (tmp_path / "dir").mkdir()
     code = checkpoint.main(["export", str(tmp_path), "--peer", "0", "--out", str(tmp_path / "dir")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'dir'} is a directory")
@@ -156,13 +142,14 @@ def test_train_with_a_file_where_tensorboard_goes_stops_before_training(tmp_path
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".hpcgraft-run").touch()  # a run directory of hpcgraft's, with a file where its event files go
     (out / "tensorboard").write_text("not a folder")
     r = train(2, out, "log.tensorboard=true", "train.epochs=1", "log.progress=off", "dist.threads=1")
     assert r.returncode == 2, r.stderr[-3000:]
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == [f"hpcgraft: error: {out / 'tensorboard'} is a file, where the run keeps its tensorboard folder "
-                     "(log.tensorboard=true writes its event files there); move it away or use another --out"], lines
-    assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]  # nothing trained, nothing claimed
+    assert lines == [f"hpcgraft: error: {out / 'tensorboard'} is a file where hpcgraft writes its tensorboard folder; "
+                     "move it away, or use another --out"], lines
+    assert sorted(p.name for p in out.iterdir()) == [".hpcgraft-run", "tensorboard"]  # nothing trained, nothing claimed
 
 
 # ------------------------------------------------------------------------------------------ sweep.json
