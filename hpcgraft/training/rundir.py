@@ -31,6 +31,7 @@ from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.storage.runmodel import CONFIG
 from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink
+from hpcgraft.supervise import on_orphaned
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
 
@@ -141,6 +142,9 @@ class RunStore:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic.write_text(self.config_path, self.cfg.to_yaml())
             self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
+            # Killed with its supervisor or its launcher, the job prints nothing anyone may read: status.json says it.
+            on_orphaned(lambda what: self.log.last_status(
+                "failed", f"{what}; re-run the same command to resume from the last checkpoint"))
 
     def resume(self, peer: Peer) -> None:
         """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
