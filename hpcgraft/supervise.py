@@ -38,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Sequence
 
 #: Set in the child's environment, so it runs the training itself instead of supervising again.
@@ -262,6 +261,8 @@ def _watch(fd: int, chain: list[tuple[int, str, str]]) -> None:
 def watch_supervisor() -> None:
     """In a supervised rank, before MPI starts: outlive the supervisor only to remove this rank's shared memory
     and name what died (the module docstring says why). Does nothing in a process that is not supervised."""
+    import threading  # here: the supervisor's own start-up, before it holds the stop signals, stays short
+
     global _watching
     fd = os.environ.pop(LIFE_FD, None)
     supervisor = os.environ.pop(SUPERVISOR_PID, None)

@@ -259,8 +259,6 @@ start)
     port=${port:-$(free_ports_from 6817)}
     trap stop_failed_start EXIT
     write_config
-    # Test hook: a line appended to slurm.conf (e.g. a value the daemons refuse, to test a failed start).
-    [ -z "${HPCGRAFT_SLURM_CONF_EXTRA:-}" ] || printf '%s\n' "$HPCGRAFT_SLURM_CONF_EXTRA" >>"$conf"
     start_munged
     slurmctld -f "$conf" -i || die "slurmctld did not start; see $dir/slurmctld.log"
     if [ "$nodes" -gt 1 ]; then
