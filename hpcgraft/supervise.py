@@ -5,8 +5,16 @@ launcher's own report cannot be trusted to name it: MPICH's mpiexec names the fi
 order* with a bad exit, which is often a healthy rank it killed while cleaning up. So each rank started
 by a launcher runs as a child of a small supervisor (standard library only, no MPI, no torch) that
 waits for it, and when it dies from a signal prints one line naming the rank, its pid and host, then
-dies from the same signal so the launcher still sees what happened. The child dies with its
-supervisor (``PR_SET_PDEATHSIG``), so a launcher that kills the supervisor never leaves a rank behind.
+dies from the same signal so the launcher still sees what happened.
+
+The other way round, the rank outlives its supervisor just long enough to clean up: it runs in a process
+group of its own (MPICH's launcher ends a job with ``kill(-pgid, SIGKILL)`` on the supervisors' groups,
+also when mpiexec itself was killed), and a thread in the rank (:func:`watch_supervisor`) waits on a pipe
+that only the supervisor holds open. When the supervisor dies, whoever killed it, the rank removes its
+shared memory, names what died (the supervisor, or the launcher above it) on stderr and to the callbacks
+registered with :func:`on_orphaned` (rank 0 records it in status.json, whose reader may see no output at
+all once mpiexec is gone), and kills itself. Until that thread runs, the rank dies with its supervisor
+(``PR_SET_PDEATHSIG``): no rank is ever left behind.
 
 Stop signals (SIGUSR1, SIGTERM) are held (blocked) from the first moment of the process, across the
 child's exec and its imports of MPI and torch, until the rank has installed its own handlers
@@ -30,7 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 #: Set in the child's environment, so it runs the training itself instead of supervising again.
 CHILD_MARK = "HPCGRAFT_SUPERVISED"
@@ -40,11 +48,17 @@ SHM_FD = "HPCGRAFT_SHM_FD"
 #: suite can check that none of its own jobs left one (other jobs on the machine make them too).
 SHM_LOG = "HPCGRAFT_SHM_LOG"
 _SHM_PREFIX = "/dev/shm/mpich_shm_"
+#: The read end of a pipe whose write end only the supervisor holds: end of file when it died.
+LIFE_FD = "HPCGRAFT_SUPERVISOR_FD"
+SUPERVISOR_PID = "HPCGRAFT_SUPERVISOR_PID"
 #: Environment variables through which launchers tell a process its rank (MPICH/Hydra, SLURM, Open MPI, PMIx).
 RANK_VARIABLES = ("PMI_RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 _PR_SET_PDEATHSIG = 1
-_FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
-STOP_SIGNALS = _FORWARDED
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+#: What the launcher sends to the supervisor's process group reaches the rank, in a group of its own, through it.
+_FORWARDED = (*STOP_SIGNALS, signal.SIGINT)
+#: Signals whose default action ends the supervisor, which it names to the rank before dying of them.
+_FATAL = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2, signal.SIGALRM)
 
 _HINTS = {
     signal.SIGKILL: "kill -9, or the kernel's out-of-memory killer: see `dmesg`",
@@ -87,11 +101,17 @@ def hold_stop_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
+def _prctl_pdeathsig(signum: int) -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+
 def _start_child() -> None:
-    """In the child, before exec: die with the supervisor. The stop signals stay blocked (see
+    """In the child, before exec: a process group of its own, out of reach of the launcher's group kill, and
+    death with the supervisor until :func:`watch_supervisor` takes over. The stop signals stay blocked (see
     :func:`hold_stop_signals`) until the rank installs its handlers."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # an ignored SIGINT would survive exec
+    os.setpgid(0, 0)
+    _prctl_pdeathsig(signal.SIGKILL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # held in the supervisor only
 
 
 def shared_memory_files(maps: str = "/proc/self/maps") -> list[str]:
@@ -149,23 +169,145 @@ def unlink_shared_memory(paths: Sequence[str] | None = None) -> None:
                 pass
 
 
+_orphan_callbacks: list[Callable[[str], None]] = []
+_watching = False
+
+
+def on_orphaned(callback: Callable[[str], None]) -> None:
+    """Have ``callback(what died)`` called in this rank when its supervisor dies, right before the rank ends
+    itself: the last moment to record it (rank 0's status.json). Runs on the watching thread; a process that
+    has no supervisor to lose keeps none."""
+    if _watching:
+        _orphan_callbacks.append(callback)
+
+
+def _process(pid: int) -> tuple[str, str, str, int | None] | None:
+    """(name, state, start time, wait status once a zombie) of a process the kernel still knows, else None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # from field 3 (state) on; the name may hold spaces
+    exit_code = int(fields[49]) if len(fields) > 49 else None  # field 52, Linux 3.5 and later
+    return text[text.index("(") + 1:text.rindex(")")], fields[0], fields[19], exit_code
+
+
+def _ancestors(pid: int, above: int = 2) -> list[tuple[int, str, str]]:
+    """(pid, name, start time) of ``pid`` and up to ``above`` of its ancestors: the supervisor, then the
+    launcher's processes (hydra_pmi_proxy and mpiexec, or slurmstepd), which may be the ones that died."""
+    chain: list[tuple[int, str, str]] = []
+    while pid > 1 and len(chain) <= above:
+        info = _process(pid)
+        if info is None:
+            break
+        chain.append((pid, info[0], info[2]))
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+    return chain
+
+
+def _how(info: tuple[str, str, str, int | None] | None) -> str:
+    """`` (SIGKILL)`` or `` (exit 3)`` while the dead process is still unreaped; nothing once it is gone."""
+    if info is None or info[1] != "Z" or info[3] is None:
+        return ""
+    if os.WIFSIGNALED(info[3]):
+        return f" ({signal.Signals(os.WTERMSIG(info[3])).name})"
+    return f" (exit {os.WEXITSTATUS(info[3])})"
+
+
+def what_died(chain: Sequence[tuple[int, str, str]], rank: str, host: str, note: str = "") -> str:
+    """The outermost process of ``chain`` (the supervisor first, then the launcher above it) that has died,
+    named: the launcher's death takes the supervisors with it, so it is the cause to name. ``note``: what
+    the supervisor said of its own death, if anything."""
+    for i in reversed(range(len(chain))):
+        pid, name, start = chain[i]
+        info = _process(pid)
+        if i == 0 or info is None or info[2] != start or info[1] in ("Z", "X"):
+            how = _how(info if info and info[2] == start else None)
+            if i == 0:
+                # Its parent reaps it within moments, and with it the exit status. A supervisor outlives its
+                # rank unless killed, and names the catchable signals that kill it: SIGKILL is what is left.
+                how = how or f" ({note or signal.SIGKILL.name})"
+                return f"rank {rank}'s supervisor (pid {pid} on {host}) died{how}"
+            return f"{name} (pid {pid} on {host}) died{how}"
+    raise ValueError("an empty chain of processes")
+
+
+def _watch(fd: int, chain: list[tuple[int, str, str]]) -> None:
+    """Wait until the supervisor has died (end of file on its pipe), then clean up, name it and end the rank."""
+    said = []
+    try:
+        while chunk := os.read(fd, 64):
+            said.append(chunk)
+    except OSError:
+        pass
+    rank = launcher_rank() or "?"
+    what = what_died(chain, rank, socket.gethostname(), b"".join(said).decode(errors="replace").strip())
+    unlink_shared_memory()
+    for callback in list(_orphan_callbacks):
+        try:
+            callback(what)
+        except Exception:  # noqa: BLE001 - the rank must end whatever a callback does
+            pass
+    line = f"hpcgraft: {what}; rank {rank} (pid {os.getpid()}) removed its shared memory and stops\n"
+    try:
+        os.write(2, line.encode())  # no reader left when mpiexec died: then status.json is the record
+    except OSError:
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def watch_supervisor() -> None:
+    """In a supervised rank, before MPI starts: outlive the supervisor only to remove this rank's shared memory
+    and name what died (the module docstring says why). Does nothing in a process that is not supervised."""
+    import threading  # here: the supervisor's own start-up, before it holds the stop signals, stays short
+
+    global _watching
+    fd = os.environ.pop(LIFE_FD, None)
+    supervisor = os.environ.pop(SUPERVISOR_PID, None)
+    if _watching or fd is None or supervisor is None:
+        return
+    _watching = True
+    os.set_inheritable(int(fd), False)  # the rank's own subprocesses have no supervisor to watch
+    chain = _ancestors(int(supervisor)) or [(int(supervisor), "?", "")]
+    threading.Thread(target=_watch, args=(int(fd), chain), name="hpcgraft-supervisor-watch", daemon=True).start()
+    _prctl_pdeathsig(0)  # the thread takes over; a supervisor dead already has closed the pipe
+
+
+def _die_saying(life_write: int, signum: int) -> None:
+    """A signal that ends the supervisor: tell the rank which (it cannot learn it otherwise), then die of it."""
+    try:
+        os.write(life_write, signal.Signals(signum).name.encode())
+    except OSError:
+        pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def supervise(argv: Sequence[str]) -> int:
     """Run ``argv`` as this rank's child and return its exit status; a child killed by a signal is
     named on stderr and this process then dies from the same signal."""
     # Signals that arrive before the child exists are held, then passed on to it.
     hold_stop_signals()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child through the process group
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # Ctrl-C too, passed on once the child exists
     read_fd, write_fd = os.pipe()
     os.set_inheritable(write_fd, True)  # close_fds=False keeps the launcher's descriptors (PMI_FD) open too
+    life_read, life_write = os.pipe()  # the write end stays in this process only, until it ends
+    os.set_inheritable(life_read, True)
     try:
         child = subprocess.Popen(
-            list(argv), env={**os.environ, CHILD_MARK: "1", SHM_FD: str(write_fd)}, close_fds=False,
-            preexec_fn=_start_child,
+            list(argv), close_fds=False, preexec_fn=_start_child,
+            env={**os.environ, CHILD_MARK: "1", SHM_FD: str(write_fd), LIFE_FD: str(life_read),
+                 SUPERVISOR_PID: str(os.getpid())},
         )
     finally:
         os.close(write_fd)
+        os.close(life_read)
     for sig in _FORWARDED:
         signal.signal(sig, lambda s, _f: child.send_signal(s))
+    for sig in _FATAL:
+        signal.signal(sig, lambda s, _f: _die_saying(life_write, s))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
     status = child.wait()
     _remove_shared_memory(read_fd)
@@ -188,6 +330,7 @@ def supervise_module(module: str, args: Sequence[str] | None = None) -> None:
     hold_stop_signals()
     if should_supervise():
         sys.exit(supervise([sys.executable, "-m", module, *(sys.argv[1:] if args is None else args)]))
+    watch_supervisor()
 
 
 def train() -> None:

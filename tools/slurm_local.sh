@@ -9,8 +9,11 @@
 # Everything (slurm.conf, munge key and socket, state, spool, logs, pid files) lives under one
 # directory, HPCGRAFT_SLURM_DIR (default /tmp/hpcgraft-slurm); /etc/slurm and the system munged are
 # left alone. The daemons read that slurm.conf through -f; clients (sbatch, srun, sinfo, and submitit,
-# which calls them) find it through SLURM_CONF, which `start` prints. HPCGRAFT_SLURM_PORT (default
-# 6817; slurmd uses the next port) moves the daemons off the standard ports.
+# which calls them) find it through SLURM_CONF, which `start` prints. The daemons listen on ports of their
+# own, chosen free at start and recorded in that slurm.conf: slurmctld on the first port from SLURM's
+# default 6817 on that is free together with the next ones (one per slurmd), so that another SLURM on this
+# host (a developer's own test cluster on 6817/6818) is no obstacle. HPCGRAFT_SLURM_PORT=P takes P instead.
+# A start that fails stops every daemon it started, and `stop` every daemon of this cluster's slurm.conf.
 #
 # The node is this host with CPUs=nproc, no GPUs (GRES), and a partition "debug" that overcommits:
 # ask for more tasks than CPUs with `--nodes=1 --overcommit`. `start` on a running cluster only
@@ -23,7 +26,7 @@
 set -euo pipefail
 
 dir=${HPCGRAFT_SLURM_DIR:-/tmp/hpcgraft-slurm}
-port=${HPCGRAFT_SLURM_PORT:-6817}
+port=${HPCGRAFT_SLURM_PORT:-}
 conf=$dir/slurm.conf
 # nodes of a new cluster; a running cluster's own count for status and stop
 conf_nodes=$(grep -c '^NodeName=' "$conf" 2>/dev/null || true)
@@ -53,6 +56,46 @@ node_state() {
     local all
     all=$(sinfo -h -N -o %t 2>/dev/null) || return 0
     grep -v -x -E 'idle|mix|alloc' <<<"$all" | head -n1 | grep . || head -n1 <<<"$all"
+}
+
+# TCP ports some process listens on (IPv4 and IPv6), from the kernel's tables: no tool needed.
+listening_ports() {
+    local addr state
+    cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | while read -r _ addr _ state _; do
+        [ "$state" = 0A ] && echo $((16#${addr##*:}))
+    done
+    return 0
+}
+
+# The first port P from $1 on such that P (slurmctld) up to P+nodes (the slurmd's) are all free.
+free_ports_from() {
+    local p=$1 i busy
+    busy=" $(listening_ports | tr '\n' ' ') "
+    while [ "$p" -le $((65535 - nodes)) ]; do
+        for ((i = 0; i <= nodes; i++)); do
+            [[ $busy == *" $((p + i)) "* ]] && break
+        done
+        [ "$i" -gt "$nodes" ] && { echo "$p"; return; }
+        p=$((p + i + 1))
+    done
+    die "no $((nodes + 1)) consecutive free TCP ports from $1 on; set HPCGRAFT_SLURM_PORT"
+}
+
+# Daemons of this cluster, found by their arguments (this slurm.conf, this munge socket), also those whose pid
+# file a failed or interrupted start never wrote.
+own_pids() {
+    local cmdline args arg
+    for cmdline in /proc/[0-9]*/cmdline; do
+        mapfile -d '' args <"$cmdline" 2>/dev/null || continue
+        case ${args[0]:-} in */slurmctld | slurmctld | */slurmd | slurmd | */munged | munged) ;; *) continue ;; esac
+        for arg in "${args[@]:1}"; do
+            if [ "$arg" = "$conf" ] || [ "$arg" = "--socket=$munge_socket" ]; then
+                basename "$(dirname "$cmdline")"
+                break
+            fi
+        done
+    done
+    return 0
 }
 
 install() {
@@ -136,6 +179,8 @@ start_munged() {
 wait_idle() {
     local state=""
     for _ in $(seq 60); do
+        # a daemon that exited (a port in use, a value it refuses) fails the start now, not after the wait
+        daemons_alive || { tail -n 5 "$dir"/slurm*.log >&2 || true; die "a daemon exited during start; logs above, in $dir"; }
         state=$(node_state)
         case $state in idle | mix | alloc) return ;; esac  # every node is up
         sleep 0.5
@@ -181,10 +226,22 @@ stop_cluster() {
             for _ in $(seq 60); do [ -z "$(squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
         fi
     fi
-    local f
+    local f pid
     for f in "$dir"/slurmd*.pid; do stop_pidfile "$f"; done
     stop_pidfile "$dir/slurmctld.pid"
     stop_pidfile "$dir/munged.pid"
+    for pid in $(own_pids); do  # started without a pid file (a failed start), or its pid file deleted
+        kill -9 "$pid" 2>/dev/null || true
+    done
+}
+
+# A start that fails leaves no daemon running (each would hold its port and the munge socket).
+stop_failed_start() {
+    local rc=$?
+    [ "$rc" = 0 ] && return
+    echo "slurm_local: start failed; stopping the daemons it started" >&2
+    stop_cluster 2>/dev/null || true
+    exit "$rc"
 }
 
 cmd=${1:-}
@@ -199,6 +256,8 @@ start)
     install
     stop_cluster  # a half-started or crashed earlier instance
     rm -rf "$dir/state" "$dir"/spool*
+    port=${port:-$(free_ports_from 6817)}
+    trap stop_failed_start EXIT
     write_config
     start_munged
     slurmctld -f "$conf" -i || die "slurmctld did not start; see $dir/slurmctld.log"
@@ -212,6 +271,7 @@ start)
         slurmd -f "$conf" || die "slurmd did not start; see $dir/slurmd.log"
     fi
     wait_idle
+    trap - EXIT
     usage_hint
     ;;
 stop)

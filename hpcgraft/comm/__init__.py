@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hpcgraft.supervise import note_shared_memory
+from hpcgraft.supervise import note_shared_memory, watch_supervisor
 
 _noted = False
 
@@ -17,6 +17,7 @@ _noted = False
 def mpi() -> ModuleType:
     """The ``mpi4py.MPI`` module; importing it initialises MPI, hence only when a rank needs it."""
     global _noted
+    watch_supervisor()  # before MPI makes shared memory: a rank whose supervisor dies removes it
     from mpi4py import MPI
 
     if not _noted:  # once MPI exists: its shared-memory files, for the supervisor to remove (supervise.py)

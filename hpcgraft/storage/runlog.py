@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +64,8 @@ class RunLog:
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.sinks = list(sinks)
+        self._status_lock = threading.Lock()  # a dying rank writes its last status from another thread
+        self._status_final = False
 
     def truncate_after(self, epoch: int, step: int) -> list[str]:
         """Forget what a run logged after the checkpoint it resumes from (epoch done, global step); returns
@@ -101,7 +104,24 @@ class RunLog:
                 os.close(fd)
 
     def status(self, **fields: Any) -> None:
-        atomic.write_text(self.dir / STATUS, json.dumps(fields, indent=1) + "\n")
+        with self._status_lock:
+            if not self._status_final:
+                atomic.write_text(self.dir / STATUS, json.dumps(fields, indent=1) + "\n")
+
+    def last_status(self, state: str, reason: str) -> None:
+        """The run's end, recorded from outside the training (its process is being killed): ``state`` and
+        ``reason`` replace a status that still says running (or none yet), at the epoch and step it had, and
+        nothing written later replaces them. A status that says how the run ended already stays."""
+        with self._status_lock:
+            try:
+                old = self.read_status()
+            except (OSError, ValueError):
+                old = {}
+            if old.get("state", "running") == "running":
+                atomic.write_text(self.dir / STATUS, json.dumps(
+                    {"state": state, "epoch": old.get("epoch", 0), "step": old.get("step", 0), "reason": reason},
+                    indent=1) + "\n")
+            self._status_final = True
 
     def read_status(self) -> dict[str, Any]:
         p = self.dir / STATUS

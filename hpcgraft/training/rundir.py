@@ -36,6 +36,7 @@ from hpcgraft.storage.lock import LOCK_FILE, RunDirLock
 from hpcgraft.storage.run import CONFIG, config_text, parse_config, write_config
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog, read_jsonl
 from hpcgraft.storage.tbevents import TENSORBOARD, TensorBoardSink, remove_events
+from hpcgraft.supervise import on_orphaned
 from hpcgraft.text import plural
 from hpcgraft.training.peer import Peer
 
@@ -220,6 +221,9 @@ class RunStore:
             write_config(self.dir, self.cfg)
             self.log = RunLog(self.dir, [TensorBoardSink(self.dir / TENSORBOARD)] if self.cfg.log.tensorboard else [])
             _RUN_LOG = self.log
+            # Killed with its supervisor or its launcher, the job prints nothing anyone may read: status.json says it.
+            on_orphaned(lambda what: self.log.last_status(
+                "failed", f"{what}; re-run the same command to resume from the last checkpoint"))
 
     def resume(self, peer: Peer) -> None:
         """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
