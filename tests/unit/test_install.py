@@ -69,6 +69,11 @@ def test_the_wheel_carries_the_configs_and_they_load_by_name_outside_the_checkou
     assert sorted(n for n in names if n.startswith("hpcgraft/configs/")) == \
         sorted(f"hpcgraft/configs/{n}.yaml" for n in config_names())
     assert "License-Expression: MIT" in meta
+    assert {"hpcgraft/data/digits.npz", "hpcgraft/data/digits-LICENSE.txt"} <= set(names)
+    default = [line for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert not [line for line in default if any(n in line for n in ("scikit-learn", "scipy", "matplotlib"))], default
+    assert any(line.startswith("Requires-Dist: matplotlib") and 'extra == "report"' in line
+               for line in meta.splitlines())
     torch_req = next(line for line in meta.splitlines() if line.startswith("Requires-Dist: torch"))
     assert "==" not in torch_req and "<2.14" in torch_req and ">=2.11" in torch_req, torch_req
     # Installed (unpacked onto the path), used from a directory that is no checkout: a name, and the
@@ -79,10 +84,11 @@ def test_the_wheel_carries_the_configs_and_they_load_by_name_outside_the_checkou
     work.mkdir()
     code = ("import hpcgraft.config as c; from hpcgraft.config import load_config; "
             f"assert c.__file__.startswith({str(site)!r}), c.__file__; "
-            "print(load_config('cifar10_resnet32').model.name, load_config('configs/digits.yaml').train.epochs)")
+            "print(load_config('cifar10_resnet32').model.name, load_config('configs/digits.yaml').train.epochs); "
+            "from hpcgraft.data import build_datasets; print(sum(len(s) for s in build_datasets('digits')))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(site)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=work, env=env, timeout=120)
-    assert (r.returncode, r.stdout) == (0, "resnet32 30\n"), r.stderr
+    assert (r.returncode, r.stdout) == (0, "resnet32 30\n1797\n"), r.stderr
     # The SLURM scripts travel as package data and are written out by the installed package.
     assert {f"hpcgraft/slurm/{n}" for n in SCRIPTS} <= set(names)
     r = subprocess.run([sys.executable, "-m", "hpcgraft.slurm", "scripts"], capture_output=True, text=True, cwd=work,
