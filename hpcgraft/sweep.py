@@ -30,7 +30,8 @@ import yaml
 from hpcgraft import launch
 from hpcgraft.config import Config, config_from_dict, load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, report
-from hpcgraft.report import SWEEP_FILE, load_sweep, sweep_table
+from hpcgraft.reporting.runs import SWEEP_FILE, load_sweep
+from hpcgraft.reporting.tables import sweep_table
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
 from hpcgraft.storage.runlog import STATUS
 

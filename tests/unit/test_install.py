@@ -3,6 +3,7 @@ and a build without setuptools' deprecation warnings."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 from hpcgraft.config import CONFIG_DIR, config_names, load_config, resolve_config
 from hpcgraft.errors import ConfigError
 from hpcgraft.slurm import SCRIPTS
-from tests._util import ROOT
+from tests._util import ROOT, env
+from tests.unit.test_layout import modules
 
 
 def test_a_config_by_name_is_the_packaged_file():
@@ -95,3 +97,39 @@ def test_the_wheel_carries_the_configs_and_they_load_by_name_outside_the_checkou
                        env=env, timeout=120)
     assert r.returncode == 0 and "wrote graft_cifar.sh" in r.stdout, r.stderr
     assert (work / "scripts/common.sh").read_text() == (ROOT / "slurm/common.sh").read_text()
+
+
+BLOCK_OPTIONAL = "import sys\nfor _name in ('sklearn', 'scipy', 'matplotlib'):\n    sys.modules[_name] = None\n"
+
+
+def test_a_default_install_imports_without_scikit_learn_scipy_or_matplotlib():
+    """Every module imports with the three blocked, except the plots, whose error names the extra; the demo's
+    data set loads."""
+    code = BLOCK_OPTIONAL + (
+        "import importlib, json\n"
+        "failed = {}\n"
+        f"for name in {sorted(modules())!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception as exc:\n"
+        "        failed[name] = str(exc)\n"
+        "from hpcgraft.data import build_datasets\n"
+        "assert sum(len(s) for s in build_datasets('digits')) == 1797\n"
+        "print(json.dumps(failed))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    needs = "the report's plots need matplotlib, which is not installed; install it with pip install 'hpcgraft[report]'"
+    assert json.loads(r.stdout.splitlines()[-1]) == {"hpcgraft.reporting.plots": needs,
+                                                     "hpcgraft.reporting.summary": needs}
+
+
+def test_the_report_without_matplotlib_names_the_extra_before_it_reads_a_run(tmp_path):
+    run = ROOT / "tests" / "data" / "run-before-relayout"
+    code = BLOCK_OPTIONAL + (
+        "from hpcgraft.report import main\n"
+        f"sys.exit(main([{str(run)!r}, '--out', {str(tmp_path / 'report')!r}]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.splitlines() == ["hpcgraft.report: error: the report's plots need matplotlib, which is not "
+                                     "installed; install it with pip install 'hpcgraft[report]'"]
+    assert not (tmp_path / "report").exists()

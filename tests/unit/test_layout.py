@@ -22,6 +22,7 @@ RANK = {
     "slurm": 2,  # the sbatch scripts (package data), their writer and their shape check; launch uses the check
     "method": 2, "storage": 2,
     "dist": 3, "data": 3,
+    "reporting": 3,  # what the report command reads, tabulates and plots; sweep prints its table too
     "training": 4,
     "train": 5, "launch": 5, "sweep": 5, "graft": 5, "analyze": 5, "report": 5, "checkpoint": 5, "evaluate": 5,
     "prune": 5,
@@ -32,8 +33,8 @@ FORBIDDEN = {
     "dist": {"config", "data", "storage"},
 }
 # Imports between commands: a submitit task of `launch` runs the training command itself; `sweep` submits
-# through `launch` and prints the table of `report`.
-ALLOWED = {("launch", "train"), ("sweep", "launch"), ("sweep", "report")}
+# through `launch`.
+ALLOWED = {("launch", "train"), ("sweep", "launch")}
 OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "evaluate", "prune")  # prune: without fine-tuning
 
 

@@ -10,7 +10,9 @@ import pytest
 
 from hpcgraft.config import load_config
 from hpcgraft.errors import InputError
-from hpcgraft.report import SWEEP_FILE, load_sweep, main, sweep_table
+from hpcgraft.report import main
+from hpcgraft.reporting.runs import SWEEP_FILE, load_sweep
+from hpcgraft.reporting.tables import sweep_table
 
 
 def _run(path: Path, state: str, accs: dict[int, list[float]], ens: list[float], invalid: dict[int, int]) -> None:
