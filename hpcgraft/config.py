@@ -58,6 +58,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     precise_bn: int = 0  # > 0: BatchNorm statistics recomputed over this many training batches before each evaluation
     init_from: str | None = None  # starting weights: a .pt, a peer .h5, a checkpoint or run dir; {peer}: per peer
+    batched: bool = False  # a rank's peers step together, one vmapped forward/backward (training.batched)
 
 
 @dataclass
