@@ -99,7 +99,7 @@ def _hyper(optimizers: Sequence[torch.optim.Optimizer], models: Sequence[nn.Modu
 
 
 class BatchedPeers:
-    """P models (one architecture, one device, float32 parameters) and their SGD optimizers, stepped
+    """P models (one architecture, one device, one float type) and their SGD optimizers, stepped
     together. Build it right after the models and optimizers, before anything keeps references to their
     tensors (a grafting exchange, a monitor): from here on the models' tensors are rows of the batched
     ones, and a model moved (``.to()``) or given new tensors leaves the batch."""
@@ -116,9 +116,10 @@ class BatchedPeers:
                 raise ValueError("batched peers need models of one architecture (same parameter names and shapes)")
         devices = {p.device for m in models for p in m.parameters()}
         dtypes = {p.dtype for m in models for p in m.parameters()}
-        if len(devices) != 1 or dtypes != {torch.float32}:
-            raise ValueError(f"batched peers need float32 parameters on one device, got {dtypes} on {devices}")
-        device = devices.pop()
+        if len(devices) != 1 or len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+            raise ValueError(f"batched peers need parameters of one float type on one device, got {dtypes} on "
+                             f"{devices}")
+        device, dtype = devices.pop(), dtypes.pop()
         self.names = list(first)
         offset, slots = 0, []
         for p in first.values():
@@ -128,9 +129,9 @@ class BatchedPeers:
         P, N = len(models), offset
         # The module that vmap calls with each peer's rows; on the meta device it holds no memory.
         self.template = copy.deepcopy(models[0]).to("meta").train()
-        self.flat = torch.empty(P, N, device=device)
-        self.grad = torch.zeros(P, N, device=device)
-        self.momentum = torch.zeros(P, N, device=device) if self.hyper.momentum else None
+        self.flat = torch.empty(P, N, device=device, dtype=dtype)
+        self.grad = torch.zeros(P, N, device=device, dtype=dtype)
+        self.momentum = torch.zeros(P, N, device=device, dtype=dtype) if self.hyper.momentum else None
         with torch.no_grad():
             for i, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
                 for p, row, grad, mom in zip(model.parameters(), self._rows(self.flat, i), self._rows(self.grad, i),

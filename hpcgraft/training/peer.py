@@ -24,6 +24,7 @@ from hpcgraft.errors import ConfigError
 from hpcgraft.method import grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
 from hpcgraft.storage.run import build_model
+from hpcgraft.training.batched import check_batchable
 from hpcgraft.training.monitors import EarlyBirdMonitor, build_monitor
 
 
@@ -120,6 +121,7 @@ def select_device(pref: str, local_rank: int) -> torch.device:
 def check_layout(cfg: Config, world: World) -> None:
     """The run's rank count fits what the config asks of it (decided before any MPI work on the peers)."""
     check_peer_count(cfg, world.peers, world.replicas)
+    check_batchable(cfg)
     if cfg.dist.replicas > 1:
         require_horovod(cfg.dist)
 

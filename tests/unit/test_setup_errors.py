@@ -60,8 +60,11 @@ def run_main(capsys: pytest.CaptureFixture, tmp_path, *overrides: str) -> tuple[
         (("graft.a=2",), "graft.a=2.0 is outside [0, 1]"),
         (("graft.mode=none", "data.name=cifar10"), "data.name=cifar10 needs data.root"),
         (("graft.mode=none", "model.name=resnet33"), "unknown model 'resnet33' (model.name); did you mean"),
+        (("graft.mode=none", "train.batched=true", "model.dgconv=true"),
+         "train.batched=true cannot batch DGConv layers (model.dgconv=true)"),
     ],
-    ids=["grafting-alone", "cultivation-alone", "unknown-key", "bad-value", "missing-data", "unknown-model"],
+    ids=["grafting-alone", "cultivation-alone", "unknown-key", "bad-value", "missing-data", "unknown-model",
+         "batched-dgconv"],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, stop_signals_kept, overrides, message):
     rc, errors, err = run_main(capsys, tmp_path, *overrides)
