@@ -21,6 +21,11 @@ trains on ImageNet-shaped synthetic batches (224 px; no reader, so no "its loade
 
     .venv/bin/python tools/bench_train.py [--rounds 5] [--threads 1] [--models resnet32,digits_resnet]
     python tools/bench_train.py --device cuda --amp on,off --models resnet32,resnet50
+    python tools/bench_train.py --peers 1,2,4,8 [--models digits_resnet,resnet20] [--device cuda]
+
+``--peers``: aggregate images/s of P peers on one rank, stepped one after another, batched into one
+vmapped step (``train.batched``), and as P single-peer processes started together, each against one
+peer's rate in the same run.
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +53,7 @@ from hpcgraft.comm.failure import StopRequest  # noqa: E402
 from hpcgraft.comm.world import init_world  # noqa: E402
 from hpcgraft.config import load_config  # noqa: E402
 from hpcgraft.models import create_model  # noqa: E402
+from hpcgraft.training.batched import BatchedPeers  # noqa: E402
 from hpcgraft.training.loop import train_one_epoch  # noqa: E402
 from hpcgraft.training.peer import build_peer  # noqa: E402
 
@@ -170,11 +179,141 @@ def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[s
     return result
 
 
+# ------------------------------------------------------------------------------------------ peers per rank
+# The peers-per-rank rows: P models of one architecture on one rank, stepped one after another (as the
+# sequential loop does), batched (hpcgraft.training.batched: one vmapped forward/backward, one SGD update),
+# and as P separate single-peer processes started together (what a rank per peer costs the same machine).
+PEER_CASES = {"digits_resnet": ((1, 8, 8), 64, 30), "resnet20": ((3, 32, 32), 32, 3),
+              "resnet32": ((3, 32, 32), 128, 3), "resnet56": ((3, 32, 32), 128, 2)}  # image, batch, CPU steps
+PEER_GPU_STEPS = 40
+
+
+def peer_models(name: str, count: int, device: torch.device) -> tuple[list[torch.nn.Module], list]:
+    torch.manual_seed(0)
+    models = [create_model(name, 10).to(device) for _ in range(count)]
+    return models, [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4) for m in models]
+
+
+def peer_batches(name: str, count: int, batch: int, device: torch.device) -> tuple[list, list]:
+    gen = torch.Generator().manual_seed(1)
+    image = PEER_CASES[name][0]
+    return ([torch.randn(batch, *image, generator=gen).to(device) for _ in range(count)],
+            [torch.randint(0, 10, (batch,), generator=gen).to(device) for _ in range(count)])
+
+
+def peer_loop(name: str, count: int, batch: int, steps: int, device: torch.device, amp: bool,
+              batched: bool) -> Callable[[], None]:
+    """``steps`` training steps of ``count`` peers, one after another or batched."""
+    models, opts = peer_models(name, count, device)
+    xs, ys = peer_batches(name, count, batch, device)
+    if batched:
+        peers = BatchedPeers(models, opts)
+        return lambda: [peers.step(xs, ys, amp=amp) for _ in range(steps)] and None
+    return lambda: [bare_loop(m, o, [(x, y)], device, amp) for _ in range(steps)
+                    for m, o, x, y in zip(models, opts, xs, ys, strict=True)] and None
+
+
+def peer_worker(spec: str) -> None:
+    """One single-peer process of the "processes" column: warm up, say ready, wait for go, time its steps,
+    print its start and end (wall clock: the parent spans all processes)."""
+    name, batch, steps, device, amp = spec.split(",")
+    dev = torch.device(device)
+    run = peer_loop(name, 1, int(batch), int(steps), dev, amp == "on", batched=False)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    run()
+    sync()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    t0 = time.time()
+    run()
+    sync()
+    print(json.dumps({"start": t0, "end": time.time()}), flush=True)
+
+
+def peer_processes(name: str, count: int, batch: int, steps: int, device: str, amp: bool, threads: int) -> float:
+    """Aggregate images/s of ``count`` single-peer processes timed together (first start to last end)."""
+    spec = f"{name},{batch},{steps},{device},{'on' if amp else 'off'}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    procs = [subprocess.Popen([sys.executable, __file__, "--threads", str(threads), "--peer-worker", spec],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(count)]
+    try:
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a peer process of {name} failed (exit {p.wait()})")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        spans = [json.loads(p.stdout.readline()) for p in procs]
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+    finally:
+        for p in procs:
+            p.wait()
+    return count * batch * steps / (max(s["end"] for s in spans) - min(s["start"] for s in spans))
+
+
+def measure_peers(name: str, counts: list[int], rounds: int, device: str, amp: bool, threads: int,
+                  batch: int | None, steps: int | None) -> list[dict[str, float]]:
+    image, default_batch, cpu_steps = PEER_CASES[name]
+    batch = batch or default_batch
+    steps = steps or (PEER_GPU_STEPS if device.startswith("cuda") else cpu_steps)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for count in counts:
+        runs = {"sequential": peer_loop(name, count, batch, steps, dev, amp, batched=False),
+                "batched": peer_loop(name, count, batch, steps, dev, amp, batched=True)}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for run in runs.values():
+            run()  # warm-up
+        for r in range(rounds):
+            for key in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                sync()
+                t0 = time.perf_counter()
+                runs[key]()
+                sync()
+                times[key].append(time.perf_counter() - t0)
+        row = {k: count * batch * steps / statistics.median(v) for k, v in times.items()}
+        row["processes"] = statistics.median(peer_processes(name, count, batch, steps, device, amp, threads)
+                                             for _ in range(max(1, rounds // 2)))
+        rows.append({"peers": count, "batch": batch, "steps": steps, **row})
+        del runs
+    return rows
+
+
+def print_peers(name: str, amp: str, rows: list[dict[str, float]]) -> None:
+    base = next((r["sequential"] for r in rows if r["peers"] == 1), rows[0]["sequential"] / rows[0]["peers"])
+    for r in rows:
+        cells = " | ".join(f"{r[k]:>10.1f} {r[k] / base:>5.2f}x" for k in ("sequential", "batched", "processes"))
+        print(f"{name:<14} {amp:>3} {r['peers']:>5} {r['batch']:>5} {r['steps']:>5} | {cells}", flush=True)
+
+
+def main_peers(args: argparse.Namespace) -> None:
+    counts = [int(c) for c in args.peers.split(",")]
+    print(f"peers per rank: aggregate img/s of P peers and its ratio to one peer's (sequential, P=1) in this run; "
+          f"median of {args.rounds} alternating rounds")
+    header = (f"{'model':<14} {'amp':>3} {'peers':>5} {'batch':>5} {'steps':>5} | {'sequential':>10} {'ratio':>6} | "
+              f"{'batched':>10} {'ratio':>6} | {'processes':>10} {'ratio':>6}")
+    print(header)
+    print("-" * len(header))
+    for name in args.models.split(","):
+        for amp in args.amp.split(","):
+            print_peers(name, amp, measure_peers(name, counts, args.rounds, args.device, amp == "on", args.threads,
+                                                 args.batch, args.steps))
+    print("sequential: one process steps its P peers one after another; batched: one vmapped step for all P "
+          "(hpcgraft.training.batched); processes: P single-peer processes started together, "
+          f"{args.threads} thread(s) each")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed runs per variant (default 5)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core rates)")
-    parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--models", "--model", help=f"comma-separated, of {', '.join(CASES)} (default: all); with "
+                        f"--peers, of {', '.join(PEER_CASES)} (default: digits_resnet,resnet20)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for hpcgraft's side, e.g. data.prefetch=0")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -182,7 +321,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per timed run (default: per model and device)")
     parser.add_argument("--batch", type=int, help="batch size (default: per model)")
     parser.add_argument("--pixels", type=int, default=0, help="size of the synthetic images (default 224)")
+    parser.add_argument("--peers", help="peers-per-rank rows instead, for these peer counts, e.g. 1,2,4,8")
+    parser.add_argument("--peer-worker", help=argparse.SUPPRESS)  # one process of the "processes" column
     args = parser.parse_args()
+    if args.peer_worker:
+        torch.set_num_threads(args.threads)
+        peer_worker(args.peer_worker)
+        return
+    args.models = args.models or ("digits_resnet,resnet20" if args.peers else ",".join(CASES))
     global PIXELS
     PIXELS = args.pixels
     for name, (config, batch, steps) in list(CASES.items()):  # a dry run (tools/gpu_check.sh --cpu) shrinks them
@@ -194,6 +340,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.device} ({device}), {args.threads} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}; median of {args.rounds} alternating rounds"
           f"{'; ' + ' '.join(args.set) if args.set else ''}")
+    if args.peers:
+        main_peers(args)
+        return
     header = (f"{'model':<14} {'amp':>3} {'batch':>5} {'steps':>5} | {'bare img/s':>10} {'same batches':>12} "
               f"{'ratio':>6} {'+us/step':>8} | {'its loader':>10} {'ratio':>6} {'+us/step':>8}")
     print(header)
