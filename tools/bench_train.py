@@ -299,10 +299,15 @@ def main_peers(args: argparse.Namespace) -> None:
               f"{'batched':>10} {'ratio':>6} | {'processes':>10} {'ratio':>6}")
     print(header)
     print("-" * len(header))
+    found = []
     for name in args.models.split(","):
         for amp in args.amp.split(","):
-            print_peers(name, amp, measure_peers(name, counts, args.rounds, args.device, amp == "on", args.threads,
-                                                 args.batch, args.steps))
+            rows = measure_peers(name, counts, args.rounds, args.device, amp == "on", args.threads, args.batch,
+                                 args.steps)
+            print_peers(name, amp, rows)
+            found += [{"model": name, "amp": amp, **r} for r in rows]
+    if args.json:
+        args.json.write_text(json.dumps(found, indent=1) + "\n")
     print("sequential: one process steps its P peers one after another; batched: one vmapped step for all P "
           "(hpcgraft.training.batched); processes: P single-peer processes started together, "
           f"{args.threads} thread(s) each")
@@ -322,6 +327,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: per model)")
     parser.add_argument("--pixels", type=int, default=0, help="size of the synthetic images (default 224)")
     parser.add_argument("--peers", help="peers-per-rank rows instead, for these peer counts, e.g. 1,2,4,8")
+    parser.add_argument("--json", type=Path, help="with --peers: the rows also as JSON, into this file")
     parser.add_argument("--peer-worker", help=argparse.SUPPRESS)  # one process of the "processes" column
     args = parser.parse_args()
     if args.peer_worker:

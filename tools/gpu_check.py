@@ -16,6 +16,9 @@ Items, each PASS or FAIL with its figures, in a summary at the end (and in OUT/g
 5. speed     tools/bench_train.py (hpcgraft's loop vs a bare loop; resnet32 CIFAR-shaped, resnet50 at
              224; AMP on and off) and tools/bench_graft.py (entropies vs the authors' per-bin loop, one
              graft round vs a raw Sendrecv of the same bytes; resnet56, resnet50)
+6. peers     tools/bench_train.py --peers: 1, 2, 4, 8 ResNet-32 peers on the one GPU, stepped one after
+             another, batched (train.batched) and as separate processes; target: 4 batched peers >= 3x
+             one peer's images/s
 
 The orchestrating process imports neither torch nor MPI (every item is a child process), so that no
 MPI singleton of its own sits beside the mpirun jobs it starts.
@@ -221,6 +224,26 @@ def check_speed_train(c: Check) -> tuple[bool, list[str]]:
     return p.returncode == 0, table if p.returncode == 0 else tail(p, 15)
 
 
+PEERS_TARGET = 3.0  # aggregate images/s of 4 batched ResNet-32 peers over one peer's, on a GPU
+
+
+def check_speed_peers(c: Check) -> tuple[bool, list[str]]:
+    rows = c.out / "bench_peers.json"
+    cmd = [PY, "tools/bench_train.py", "--device", c.device, "--json", str(rows)]
+    cmd += (["--peers", "2", "--models", "digits_resnet", "--rounds", "1", "--steps", "1", "--batch", "4"]
+            if c.fast else ["--peers", "1,2,4,8", "--models", "resnet32", "--rounds", "3", "--threads", "4"])
+    p = c.run("speed_peers", cmd, 420)
+    if p.returncode != 0:
+        return False, tail(p, 15)
+    table = [line for line in p.stdout.splitlines() if line.strip()]
+    found = {r["peers"]: r for r in json.loads(rows.read_text())}
+    if c.fast or 4 not in found:
+        return True, table
+    ratio = found[4]["batched"] / found[1]["sequential"]
+    return ratio >= PEERS_TARGET, [*table, f"4 batched peers: {ratio:.2f}x one peer's images/s "
+                                           f"(target >= {PEERS_TARGET:g}x)"]
+
+
 def check_speed_graft(c: Check) -> tuple[bool, list[str]]:
     cmd = [PY, "tools/bench_graft.py", "--device", c.device, "--json", str(c.out / "bench_graft.json")]
     cmd += ["--models", "resnet56", "--repeats", "1"] if c.fast else ["--models", "resnet56", "resnet50",
@@ -341,13 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="check on the CPU (a dry run of the GPU check)")
     p.add_argument("--fast", action="store_true", help="the smallest form of every item (CI runs it)")
     p.add_argument("--out", type=Path, help="logs and gpu_check.txt (default: $OUT, else a temporary folder)")
-    p.add_argument("--only", help="comma-separated items to run (env,unit,graft,resume,speed_train,speed_graft)")
+    p.add_argument("--only", help="comma-separated items to run (env,unit,graft,resume,speed_train,speed_graft,"
+                                  "speed_peers)")
     a = p.parse_args(argv)
     out = a.out or Path(os.environ.get("OUT") or f"/tmp/hpcgraft-gpu-check-{os.getpid()}")
     out.mkdir(parents=True, exist_ok=True)
     c = Check("cpu" if a.cpu else "cuda", a.fast, out)
     items = {"env": check_env, "unit": check_unit, "graft": check_graft, "resume": check_resume,
-             "speed_train": check_speed_train, "speed_graft": check_speed_graft}
+             "speed_train": check_speed_train, "speed_graft": check_speed_graft, "speed_peers": check_speed_peers}
     chosen = a.only.split(",") if a.only else list(items)
     unknown = [n for n in chosen if n not in items]
     if unknown:

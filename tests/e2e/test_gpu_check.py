@@ -15,9 +15,9 @@ def test_gpu_check_dry_run_passes_every_item(tmp_path):
                        capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     summary = (tmp_path / "gpu_check.txt").read_text()
-    for item in ("env", "unit", "graft", "resume", "speed_train", "speed_graft"):
+    for item in ("env", "unit", "graft", "resume", "speed_train", "speed_graft", "speed_peers"):
         assert f"PASS {item} (" in summary, summary
-    assert "6 passed, 0 failed" in summary
+    assert "7 passed, 0 failed" in summary
     # the figures each item exists to give, in their dry-run form
     assert "MPI graft vs offline graft_state on cpu: max |dW| 0.00e+00" in summary  # the CPU ring is exact
     assert "0 of 88 tensors differ" in summary  # resumed bitwise on the CPU
