@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
 from hpcgraft.config import Config
 from hpcgraft.errors import ConfigError
@@ -127,8 +127,13 @@ class BatchedPeers:
             offset += p.numel()
         self.slots = slots
         P, N = len(models), offset
-        # The module that vmap calls with each peer's rows; on the meta device it holds no memory.
+        # The module that vmap calls with each peer's rows; on the meta device it holds no memory. Its tensors
+        # are swapped in by plain dict stores (functional_call's general swapping costs milliseconds a step).
         self.template = copy.deepcopy(models[0]).to("meta").train()
+        modules = dict(self.template.named_modules())
+        self.places = [(modules[n.rpartition(".")[0]]._parameters, n.rpartition(".")[2]) for n in self.names]
+        self.buffer_places = [(modules[n.rpartition(".")[0]]._buffers, n.rpartition(".")[2])
+                              for n, _ in self.template.named_buffers()]
         self.flat = torch.empty(P, N, device=device, dtype=dtype)
         self.grad = torch.zeros(P, N, device=device, dtype=dtype)
         self.momentum = torch.zeros(P, N, device=device, dtype=dtype) if self.hyper.momentum else None
@@ -148,6 +153,7 @@ class BatchedPeers:
         for leaf, s in zip(self.params.values(), slots, strict=True):
             leaf.grad = self._stacked(self.grad, s)
         self.buffers = self._stack_buffers()
+        self.leaves, self.buffer_list = list(self.params.values()), list(self.buffers.values())
 
     def _rows(self, flat: torch.Tensor | None, i: int) -> list[torch.Tensor | None]:
         """Peer ``i``'s tensors: views into row ``i`` of ``flat`` (Nones where there is no such state)."""
@@ -196,7 +202,7 @@ class BatchedPeers:
                     p.grad = g
         run = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp and x.is_cuda else contextlib.nullcontext()
         with run:
-            logits = vmap(self._forward)(self.params, self.buffers, x)
+            logits = vmap(self._forward)(self.leaves, self.buffer_list, x)
             losses = vmap(lambda z, t: F.cross_entropy(z, t, label_smoothing=label_smoothing))(logits, y)
             if extra_loss is not None:
                 losses = losses + extra_loss(logits)
@@ -208,9 +214,13 @@ class BatchedPeers:
         self._update()
         return losses.detach(), logits.detach()
 
-    def _forward(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-                 x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.template, (params, buffers), (x,))
+    def _forward(self, params: list[torch.Tensor], buffers: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The template's forward on one peer's tensors (vmap passes each peer's slice)."""
+        for (place, key), t in zip(self.places, params, strict=True):
+            place[key] = t
+        for (place, key), t in zip(self.buffer_places, buffers, strict=True):
+            place[key] = t
+        return self.template(x)
 
     @torch.no_grad()
     def _update(self) -> None:
