@@ -138,22 +138,34 @@ class BatchedPeers:
         self.grad = torch.zeros(P, N, device=device, dtype=dtype)
         self.momentum = torch.zeros(P, N, device=device, dtype=dtype) if self.hyper.momentum else None
         with torch.no_grad():
-            for i, (model, opt) in enumerate(zip(models, optimizers, strict=True)):
-                for p, row, grad, mom in zip(model.parameters(), self._rows(self.flat, i), self._rows(self.grad, i),
-                                             self._rows(self.momentum, i), strict=True):
+            for i, model in enumerate(models):
+                for p, row, grad in zip(model.parameters(), self._rows(self.flat, i), self._rows(self.grad, i),
+                                        strict=True):
                     row.copy_(p)
-                    old = opt.state.get(p, {}).get("momentum_buffer")
-                    if mom is not None and old is not None:
-                        mom.copy_(old)
                     p.data = row
                     p.grad = grad
-                    if mom is not None:  # zeros act as "no buffer yet": 0 * momentum + g == g (no dampening)
-                        opt.state[p]["momentum_buffer"] = mom
+        self.momentum_rows = [self._rows(self.momentum, i) for i in range(P)]
+        for i in range(P):
+            self._adopt_momentum(i)
         self.params = {n: self._stacked(self.flat, s).requires_grad_() for n, s in zip(self.names, slots, strict=True)}
         for leaf, s in zip(self.params.values(), slots, strict=True):
             leaf.grad = self._stacked(self.grad, s)
         self.buffers = self._stack_buffers()
         self.leaves, self.buffer_list = list(self.params.values()), list(self.buffers.values())
+
+    @torch.no_grad()
+    def _adopt_momentum(self, i: int) -> None:
+        """Peer ``i``'s momentum buffers become its rows (their values copied in): a checkpoint's load puts
+        new tensors into the optimizer's state. Zeros stand for "no buffer yet": with no dampening,
+        0 * momentum + g is g, SGD's first step."""
+        opt = self.optimizers[i]
+        for p, row in zip(self.models[i].parameters(), self.momentum_rows[i], strict=True):
+            if row is None:
+                continue
+            old = opt.state.get(p, {}).get("momentum_buffer")
+            if old is not None and old is not row:
+                row.copy_(old)
+            opt.state[p]["momentum_buffer"] = row
 
     def _rows(self, flat: torch.Tensor | None, i: int) -> list[torch.Tensor | None]:
         """Peer ``i``'s tensors: views into row ``i`` of ``flat`` (Nones where there is no such state)."""
@@ -196,6 +208,11 @@ class BatchedPeers:
         if x.shape[0] != len(self):
             raise ValueError(f"{x.shape[0]} batches for {len(self)} peers")
         self.grad.zero_()
+        if self.momentum is not None:
+            for i, opt in enumerate(self.optimizers):
+                first = next(self.models[i].parameters())
+                if opt.state.get(first, {}).get("momentum_buffer") is not self.momentum_rows[i][0]:
+                    self._adopt_momentum(i)
         for i, model in enumerate(self.models):  # an optimizer's zero_grad() sets them to None: point them back
             if next(model.parameters()).grad is None:
                 for p, g in zip(model.parameters(), self._rows(self.grad, i), strict=True):

@@ -110,8 +110,8 @@ def bn_l1(model: nn.Module) -> None:
 
 
 def test_the_models_are_the_batched_state():
-    """Whatever changes a model in place between steps (a graft, a checkpoint load) is what the next batched
-    step trains; the models' gradients are filled in for a hook before the update, even after the loop's
+    """Whatever changes a model in place between steps (a graft, a checkpoint load, new momentum tensors) is
+    what the next batched step trains; the models' gradients are filled in for a hook before the update, even after the loop's
     zero_grad (which drops them); the optimizers hold the momentum a checkpoint reads."""
     models, opts, alone, alone_opts = peers("digits_resnet", 2)
     batched = BatchedPeers(models, opts)
@@ -123,6 +123,9 @@ def test_the_models_are_the_batched_state():
             for side in (models, alone):
                 side[1].conv1.weight.mul_(0.5)  # a "graft" of peer 1
                 side[0].load_state_dict(copy.deepcopy(side[0].state_dict()))
+            for opt in (opts[1], alone_opts[1]):  # a checkpoint's momentum, loaded as Peer.load_state_dict does
+                for state in opt.state.values():
+                    state["momentum_buffer"] = state["momentum_buffer"] * 0.5
         opts[step % 2].zero_grad()
     assert_same_state(models, opts, alone, alone_opts)
 
