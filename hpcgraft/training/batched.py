@@ -1,9 +1,10 @@
 """A rank's peers trained as one: P models of one architecture take a training step together, with one
 vmapped forward/backward (``torch.func``) and one optimizer update over all of them.
 
-Peers as data: :class:`BatchedPeers` moves every peer's parameters, momentum and gradients into one
-``(P, N)`` tensor each (a row per peer) and its buffers into one ``(P, ...)`` tensor per buffer, and then
-points the models' own tensors at their rows. Nothing is copied per step, the SGD update is a handful of
+Peers as data: :class:`BatchedPeers` moves every peer's parameters, momentum and gradients into one flat
+tensor each, parameter by parameter, every parameter stored as one contiguous ``(P, *shape)`` block (so
+vmap's grouped kernels take it without a copy), and its buffers into one ``(P, ...)`` tensor per buffer;
+then it points the models' own tensors at their slices. Nothing is copied per step, the SGD update is a handful of
 elementwise kernels over all peers at once (not one per tensor and peer), and everything that reads or
 writes a model in place (grafting, evaluation, checkpoints, pruning masks, precise BN) keeps working on
 the models as before and sees, or changes, the batched state.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -134,9 +134,10 @@ class BatchedPeers:
         self.places = [(modules[n.rpartition(".")[0]]._parameters, n.rpartition(".")[2]) for n in self.names]
         self.buffer_places = [(modules[n.rpartition(".")[0]]._buffers, n.rpartition(".")[2])
                               for n, _ in self.template.named_buffers()]
-        self.flat = torch.empty(P, N, device=device, dtype=dtype)
-        self.grad = torch.zeros(P, N, device=device, dtype=dtype)
-        self.momentum = torch.zeros(P, N, device=device, dtype=dtype) if self.hyper.momentum else None
+        self.count = P
+        self.flat = torch.empty(P * N, device=device, dtype=dtype)
+        self.grad = torch.zeros(P * N, device=device, dtype=dtype)
+        self.momentum = torch.zeros(P * N, device=device, dtype=dtype) if self.hyper.momentum else None
         with torch.no_grad():
             for i, model in enumerate(models):
                 for p, row, grad in zip(model.parameters(), self._rows(self.flat, i), self._rows(self.grad, i),
@@ -168,16 +169,21 @@ class BatchedPeers:
             opt.state[p]["momentum_buffer"] = row
 
     def _rows(self, flat: torch.Tensor | None, i: int) -> list[torch.Tensor | None]:
-        """Peer ``i``'s tensors: views into row ``i`` of ``flat`` (Nones where there is no such state)."""
+        """Peer ``i``'s tensors: its slice of every parameter's block in ``flat`` (Nones where there is no
+        such state)."""
         if flat is None:
             return [None] * len(self.slots)
-        base = flat.storage_offset() + i * flat.stride(0)
-        return [flat.as_strided(s.shape, s.stride, base + s.offset) for s in self.slots]
+        return [flat.as_strided(s.shape, s.stride, self.count * s.offset + i * s.shape.numel()) for s in self.slots]
 
     def _stacked(self, flat: torch.Tensor, s: _Slot) -> torch.Tensor:
         """One parameter of every peer, ``(P, *shape)``: what vmap maps over; a leaf of its own for autograd
-        (the peers' gradients accumulate into the rows of ``self.grad``)."""
-        return flat.detach().as_strided((flat.shape[0], *s.shape), (flat.stride(0), *s.stride), s.offset)
+        (the peers' gradients accumulate into ``self.grad``)."""
+        return flat.detach().as_strided((self.count, *s.shape), (s.shape.numel(), *s.stride), self.count * s.offset)
+
+    def _blocks(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Every parameter's block as ``(P, n)``: where a learning rate per peer is a column."""
+        return [flat[self.count * s.offset:self.count * (s.offset + s.shape.numel())].view(self.count, -1)
+                for s in self.slots]
 
     def _stack_buffers(self) -> dict[str, torch.Tensor]:
         stacked = {}
@@ -223,9 +229,7 @@ class BatchedPeers:
             losses = vmap(lambda z, t: F.cross_entropy(z, t, label_smoothing=label_smoothing))(logits, y)
             if extra_loss is not None:
                 losses = losses + extra_loss(logits)
-        with warnings.catch_warnings():  # the rows' gradients are strided like the rows, as they should be
-            warnings.filterwarnings("ignore", "grad and param do not obey the gradient layout contract")
-            losses.sum().backward()  # the peers share no parameter: each row of self.grad is its own loss's gradient
+        losses.sum().backward()  # the peers share no parameter: each block of self.grad holds their own gradients
         if before_update is not None:
             before_update()
         self._update()
@@ -250,9 +254,9 @@ class BatchedPeers:
         lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers]
         if len(set(lrs)) == 1:
             p.add_(d, alpha=-lrs[0])
-        else:  # train.dlr: a learning rate per peer
-            for row, lr in enumerate(lrs):
-                p[row].add_(d[row], alpha=-lr)
+        else:  # train.dlr: a learning rate per peer, a column over each parameter's block
+            column = torch.tensor(lrs, dtype=p.dtype, device=p.device).neg_().unsqueeze(1)
+            torch._foreach_addcmul_(self._blocks(p), self._blocks(d), [column] * len(self.slots))
 
 
 def cultivation_loss(everyone: Callable[[torch.Tensor], torch.Tensor], peers: Sequence[int], weight: float,
