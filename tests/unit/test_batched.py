@@ -111,8 +111,8 @@ def bn_l1(model: nn.Module) -> None:
 
 def test_the_models_are_the_batched_state():
     """Whatever changes a model in place between steps (a graft, a checkpoint load, new momentum tensors) is
-    what the next batched step trains; the models' gradients are filled in for a hook before the update, even after the loop's
-    zero_grad (which drops them); the optimizers hold the momentum a checkpoint reads."""
+    what the next batched step trains; the models' gradients are filled in for a hook before the update,
+    even after the loop's zero_grad (which drops them); the optimizers hold the momentum a checkpoint reads."""
     models, opts, alone, alone_opts = peers("digits_resnet", 2)
     batched = BatchedPeers(models, opts)
     for step in range(3):
