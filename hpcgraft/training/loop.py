@@ -33,6 +33,7 @@ from hpcgraft.storage.run import load_weights
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 from hpcgraft.storage.tbevents import require_tensorboard
 from hpcgraft.text import plural
+from hpcgraft.training.batched import BatchedPeers
 from hpcgraft.training.evaluation import TOP5_MIN_CLASSES, init_state, predict, topk_correct
 from hpcgraft.training.faults import fault_hook
 from hpcgraft.training.monitors import monitor_epoch
@@ -73,13 +74,15 @@ def run(config: str | None, overrides: list[str], run_dir: Path, restart: bool, 
     state = ps.first.model.state_dict()
     signature = grafting.plan_signature(grafting.plan_layers(state), state)
     agreed(comm, lambda: check_peers_agree(comm, cfg.flat(), signature))
+    if cfg.train.batched:  # before the exchange, which keeps the models' tensors: batching moves them
+        ps.batched = BatchedPeers([p.model for p in ps.peers], [p.optimizer for p in ps.peers])
     ps.exchange = make_exchange(ps.peers)
     if restart:  # only now that the job can run: a --restart refused for its data or model keeps the old run
         agreed(comm, lambda: start_over(run_dir), root_only=True)
     store = agreed(comm, lambda: RunStore(run_dir, cfg, world, extend=extend, from_step=from_step))
 
     t = cfg.train
-    per_rank = f" ({world.per_rank} per rank)" if world.per_rank > 1 else ""
+    per_rank = f" ({world.per_rank} per rank{', batched' if ps.batched else ''})" if world.per_rank > 1 else ""
     log(f"hpcgraft: {plural(world.peers, 'peer')}{per_rank} x {plural(world.replicas, 'replica')}, model "
         f"{cfg.model.name}, data {cfg.data.name} ({len(ps.first.train_loader)} steps/epoch), graft {cfg.graft.mode}"
         f"{'' if cfg.graft.mode == 'none' else f'/{cfg.graft.topology}/{cfg.graft.level}'}, "

@@ -22,6 +22,7 @@ from hpcgraft.comm.world import World
 from hpcgraft.config import Config
 from hpcgraft.method.cultivation import distillation_loss, mean_of_others
 from hpcgraft.models import dgconv
+from hpcgraft.training.batched import BatchedPeers, cultivation_loss
 from hpcgraft.training.monitors import bn_l1_step
 from hpcgraft.training.peer import Peer, Progress
 
@@ -37,6 +38,7 @@ class PeerSet:
     peers: list[Peer]
     exchange: PeerSetExchange | GraftExchange | None = None
     graft_rows: list[dict[str, Any]] = field(default_factory=list)  # rank 0: the rounds not yet logged
+    batched: BatchedPeers | None = None  # train.batched: the peers' models and optimizers stepped as one
 
     @property
     def first(self) -> Peer:
@@ -95,6 +97,8 @@ def take_steps(ps: PeerSet, batches: list[Batch]) -> list[tuple[torch.Tensor, to
     rank's peers step, and where an execution of all of them at once would take over. Returns each peer's
     (loss, logits, labels), detached."""
     inputs = [_to_device(p, x, y) for p, (x, y) in zip(ps.peers, batches, strict=True)]
+    if ps.batched is not None:
+        return _take_batched_steps(ps, inputs)
     if ps.logits is None:
         out = []
         for peer, (x, y) in zip(ps.peers, inputs, strict=True):
@@ -115,6 +119,34 @@ def take_steps(ps: PeerSet, batches: list[Batch]) -> list[tuple[torch.Tensor, to
         with peer.running():
             out.append(_finish(peer, x, z, y, target))
     return out
+
+
+def _take_batched_steps(ps: PeerSet, inputs: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`take_steps` as one vmapped step (``train.batched``). The models that batch draw no random
+    numbers in a step, so the peers' random streams need no switching here."""
+    cfg = ps.cfg
+    for peer in ps.peers:
+        lr = peer.schedule(peer.progress.step)
+        for group in peer.optimizer.param_groups:
+            group["lr"] = lr
+    extra = None
+    if ps.logits is not None:
+        def everyone(logits: torch.Tensor) -> torch.Tensor:
+            with ps.watchdog.guard("cultivation: Allgather of logits"):
+                return ps.logits.gather(logits)
+
+        extra = cultivation_loss(everyone, ps.indices, cfg.cultivate.lambda_, cfg.cultivate.temperature)
+    def before_update() -> None:
+        for peer in ps.peers:
+            bn_l1_step(peer.model, cfg)
+
+    xs, ys = [x for x, _ in inputs], [y for _, y in inputs]
+    losses, logits = ps.batched.step(xs, ys, label_smoothing=cfg.train.label_smoothing, amp=cfg.dist.amp,
+                                     extra_loss=extra, before_update=before_update)
+    for peer in ps.peers:
+        for hook in peer.after_step:
+            hook(peer.model)
+    return [(losses[i], logits[i], y) for i, y in enumerate(ys)]
 
 
 def _to_device(peer: Peer, x: torch.Tensor, y: torch.Tensor) -> Batch:

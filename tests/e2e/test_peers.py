@@ -91,3 +91,30 @@ def test_allreduce_cultivation_and_monitors_sum_in_peer_order(tmp_path):
     _assert_same_run(one, two)
     ensemble = [r for r in jsonl(one / "metrics.jsonl") if r["peer"] is None]
     assert ensemble and len(ensemble[0]["eb_peer_dist"]) == 4
+
+
+def test_batched_peers_train_as_the_sequential_ones(tmp_path):
+    """train.batched=true through the training command: the rank's peers in one vmapped step, with grafts and
+    cultivation, give the sequential run's metrics and weights to float tolerance (not bitwise: grouped
+    convolutions sum in another order)."""
+    both = ("graft.peers=2", "train.epochs=1", "data.batch_size=128", "graft.interval_steps=4", "cultivate.lambda=1",
+            "graft.topology=allreduce", "log.progress=off", "dist.threads=1")
+    sequential, batched = tmp_path / "sequential", tmp_path / "batched"
+    assert _train(1, sequential, *both) == 0
+    proc = train(1, batched, *both, "train.batched=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 peers (2 per rank, batched)" in proc.stdout + proc.stderr
+    for name in ("metrics.jsonl", "graft.jsonl"):
+        want, got = _rows(sequential, name), _rows(batched, name)
+        assert [sorted(r) for r in got] == [sorted(r) for r in want]
+        for w, g in zip(want, got, strict=True):
+            for key, value in w.items():
+                if isinstance(value, float):
+                    assert g[key] == pytest.approx(value, rel=1e-4, abs=1e-4), (name, key)
+                elif key not in ("alpha", "alphas"):
+                    assert g[key] == value, (name, key)
+    sa, sb = _final_state(sequential), _final_state(batched)
+    assert sa.keys() == sb.keys()
+    for key in sa:  # weights agree to ~1e-4 of their scale, momentum (a sum of gradients) to ~1e-2
+        if sa[key].dtype.kind == "f" and sa[key].size:
+            assert np.abs(sb[key] - sa[key]).max() <= 0.03 * np.abs(sa[key]).max() + 1e-6, key
