@@ -93,9 +93,8 @@ def autocast(peer: Peer, x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def take_steps(ps: PeerSet, batches: list[Batch]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One optimizer step of every hosted peer on its batch, one peer after another: the one place where the
-    rank's peers step, and where an execution of all of them at once would take over. Returns each peer's
-    (loss, logits, labels), detached."""
+    """One optimizer step of every hosted peer on its batch: the one place where the rank's peers step, one
+    after another, or all at once with ``train.batched``. Returns each peer's (loss, logits, labels), detached."""
     inputs = [_to_device(p, x, y) for p, (x, y) in zip(ps.peers, batches, strict=True)]
     if ps.batched is not None:
         return _take_batched_steps(ps, inputs)
