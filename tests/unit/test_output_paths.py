@@ -62,7 +62,7 @@ def test_the_rule(tmp_path):
 
 # ------------------------------------------------------------------------------------------ every command
 def test_evaluate_json_a_directory_or_under_a_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "evaluate", _work)
+    monkeypatch.setattr(evaluate, "evaluate_saved", _work)
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("")
     code = evaluate.main([str(tmp_path), "--json", str(tmp_path / "dir")])
@@ -73,7 +73,7 @@ def test_evaluate_json_a_directory_or_under_a_file(tmp_path, monkeypatch, capsys
 
 def test_evaluate_json_in_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
     record = {"source": "run", "model": "m", "data": "d", "images": 1, "classes": 2, "table": "top-1 ..."}
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: dict(record))
+    monkeypatch.setattr(evaluate, "evaluate_saved", lambda *a, **k: dict(record))
     out = tmp_path / "new" / "deeper" / "r.json"
     assert evaluate.main([str(tmp_path), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["model"] == "m"
