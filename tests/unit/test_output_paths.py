@@ -19,6 +19,7 @@ from hpcgraft.launch import arms
 from hpcgraft.report import SWEEP_FILE
 from hpcgraft.storage import run as run_reader
 from hpcgraft.storage.outputs import check_output_dir, check_output_file
+from hpcgraft.training import offline
 from tests._util import train
 
 
@@ -111,7 +112,7 @@ def test_sweep_run_directory_an_existing_file(tmp_path, monkeypatch, capsys):
 
 
 def test_graft_out_and_report_a_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(graft, "model_weights", _work)
+    monkeypatch.setattr(offline, "model_weights", _work)
     (tmp_path / "dir").mkdir()
     for flag in ("--out", "--report"):
         argv = ["a.pt", "b.pt", "--out", str(tmp_path / "g.pt"), flag, str(tmp_path / "dir")]
