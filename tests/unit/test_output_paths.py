@@ -19,7 +19,7 @@ from hpcgraft.launch import arms
 from hpcgraft.report import SWEEP_FILE
 from hpcgraft.storage import run as run_reader
 from hpcgraft.storage.outputs import check_output_dir, check_output_file
-from hpcgraft.training import offline
+from hpcgraft.training import finetune, offline
 from tests._util import train
 
 
@@ -81,14 +81,14 @@ def test_evaluate_json_in_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
 
 
 def test_prune_out_an_existing_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prune, "read_config", _work)
+    monkeypatch.setattr(finetune, "read_config", _work)
     (tmp_path / "out").write_text("")
     code = prune.main([str(tmp_path), "--criterion", "l1", "--keep", "0.5", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'out'} is an existing file, not a directory")
 
 
 def test_prune_out_holding_a_directory_where_prune_json_goes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prune, "read_config", _work)
+    monkeypatch.setattr(finetune, "read_config", _work)
     (tmp_path / "out" / "prune.json").mkdir(parents=True)
     code = prune.main([str(tmp_path), "--criterion", "l1", "--keep", "0.5", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, "prune.json is a directory")
