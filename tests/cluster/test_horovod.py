@@ -105,6 +105,7 @@ def _rank_pids(run: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # Horovod beyond its smoke test (the replicas test above)
 @pytest.mark.mpi
 @pytest.mark.horovod
 @needs_horovod
@@ -147,6 +148,7 @@ def test_stop_and_resume_with_replicas_continues_the_same_run(hybrid_run, tmp_pa
                 assert torch.equal(resumed[k], t), k
 
 
+@pytest.mark.slow  # Horovod beyond its smoke test (the replicas test above)
 @pytest.mark.mpi
 @pytest.mark.horovod
 @needs_horovod

@@ -7,7 +7,7 @@ import pytest
 
 from tests._util import ROOT, env
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]  # CI's make test-all keeps the script from rotting
 
 
 def test_gpu_check_dry_run_passes_every_item(tmp_path):

@@ -75,6 +75,7 @@ def test_older_module_paths_are_the_commands():
         assert importlib.import_module(f"hpcgraft.{old}") is importlib.import_module(f"hpcgraft.cli.{new}"), old
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_python_dash_m_of_every_older_path_runs_its_command():
     """`python -m hpcgraft.<old>`, `python -m hpcgraft.slurm` and `python -m hpcgraft <command>` run the
     commands (one interpreter runs them all as __main__, as -m does)."""

@@ -143,6 +143,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.process  # a fresh interpreter
 def test_importing_any_module_starts_no_mpi():
     r = _python("import importlib, sys\n"
                 f"for name in {sorted(modules())!r}:\n"
@@ -152,6 +153,7 @@ def test_importing_any_module_starts_no_mpi():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.process  # a fresh interpreter
 def test_offline_commands_start_no_mpi(tmp_path):
     """graft, analyze, report, evaluate and checkpoint inspect/export on a checkpoint written by a real run
     (tests/data/run-before-relayout): they work, and mpi4py.MPI is never imported in their process."""

@@ -89,6 +89,7 @@ def test_scripts_are_written_out_pointing_at_this_python(tmp_path, capsys):
     assert write_main([str(out), "--force"]) == 0
 
 
+@pytest.mark.process  # runs the written-out sbatch script
 def test_written_out_script_finds_its_helpers_and_checks_before_sbatch(tmp_path):
     """Outside the checkout, from another directory: the script sources its common.sh and, with no SLURM
     here (PATH without sbatch), says so in one line instead of failing on a missing file."""
