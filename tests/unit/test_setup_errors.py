@@ -173,11 +173,14 @@ def test_an_unusable_out_is_refused_before_the_data_is_loaded(capsys, tmp_path, 
     assert "Traceback" not in err
 
 
-def test_overrides_may_follow_out(capsys, tmp_path, stop_signals_kept):
+def test_overrides_may_follow_out(capsys, tmp_path):
+    """Parsed as a run parses them; the resolved config shown by --print-config, which trains nothing."""
     rc = train.main(["--config", str(ROOT / "configs/digits.yaml"), "train.epochs=1", "--out", str(tmp_path / "run"),
-                     "graft.mode=none", "log.progress=off"])
-    assert rc == 0, capsys.readouterr().err
-    saved = load_config(tmp_path / "run" / "config.yaml")
+                     "graft.mode=none", "log.progress=off", "--print-config"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    (tmp_path / "resolved.yaml").write_text(out)
+    saved = load_config(tmp_path / "resolved.yaml")
     assert (saved.train.epochs, saved.graft.mode) == (1, "none")
 
 
