@@ -58,18 +58,24 @@ def _train(ranks: int, out: Path, *overrides: str, inject: str | None = None) ->
 
 @pytest.fixture(scope="module")
 def ring_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """K=4 uninterrupted on 2 and 1 ranks; and one run moved 4 ranks -> 2 -> 1 -> 4 by stops mid-epoch (4 ranks
-    on 2 cores are slow: they train only in the moved run, whose every step must match the others')."""
+    """K=4 uninterrupted on 2 and 1 ranks."""
     root = tmp_path_factory.mktemp("peers")
     runs = {}
     for ranks in (2, 1):
         runs[f"np{ranks}"] = root / f"np{ranks}" / "run"
         assert _train(ranks, runs[f"np{ranks}"], *RING) == 0
-    moved = runs["moved"] = root / "moved" / "run"
+    return runs
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run moved 4 ranks -> 2 -> 1 -> 4 by stops mid-epoch (4 ranks on 2 cores are slow: they train only in
+    the moved run, whose every step must match the uninterrupted ones')."""
+    moved = tmp_path_factory.mktemp("peers") / "moved" / "run"
     for ranks, stop in ((4, "0:3:usr1"), (2, "1:9:usr1"), (1, "0:15:usr1")):
         assert _train(ranks, moved, *RING, inject=stop) == 75
     assert _train(4, moved, *RING) == 0
-    return runs
+    return moved
 
 
 def test_k_peers_give_the_same_bits_on_4_2_and_1_ranks(ring_runs):
@@ -80,8 +86,9 @@ def test_k_peers_give_the_same_bits_on_4_2_and_1_ranks(ring_runs):
     _assert_same_run(ring_runs["np2"], ring_runs["np1"])
 
 
-def test_a_run_resumed_on_other_rank_counts_is_the_uninterrupted_one(ring_runs):
-    _assert_same_run(ring_runs["np1"], ring_runs["moved"])
+@pytest.mark.slow  # the resume matrix: four trainings, two of 4 ranks on 2 cores
+def test_a_run_resumed_on_other_rank_counts_is_the_uninterrupted_one(ring_runs, moved_run):
+    _assert_same_run(ring_runs["np1"], moved_run)
 
 
 def test_allreduce_cultivation_and_monitors_sum_in_peer_order(tmp_path):
