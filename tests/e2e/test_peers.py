@@ -86,6 +86,14 @@ def test_k_peers_give_the_same_bits_on_4_2_and_1_ranks(ring_runs):
     _assert_same_run(ring_runs["np2"], ring_runs["np1"])
 
 
+def test_a_run_stopped_on_2_ranks_resumes_on_1_as_the_uninterrupted_one(ring_runs, tmp_path):
+    """The layout change of make test; the slow tier moves a run across four layouts below."""
+    out = tmp_path / "run"
+    assert _train(2, out, *RING, inject="1:9:usr1") == 75
+    assert _train(1, out, *RING) == 0
+    _assert_same_run(ring_runs["np1"], out)
+
+
 @pytest.mark.slow  # the resume matrix: four trainings, two of 4 ranks on 2 cores
 def test_a_run_resumed_on_other_rank_counts_is_the_uninterrupted_one(ring_runs, moved_run):
     _assert_same_run(ring_runs["np1"], moved_run)
