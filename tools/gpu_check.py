@@ -7,7 +7,8 @@
 Items, each PASS or FAIL with its figures, in a summary at the end (and in OUT/gpu_check.txt):
 
 1. env       versions of torch, CUDA, cuDNN, the GPU, MPI, and that every dependency imports
-2. unit      tests/unit/test_device.py on the device (kernels, pinned staging, RNG state, autocast, channels-last)
+2. unit      tests/unit/training/test_device.py on the device (kernels, pinned staging, RNG state, autocast,
+             channels-last)
 3. graft     2 ranks on the one GPU train a digits epoch with cultivation, AMP and channels-last, then
              graft (layer and filter level): the grafted weights against the offline ``graft_state`` of
              the pre-graft states, on the device (must agree) and on the CPU (how far the GPU is)
@@ -143,7 +144,7 @@ def check_env(c: Check) -> tuple[bool, list[str]]:
 
 
 def check_unit(c: Check) -> tuple[bool, list[str]]:
-    cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/test_device.py"]
+    cmd = [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit/training/test_device.py"]
     if c.fast:  # the whole file runs in the test suite anyway; the dry run checks that this item works
         cmd += ["-k", "packed or checkpoint_state"]
     p = c.run("unit", cmd, 300)

@@ -163,7 +163,7 @@ def test_sharded_graft_is_the_unsharded_graft():
 @needs_horovod
 def test_channels_last_with_replicas_is_one_line():
     """Decided before any MPI work: checked in process, with the real Horovod. (The other layout errors
-    are in tests/unit/test_setup_errors.py.)"""
+    are in tests/unit/cli/test_setup_errors.py.)"""
     from hpcgraft.comm.replicas import require_horovod
     from hpcgraft.config import load_config
     from hpcgraft.errors import ConfigError

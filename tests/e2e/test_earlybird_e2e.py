@@ -38,7 +38,7 @@ def test_monitor_fields_in_metrics(e2e_run, name, kind, window):
         assert all(r["eb_peer_dist_mean"] > 0 for r in rows if r["peer"] is None)
 
 
-@pytest.mark.slow  # the resume matrix: the monitors' state round trip is in tests/unit/test_earlybird.py
+@pytest.mark.slow  # the resume matrix: the monitors' state round trip is in tests/unit/method/test_earlybird.py
 @pytest.mark.parametrize("name", ["eb_bn", "eb_spline"])
 def test_resumed_monitor_reports_as_uninterrupted(e2e_run, tmp_path, name):
     stopped = e2e_run(f"{name}_stopped").copy(tmp_path / "run")

@@ -203,7 +203,7 @@ def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path
     resume_and_compare(out, reference(GRAFTING), GRAFTING, state["step"])
 
 
-@pytest.mark.slow  # the resume matrix; damaged checkpoints: tests/unit/test_checkpoint.py
+@pytest.mark.slow  # the resume matrix; damaged checkpoints: tests/unit/storage/test_checkpoint.py
 def test_baseline_stopped_mid_epoch_resumes_exactly_also_from_a_damaged_checkpoint(tmp_path, reference, e2e_run,
                                                                                  capsys, stop_signals_kept):
     """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (2 peers; 3 peers resume in

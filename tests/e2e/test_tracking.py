@@ -89,7 +89,7 @@ def test_tensorboard_without_the_package_is_one_line_before_the_run_starts(tmp_p
 @pytest.mark.mpi
 def test_train_with_a_file_where_tensorboard_goes_stops_before_training(tmp_path):
     """Under mpirun: the check is rank 0's and agreed, so every rank stops at once (the check itself, for every
-    command: tests/unit/test_output_paths.py)."""
+    command: tests/unit/storage/test_output_paths.py)."""
     out = tmp_path / "run"
     out.mkdir()
     (out / ".hpcgraft-run").touch()  # a run directory of hpcgraft's, with a file where its event files go
