@@ -1,12 +1,15 @@
 """The package's architecture, checked: no import cycles, each layer importing only the layers below it,
-and no MPI started by importing anything or by running the offline commands."""
+no MPI started by importing anything or by running the offline commands, and the unit tests in the folders
+of the layers they test."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -177,3 +180,29 @@ print("ok")
 """
     r = _python(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def _mirror() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("mirror_tests", ROOT / "tools" / "mirror_tests.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unit_tests_mirror_the_package():
+    """tests/unit/<layer>/test_x.py imports hpcgraft/<layer>/ (the layer it exercises); only the tests of a
+    top-level module or of the package as a whole sit in tests/unit/ itself (tools/mirror_tests.py ROOT)."""
+    mirror = _mirror()
+    unit = ROOT / "tests" / "unit"
+    bad = [f"{name}: run tools/mirror_tests.py (add it to MAPPING or ROOT)" for name in mirror.unplaced()]
+    for path in sorted(unit.rglob("*.py")):
+        folder = path.parent.relative_to(unit).as_posix()
+        if folder == ".":
+            continue
+        if folder not in mirror.layers():
+            bad.append(f"{path.relative_to(ROOT)}: {folder} is not a folder of hpcgraft/")
+        elif path.name.startswith("test_") and not mirror.imported_layers(path)[folder]:
+            bad.append(f"{path.relative_to(ROOT)} imports nothing of hpcgraft/{folder}/")
+        elif not (path.parent / "__init__.py").exists():
+            bad.append(f"{path.parent.relative_to(ROOT)} has no __init__.py")
+    assert not bad, "\n".join(bad)
