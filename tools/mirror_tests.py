@@ -60,9 +60,10 @@ MAPPING = {
     "test_tbevents.py": "storage",
 }
 # Files that stay in tests/unit/: a top-level module (config, its YAML and --print-config), the package as a
-# whole (layout, docs, install), the tools, the fast tier's own rule (conftest.py).
+# whole (layout, docs, install), the tools, the suite's own machinery (conftest.py: the
+# fast tier's rule, the runs made ahead).
 ROOT = {"conftest.py", "__init__.py", "test_config.py", "test_docs.py", "test_fast_tier.py", "test_install.py",
-        "test_layout.py", "test_print_config.py", "test_study_prune.py", "test_yaml_aliases.py"}
+        "test_layout.py", "test_print_config.py", "test_runs_ahead.py", "test_study_prune.py", "test_yaml_aliases.py"}
 # The package's old top-level module paths that forward to a command (hpcgraft.train -> hpcgraft.cli.train).
 FORWARDERS = {"train", "evaluate", "prune", "analyze", "graft", "checkpoint", "report", "sweep", "launch"}
 TEXT = (".py", ".md", ".sh", ".toml", ".yaml", ".txt", "Makefile", "run")  # files whose paths are rewritten
