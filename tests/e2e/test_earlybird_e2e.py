@@ -17,7 +17,10 @@ def monitor_records(rows: list[dict]) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in rows]
 
 
-@pytest.mark.parametrize(("name", "kind", "window"), [("eb_bn", "bn", 3), ("eb_spline", "spline", 3)])
+@pytest.mark.parametrize(("name", "kind", "window"), [
+    ("eb_bn", "bn", 3),
+    # the spline monitor's numbers: tests/unit/method/test_earlybird.py; its 4-epoch run only in make test-all
+    pytest.param("eb_spline", "spline", 3, marks=pytest.mark.slow)])
 def test_monitor_fields_in_metrics(e2e_run, name, kind, window):
     rows = e2e_run(name).metrics()
     peers = [r for r in rows if r["peer"] is not None]
