@@ -46,6 +46,8 @@ MAPPING = {
     "test_method_math.py": "method",
     "test_models.py": "models",
     "test_output_paths.py": "storage",
+    "test_peer_streams.py": "training",
+    "test_peerset.py": "comm",
     "test_precise_bn.py": "training",
     "test_progress.py": "training",
     "test_pruning.py": "method",
