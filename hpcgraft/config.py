@@ -72,6 +72,7 @@ class GraftConfig:
     round_alpha: bool = False  # the authors' code rounds alpha to 2 decimals
     reference: str = "paper"  # paper (the method) | authors (the authors' code's arithmetic, hpcgraft.method.authors)
     on_nonfinite: str = "skip"  # skip | stop: what a peer holding NaN/Inf weights does to the run
+    peers: int | None = None  # K peers, shared by the ranks (P = K / groups each); None: one per rank group
 
 
 @dataclass
@@ -381,6 +382,7 @@ def validate(cfg: Config) -> None:
         conflict = authors_reference_conflict(mode=g.mode, topology=g.topology, level=g.level)
         _check(conflict is None, conflict or "")
     _choice("graft.on_nonfinite", g.on_nonfinite, ("skip", "stop"))
+    _check(g.peers is None or g.peers >= 1, f"graft.peers={g.peers} must be >= 1, or left unset for one peer per rank")
     _choice("model.init", cfg.model.init, ("kaiming", "pytorch"))
     _choice("model.dgconv_init", cfg.model.dgconv_init, ("random", "depthwise"))
     _check(cfg.model.dgconv_budget is None or (cfg.model.dgconv and cfg.model.dgconv_budget > 0),

@@ -224,6 +224,13 @@ def all_finite(tensors: Sequence[torch.Tensor]) -> bool:
     return bool(torch.isfinite(torch.cat(ends)).all()) if ends else True
 
 
+def unflatten_entropies(flat: torch.Tensor, plan: Sequence[LayerGroup], level: str) -> list[torch.Tensor]:
+    """A peer's entropies as they travel (one flat float64 vector) back into one tensor per layer group."""
+    sizes = [1 if level == "layer" or not g.per_filter else g.filters for g in plan]
+    parts = flat.split(sizes)
+    return [p.reshape(()) if level == "layer" or not g.per_filter else p for p, g in zip(parts, plan, strict=True)]
+
+
 class GraftExchange:
     """Grafting rounds between the peers of ``comm`` (rank = peer index) for one model's state.
 
@@ -343,10 +350,7 @@ class GraftExchange:
         return self.math.entropies(view, self.plan)
 
     def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [1 if self.level == "layer" or not g.per_filter else g.filters for g in self.plan]
-        parts = flat.split(sizes)
-        return [p.reshape(()) if self.level == "layer" or not g.per_filter else p
-                for p, g in zip(parts, self.plan, strict=True)]
+        return unflatten_entropies(flat, self.plan, self.level)
 
     def _nonfinite(self, bad: tuple[int, ...], why: str) -> RoundResult:
         return RoundResult(None, skipped_reason=why, nonfinite_peers=bad)

@@ -1,8 +1,10 @@
 """The MPI world of a run, its peer/replica layout, and agreement between ranks.
 
-Layout: with R replicas per peer, peer p owns world ranks p*R .. p*R+R-1 (replica = rank % R).
-``graft_comm`` joins the ranks of one replica index across peers (its rank is the peer index: the ring
-lives there); ``peer_comm`` joins the replicas of one peer (data parallelism lives there).
+Layout: K peers (``graft.peers``; default: ranks / R) on ranks / R groups of R replicas each. Group g is
+world ranks g*R .. g*R+R-1 (replica = rank % R) and hosts the P = K / groups peers g*P .. g*P+P-1, a
+contiguous block, so that ring neighbours are on the same rank except at a block's edges. ``graft_comm``
+joins the ranks of one replica index across groups (its rank is the group index: the ring between ranks
+lives there); ``peer_comm`` joins the replicas of one group (data parallelism lives there).
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ class World:
     replicas: int
     graft_comm: MPI.Comm
     peer_comm: MPI.Comm
+    hosted: int = 1  # P: the peers this rank hosts, ``peer`` the first of them (a peer's own view: itself)
+
+    @property
+    def first_peer(self) -> int:
+        """The first of the rank's block of peers (the group index times P)."""
+        return self.graft_comm.Get_rank() * self.hosted
+
+    @property
+    def peer_ids(self) -> list[int]:
+        """The global indices of the peers this rank hosts, in order."""
+        return list(range(self.first_peer, self.first_peer + self.hosted))
 
     @property
     def is_root(self) -> bool:
@@ -58,8 +71,34 @@ def start_ranks(count: str) -> str:
     return f"mpirun -np {count}"
 
 
-def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
-    """Form the peers x replicas layout over ``comm`` (default: the MPI world)."""
+def fitting_rank_counts(peers: int, replicas: int = 1) -> list[int]:
+    """The rank counts a run of ``peers`` peers of ``replicas`` ranks each can start on."""
+    return [d * replicas for d in range(1, peers + 1) if peers % d == 0 and (replicas == 1 or d == peers)]
+
+
+def check_peer_layout(size: int, replicas: int, peers: int | None) -> int:
+    """The peers each group of ``replicas`` ranks hosts (P), or a one-line error for a layout that cannot be."""
+    groups = size // replicas
+    if peers is None:
+        return 1
+    fits = ", ".join(map(str, fitting_rank_counts(peers, replicas)))
+    if peers % groups:
+        raise LayoutError(f"graft.peers={peers} peers cannot be shared evenly by {plural(size, 'rank')}"
+                          f"{f' (groups of dist.replicas={replicas})' if replicas > 1 else ''}; start one of "
+                          f"{fits} ranks ({start_ranks('N')}) or set graft.peers to a multiple of {groups}")
+    hosted = peers // groups
+    if hosted > 1 and replicas > 1:
+        # Horovod averages one model's gradients over a process set: several peers per set would need a
+        # set per peer and step, which Horovod cannot form after start-up.
+        raise LayoutError(f"graft.peers={peers} on {plural(size, 'rank')} with dist.replicas={replicas} puts "
+                          f"{hosted} peers on each replica group, and replicas train one peer each; start "
+                          f"{start_ranks(str(peers * replicas))} or set dist.replicas=1")
+    return hosted
+
+
+def init_world(replicas: int = 1, comm: MPI.Comm | None = None, peers: int | None = None) -> World:
+    """Form the peers x replicas layout over ``comm`` (default: the MPI world); ``peers``: K (default: one
+    per group of ``replicas`` ranks)."""
     MPI = mpi()
     comm = comm or MPI.COMM_WORLD
     size, rank = comm.Get_size(), comm.Get_rank()
@@ -68,14 +107,16 @@ def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
             f"{plural(size, 'rank')} cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
             f"{replicas} ranks ({start_ranks(str(replicas * max(2, size // replicas)))}) or change dist.replicas"
         )
+    hosted = check_peer_layout(size, replicas, peers)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
-    peer, replica = divmod(rank, replicas)
+    group, replica = divmod(rank, replicas)
     return World(
         comm=comm, rank=rank, size=size, local_rank=local_rank, local_size=local_size,
-        peer=peer, peers=size // replicas, replica=replica, replicas=replicas,
-        graft_comm=comm.Split(color=replica, key=peer), peer_comm=comm.Split(color=peer, key=replica),
+        peer=group * hosted, peers=size // replicas * hosted, replica=replica, replicas=replicas,
+        graft_comm=comm.Split(color=replica, key=group), peer_comm=comm.Split(color=group, key=replica),
+        hosted=hosted,
     )
 
 
@@ -146,9 +187,11 @@ def torch_threads(local_size: int) -> int:
     return max(1, cores // max(1, local_size))
 
 
-def gather_peers(world: World, obj: T) -> list[T] | None:
-    """One object per peer, in peer order, on rank 0 (None elsewhere). Only each peer's replica 0 sends:
-    the replicas of a peer hold the same state."""
+def gather_peers(world: World, objs: list[T]) -> list[T] | None:
+    """One object per peer (``objs``: the rank's peers', in order), in peer order, on rank 0 (None elsewhere).
+    Only each peer's replica 0 sends: the replicas of a peer hold the same state."""
     if not world.is_peer_lead:
         return None
-    return world.graft_comm.gather(obj, root=0)
+    parts = world.graft_comm.gather(list(objs), root=0)
+    return None if parts is None else [obj for part in parts for obj in part]
+

@@ -21,7 +21,7 @@ import operator
 import shutil
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,17 +125,20 @@ def _free_bytes(path: Path) -> int | None:
 class CheckpointManager:
     """Collective save/resume of a run's checkpoints; see the module docstring for the layout."""
 
-    def __init__(self, run_dir: str | Path, comm: MPI.Comm, *, peer: int, peers: int, writer: bool,
+    def __init__(self, run_dir: str | Path, comm: MPI.Comm, *, peer: int | Sequence[int], peers: int, writer: bool,
                  keep: int = 2, keep_best: bool = True, interval: int = 1) -> None:
+        """``peer``: the peer (or the block of peers, in order) this rank hosts; ``peers``: K, of the run."""
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep must be at least 1, got {keep}")
-        if not 0 <= peer < peers:
-            raise CheckpointError(f"peer {peer} is outside 0..{peers - 1}")
+        hosted = (peer,) if isinstance(peer, int) else tuple(peer)
+        if not hosted or not all(0 <= p < peers for p in hosted):
+            raise CheckpointError(f"peers {list(hosted)} are not within 0..{peers - 1}")
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.comm = comm
         self.rank = comm.Get_rank()
-        self.peer, self.peers, self.writer = peer, peers, writer
+        self.hosted, self.peers, self.writer = hosted, peers, writer
+        self.peer = hosted[0]
         self.keep, self.keep_best, self.interval = keep, keep_best, interval
         self._verified: set[tuple[int, int, int, int]] = set()  # files this rank checked in latest()
 
@@ -147,23 +150,30 @@ class CheckpointManager:
 
     def save(self, step: int, epoch: int, peer_tree: Tree, run_tree: Tree | None, *,
              metric: float | None = None) -> CheckpointInfo:
-        """COLLECTIVE: write this step's checkpoint; raises CheckpointError on every rank if any rank failed
-        (:class:`CheckpointSpaceError` when the file system is too full for it)."""
+        """COLLECTIVE: write this step's checkpoint of the rank's one peer (see :meth:`save_peers`)."""
+        return self.save_peers(step, epoch, [peer_tree], run_tree, metrics=[metric])
+
+    def save_peers(self, step: int, epoch: int, peer_trees: Sequence[Tree], run_tree: Tree | None, *,
+                   metrics: Sequence[float | None] | None = None) -> CheckpointInfo:
+        """COLLECTIVE: write this step's checkpoint, a tree (and metric) per hosted peer in order; raises
+        CheckpointError on every rank if any rank failed (:class:`CheckpointSpaceError` when the file system
+        is too full for it)."""
         step, epoch = operator.index(step), operator.index(epoch)  # the same on all ranks: no one waits alone
         ckpt_dir = self.root / step_dir_name(step)
         meta = {"format": FORMAT, "step": step, "epoch": epoch, "peers": self.peers}
-        score = _finite(metric) if self.writer else None
+        metrics = list(metrics) if metrics is not None else [None] * len(self.hosted)
+        scores = {p: _finite(m) for p, m in zip(self.hosted, metrics, strict=True)} if self.writer else {}
         images: dict[str, bytes] = {}
         failure = None
         try:
-            if self.writer:
-                images[peer_file(self.peer)] = h5_image(peer_tree, {**meta, "peer": self.peer, "metric": score})
+            for p, tree in zip(self.hosted, peer_trees, strict=True) if self.writer else ():
+                images[peer_file(p)] = h5_image(tree, {**meta, "peer": p, "metric": scores[p]})
             if self.rank == 0:
                 images[RUN_FILE] = h5_image(run_tree or {}, meta)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = f"rank {self.rank} could not write {ckpt_dir.name}: {one_line(exc)}"
         free = _free_bytes(self.run_dir) if self.rank == 0 else None
-        layout = self.comm.allgather((step, epoch, self.peer, self.peers, self.writer, failure,
+        layout = self.comm.allgather((step, epoch, self.hosted, self.peers, self.writer, failure,
                                       sum(len(b) for b in images.values()), free))
         space = self._check_layout(layout)
         if space.free is not None and space.needed > space.free:  # nothing written: the last checkpoint stays
@@ -184,7 +194,7 @@ class CheckpointManager:
             failure = f"rank {self.rank} could not write {ckpt_dir.name}: {one_line(exc)}"
             full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
         images.clear()
-        reports = self.comm.gather((failure, full, files, self.peer if self.writer else None, score), root=0)
+        reports = self.comm.gather((failure, full, files, scores), root=0)
 
         outcome = None
         if self.rank == 0:
@@ -220,7 +230,7 @@ class CheckpointManager:
             if (s, e, k) != (step, epoch, peers):
                 raise CheckpointError(f"save() called with step {s}, epoch {e}, peers {k} on rank {rank} but step "
                                       f"{step}, epoch {epoch}, peers {peers} on rank 0; every rank must save together")
-        writers = sorted(p for _, _, p, _, w, _, _, _ in layout if w)
+        writers = sorted(p for _, _, hosted, _, w, _, _, _ in layout if w for p in hosted)
         if writers != list(range(peers)):
             raise CheckpointError(f"checkpoint writers cover peers {writers}, expected exactly one writer for each of "
                                   f"0..{peers - 1} (replica 0 of every peer)")
@@ -239,9 +249,9 @@ class CheckpointManager:
             return _FULL if any(full for _, full, *_ in reports) else "; ".join(failures)
         files: dict[str, Any] = {}
         metrics: list[float | None] = [None] * self.peers
-        for _, _, written, peer, metric in reports:
+        for _, _, written, scores in reports:
             files.update(written)
-            if peer is not None:
+            for peer, metric in scores.items():
                 metrics[peer] = metric
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "step": step, "epoch": epoch, "peers": self.peers,
@@ -292,8 +302,8 @@ class CheckpointManager:
         The files are checked in parallel, each peer file by the rank that writes (and will load) it,
         run.h5 by rank 0, so that load_peer right after need not read the file a second time.
         """
-        writer_of = {p: r for r, p in enumerate(self.comm.allgather(self.peer if self.writer else None))
-                     if p is not None}
+        writer_of = {p: r for r, hosted in enumerate(self.comm.allgather(self.hosted if self.writer else ()))
+                     for p in hosted}
         size = self.comm.Get_size()
 
         def checker(index: int, name: str) -> int:

@@ -3,8 +3,10 @@ checkpoint holds it (:meth:`Peer.state_dict` / :meth:`Peer.load_state_dict`)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,23 +70,31 @@ class Peer:
     # Called with the model after every optimizer step (the pruning command re-applies its masks there).
     after_step: list[Callable[[nn.Module], None]] = field(default_factory=list)
 
+    # The peer's own random streams (torch, numpy, python, CUDA) while another peer of the rank runs; None
+    # while the process-global generators are its own (a rank with one peer: nothing to swap).
+    rng: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def streams(self) -> Iterator[None]:
+        """The peer's random streams as the process's for the duration (dropout, anything drawing from the
+        global generators): a peer draws the same numbers whichever rank, and whichever neighbours, it has."""
+        if self.rng is None:
+            yield
+            return
+        restore_rng(self.rng, self.device)
+        try:
+            yield
+        finally:
+            self.rng = capture_rng(self.device)
+
     def state_dict(self) -> dict[str, Any]:
         """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of
-        every peer-NNN.h5; changing it breaks resuming older runs)."""
+        every peer-NNN.h5; changing it breaks resuming older runs). The RNG states are the peer's own, not
+        the hosting rank's."""
         names = {p: n for n, p in self.model.named_parameters()}
         momentum = {names[p]: s["momentum_buffer"] for p, s in self.optimizer.state.items()
                     if s.get("momentum_buffer") is not None}
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        rng: dict[str, Any] = {
-            "torch": torch.get_rng_state(),
-            "numpy": {"keys": np_state[1], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                      "cached_gaussian": float(np_state[4])},
-            "python": {"state": np.array(py_state[1], dtype=np.int64), "version": py_state[0],
-                       "gauss": py_state[2]},
-        }
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = self.rng if self.rng is not None else capture_rng(self.device)
         return {"model": self.model.state_dict(), "optimizer": {"momentum": momentum},
                 "progress": vars(self.progress).copy(), "rng": rng,
                 **({"monitor": self.monitor.state_dict()} if self.monitor is not None else {})}
@@ -95,17 +105,39 @@ class Peer:
         for name, buf in state["optimizer"]["momentum"].items():
             self.optimizer.state[params[name]]["momentum_buffer"] = buf.to(self.device)
         self.progress = Progress(**state["progress"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        n = rng["numpy"]
-        np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
-                             n["cached_gaussian"]))
-        p = rng["python"]
-        random.setstate((p["version"], tuple(int(v) for v in np.asarray(p["state"])), p["gauss"]))
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.rng is None:
+            restore_rng(state["rng"], self.device)
+        else:
+            self.rng = state["rng"]
         if self.monitor is not None and "monitor" in state:
             self.monitor.load_state_dict(state["monitor"])
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """The process-global random states (as a checkpoint stores them)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": np_state[1], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                  "cached_gaussian": float(np_state[4])},
+        "python": {"state": np.array(py_state[1], dtype=np.int64), "version": py_state[0], "gauss": py_state[2]},
+    }
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def restore_rng(rng: dict[str, Any], device: torch.device) -> None:
+    """Make ``rng`` (from :func:`capture_rng` or a checkpoint) the process-global random states."""
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state(("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(int(v) for v in np.asarray(p["state"])), p["gauss"]))
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def select_device(pref: str, local_rank: int) -> torch.device:
@@ -126,17 +158,19 @@ def check_layout(cfg: Config, world: World) -> None:
 
 def check_peer_count(cfg: Config, peers: int, replicas: int = 1) -> None:
     """Grafting between peers and cultivation need at least 2 peers; one line saying how to start."""
+    # several peers share a rank only without replicas (one peer per replica group)
+    share = " or graft.peers=K (K >= 2 peers share the ranks)," if replicas == 1 else ""
     if cfg.graft.mode == "peers" and peers < 2:
         raise ConfigError(
             f"grafting between peers needs at least 2 peers but this run has {peers}; start it with "
-            f"{start_ranks('K (K >= 2' + (f' peers x dist.replicas={replicas}' if replicas > 1 else '') + ')')} "
-            "or set graft.mode=none"
+            f"{start_ranks('K (K >= 2' + (f' peers x dist.replicas={replicas}' if replicas > 1 else '') + ')')}"
+            f"{share} or set graft.mode=none"
         )
     if cfg.cultivate.lambda_ > 0 and peers < 2:
         # With no other peer the distillation target is a mean over nothing: NaN losses, silently.
         raise ConfigError(
             f"cultivation (cultivate.lambda={cfg.cultivate.lambda_:g}) distils between peers and needs at least 2 "
-            f"but this run has {peers}; start it with {start_ranks('K (K >= 2)')} or set cultivate.lambda=0"
+            f"but this run has {peers}; start it with {start_ranks('K (K >= 2)')}{share} or set cultivate.lambda=0"
         )
 
 
@@ -168,40 +202,52 @@ def check_model_fits_data(cfg: Config, model: nn.Module, data: ImageSet, device:
 
 
 def build_peer(cfg: Config, world: World) -> Peer:
+    """The peer ``world.peer`` alone (tools and commands that train one peer in a process)."""
+    return build_peers(cfg, dataclasses.replace(world, hosted=1))[0]
+
+
+def build_peers(cfg: Config, world: World) -> list[Peer]:
+    """The rank's peers (``world.peer_ids``), each built as if it were alone on its rank: seeded from (seed,
+    its global index), its own data order, optimizer and schedule, and its own random streams after."""
     device = select_device(cfg.dist.device, world.local_rank)
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.threads or torch_threads(world.local_size))
     train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
-    num_classes = cfg.model.num_classes or train_set.num_classes
-    seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, world.peer))
-    model = build_model(cfg, num_classes, device)
-    check_model_fits_data(cfg, model, test_set, device)
-    if cfg.dist.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay, nesterov=cfg.train.nesterov)
-    group = replica_group(world)
-    optimizer = group.wrap_optimizer(optimizer, model)
-    cultivating = cfg.cultivate.lambda_ > 0
-    # Peers draw their own data order, except while cultivating: distillation compares predictions
-    # on the same images.
-    stream = 0 if cultivating else world.peer
     pin = device.type == "cuda"
     if pin and cfg.data.workers == 0:  # in-memory sets build their batches on the GPU (workers cannot)
         for dataset in (train_set, test_set):
             if isinstance(dataset, InMemoryImages):
                 dataset.to(device)
         pin = False
-    train_loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed, stream=stream,
-                               replica=world.replica, replicas=world.replicas, augment=cfg.data.augment,
-                               workers=cfg.data.workers, pin_memory=pin,
-                               keep_last=cfg.data.reference == "authors")
-    test_loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False, replica=world.replica,
-                              replicas=world.replicas, workers=cfg.data.workers, pin_memory=pin)
-    schedule = LRSchedule(cfg.train, len(train_loader), world.peer, world.peers)
-    return Peer(cfg, world, device, model, optimizer, schedule, train_loader, test_loader, None,
-                PeerLogits(world.graft_comm) if cultivating else None, Watchdog(world.comm, cfg.dist.watchdog_s),
-                group, monitor=build_monitor(cfg, model, test_set, device))
+    cultivating = cfg.cultivate.lambda_ > 0
+    logits = PeerLogits(world.graft_comm) if cultivating else None  # the rank's, shared by its peers
+    watchdog = Watchdog(world.comm, cfg.dist.watchdog_s)
+    peers = []
+    for index in world.peer_ids:
+        view = dataclasses.replace(world, peer=index, hosted=1)  # the peer's own view of the run
+        seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, index))
+        model = build_model(cfg, cfg.model.num_classes or train_set.num_classes, device)
+        check_model_fits_data(cfg, model, test_set, device)
+        if cfg.dist.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                                    weight_decay=cfg.train.weight_decay, nesterov=cfg.train.nesterov)
+        group = replica_group(view)
+        optimizer = group.wrap_optimizer(optimizer, model)
+        # Peers draw their own data order, except while cultivating: distillation compares predictions
+        # on the same images.
+        train_loader = BatchLoader(train_set, cfg.data.batch_size, shuffle=True, seed=cfg.seed,
+                                   stream=0 if cultivating else index, replica=world.replica,
+                                   replicas=world.replicas, augment=cfg.data.augment, workers=cfg.data.workers,
+                                   pin_memory=pin, keep_last=cfg.data.reference == "authors")
+        test_loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False, replica=world.replica,
+                                  replicas=world.replicas, workers=cfg.data.workers, pin_memory=pin)
+        schedule = LRSchedule(cfg.train, len(train_loader), index, world.peers)
+        peers.append(Peer(cfg, view, device, model, optimizer, schedule, train_loader, test_loader, None, logits,
+                          watchdog, group, monitor=build_monitor(cfg, model, test_set, device)))
+        if world.hosted > 1:
+            peers[-1].rng = capture_rng(device)  # where its own streams stand once it is built
+    return peers
 
 
 def make_exchange(peer: Peer) -> GraftExchange | None:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hpcgraft.comm import mpi
-from hpcgraft.comm.world import World, agreed, log, start_ranks
+from hpcgraft.comm.world import World, agreed, fitting_rank_counts, log, start_ranks
 from hpcgraft.config import Config
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage.checkpoints import (
@@ -44,6 +44,9 @@ from hpcgraft.training.peer import Peer
 #: (or, from before it existed, a config.yaml that parses as an hpcgraft config), never another project's files.
 MARKER = ".hpcgraft-run"
 EPOCHS = "train.epochs"
+#: The number of peers is the checkpoint's to decide (its K), not the config's text: a run started with
+#: ``graft.peers`` unset on K ranks resumes with ``graft.peers=K`` on fewer.
+LAYOUT_KEYS = ("graft.peers",)
 LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
 CHECKPOINTS = "checkpoints"
 #: Every entry a run writes in its directory, named once: --restart removes these (inside the folders, only
@@ -169,7 +172,7 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
     new = cfg.flat()
-    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS)]
+    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS) and k not in LAYOUT_KEYS]
     if diff == [EPOCHS] and new[EPOCHS] > old[EPOCHS]:
         raise ConfigError(f"{run_dir} holds a run of {EPOCHS}={old[EPOCHS]}; to continue it to {new[EPOCHS]} epochs "
                           "pass --extend (or --restart to start over)")
@@ -204,7 +207,7 @@ class RunStore:
                                   "another --out")
         self.manager = None
         if cfg.checkpoint.enabled:
-            self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer, peers=world.peers,
+            self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer_ids, peers=world.peers,
                                              writer=world.is_peer_lead, keep=cfg.checkpoint.keep,
                                              keep_best=cfg.checkpoint.keep_best, interval=cfg.checkpoint.interval)
         self._passed_over: list[str] = []  # --from-step: the other checkpoints, which resume must not pick
@@ -225,9 +228,10 @@ class RunStore:
             on_orphaned(lambda what: self.log.last_status(
                 "failed", f"{what}; re-run the same command to resume from the last checkpoint"))
 
-    def resume(self, peer: Peer) -> None:
-        """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
-        copy of the config (run.h5) decides whether this config may continue it."""
+    def resume(self, peers: list[Peer]) -> None:
+        """Continue the rank's peers from the latest intact checkpoint, whichever rank wrote each peer's file
+        (the run may come back on another rank count that divides its K). Without config.yaml (deleted), the
+        checkpoint's own copy of the config (run.h5) decides whether this config may continue it."""
         info = self._start_checkpoint()
         if info is not None and not self.had_config:  # rank 0 reads it; every rank learns the verdict
             agreed(self.world.comm, lambda: self._check_kept_config(info), root_only=True)
@@ -237,12 +241,15 @@ class RunStore:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
-            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with "
-                             f"{start_ranks(str(info.peers * self.world.replicas))} to resume it")
-        info, state = self._fitting_checkpoint(info, peer)
+            counts = ", ".join(map(str, fitting_rank_counts(info.peers, self.world.replicas)))
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}, this run "
+                              f"{self.world.peers}; resume it with graft.peers={info.peers} on one of {counts} ranks "
+                              f"({start_ranks('N')})")
+        info, states = self._fitting_checkpoint(info, peers)
         self.record_config()
-        peer.load_state_dict(state)
-        prog = peer.progress
+        for peer, state in zip(peers, states, strict=True):
+            peer.load_state_dict(state)
+        prog = peers[0].progress
         if self.log:
             self._say_torn(self.log.truncate_after(prog.epoch, prog.step))
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
@@ -278,8 +285,9 @@ class RunStore:
                                   "pick another with --from-step")
         return info
 
-    def _fitting_checkpoint(self, info: CheckpointInfo, peer: Peer) -> tuple[CheckpointInfo, dict[str, Any]]:
-        """COLLECTIVE: the newest intact checkpoint that also fits this run, and this peer's state in it.
+    def _fitting_checkpoint(self, info: CheckpointInfo, peers: list[Peer]
+                            ) -> tuple[CheckpointInfo, list[dict[str, Any]]]:
+        """COLLECTIVE: the newest intact checkpoint that also fits this run, and the rank's peers' states in it.
 
         CRCs prove the files are as written, not that the writer was right: a tool that rewrote a dataset
         (and its CRC) with another shape or dtype, or one peer's progress far from the others', would fail
@@ -287,19 +295,14 @@ class RunStore:
         like a damaged one."""
         unfit: list[str] = []
         while True:
-            try:
-                state: dict[str, Any] | None = self.manager.load_peer(info, self.world.peer)
-                problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
-            except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather below
-                state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
-            prog = state["progress"] if state and not problem else {}
-            found = self.world.comm.allgather((problem, [prog.get(k) for k in ("epoch", "step", "batch")]))
+            states, problem, where = self._load_states(info, peers)
+            found = self.world.comm.allgather((problem, where))
             bad = next(((r, p) for r, (p, _) in enumerate(found) if p), None)
-            if bad is None and len({tuple(where) for _, where in found}) > 1:
+            if bad is None and len({tuple(w) for _, wheres in found for w in wheres}) > 1:
                 bad = (0, "the peers' progress (epoch, step, batch) differs: "
-                          + ", ".join(f"rank {r} {tuple(w)}" for r, (_, w) in enumerate(found)))
+                          + ", ".join(f"rank {r} {[tuple(w) for w in ws]}" for r, (_, ws) in enumerate(found)))
             if bad is None:
-                return info, state  # type: ignore[return-value]
+                return info, states
             unfit.append(info.path.name)
             nxt = self.manager.latest(exclude=[*unfit, *self._passed_over])
             tail = f"falling back to {nxt.path.name}" if nxt else "no earlier checkpoint"
@@ -309,6 +312,23 @@ class RunStore:
                 raise CheckpointError(f"no checkpoint in {self.manager.root} fits this run ({info.path.name}, rank "
                                       f"{bad[0]}: {bad[1]}); restore the files or start over with --restart")
             info = nxt
+
+    def _load_states(self, info: CheckpointInfo, peers: list[Peer]
+                     ) -> tuple[list[dict[str, Any]], str | None, list[list[int | None]]]:
+        """The rank's peers' states in ``info``, the first problem with them (None: they fit) and each one's
+        (epoch, step, batch)."""
+        states, where = [], []
+        for peer in peers:
+            try:
+                state = self.manager.load_peer(info, peer.world.peer)
+                problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
+            except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather after
+                state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
+            if problem:
+                return [], f"peer {peer.world.peer}: {problem}" if len(peers) > 1 else problem, []
+            states.append(state)
+            where.append([state["progress"].get(k) for k in ("epoch", "step", "batch")])
+        return states, None, where
 
     def _say_torn(self, torn: list[str]) -> None:
         for name in torn:
@@ -330,18 +350,20 @@ class RunStore:
         """Whether the epoch just completed ends with a checkpoint (the last one always does)."""
         return self.manager is not None and self.manager.due(epoch, last=epoch == self.cfg.train.epochs)
 
-    def save(self, peer: Peer, *, metric: float | None = None) -> None:
+    def save(self, peers: list[Peer], *, metrics: list[float | None] | None = None) -> None:
+        """COLLECTIVE: a checkpoint of every peer (one file each, written by the rank hosting it)."""
         if self.manager is None:
             return
+        peer = peers[0]
         run_tree = None
         if self.log:
             self.log.sync()
         if self.world.is_root:
             run_tree = {"config": self.cfg.to_yaml(), "versions": _versions(), "grafts": _graft_history(self._grafts)}
-        state = peer.state_dict()
+        states = [p.state_dict() for p in peers]
         try:
             with peer.watchdog.guard("checkpoint: save"):
-                self.manager.save(peer.progress.step, peer.progress.epoch, state, run_tree, metric=metric)
+                self.manager.save_peers(peer.progress.step, peer.progress.epoch, states, run_tree, metrics=metrics)
         except CheckpointError as exc:  # raised on every rank alike: one line, exit 1, no abort
             raise RunError(self._save_failure(exc, peer.progress.epoch, peer.progress.step)) from None
 

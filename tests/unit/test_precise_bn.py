@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import torch
@@ -37,7 +38,8 @@ class NoReplicas:
 
 def fake_peer(model: nn.Module, batches: list[torch.Tensor]) -> SimpleNamespace:
     return SimpleNamespace(model=model, train_loader=Batches(batches), progress=SimpleNamespace(epoch=3, step=66),
-                           cfg=Config(), device=torch.device("cpu"), replicas=NoReplicas(), optimizer=None)
+                           cfg=Config(), device=torch.device("cpu"), replicas=NoReplicas(), optimizer=None,
+                           streams=contextlib.nullcontext)
 
 
 def test_statistics_are_the_mean_over_the_batches_of_the_current_weights():

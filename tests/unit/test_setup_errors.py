@@ -52,10 +52,10 @@ def run_main(capsys: pytest.CaptureFixture, tmp_path, *overrides: str) -> tuple[
     ("overrides", "message"),
     [
         ((), "grafting between peers needs at least 2 peers but this run has 1; start it with mpirun -np K (K >= 2) "
-             "or set graft.mode=none"),
+             "or graft.peers=K (K >= 2 peers share the ranks), or set graft.mode=none"),
         (("graft.mode=none", "cultivate.lambda=1"),
          "cultivation (cultivate.lambda=1) distils between peers and needs at least 2 but this run has 1; start "
-         "it with mpirun -np K (K >= 2) or set cultivate.lambda=0"),
+         "it with mpirun -np K (K >= 2) or graft.peers=K (K >= 2 peers share the ranks), or set cultivate.lambda=0"),
         (("trian.epochs=1",), "unknown config key 'trian.epochs'; did you mean 'train.epochs'?"),
         (("graft.a=2",), "graft.a=2.0 is outside [0, 1]"),
         (("graft.mode=none", "data.name=cifar10"), "data.name=cifar10 needs data.root"),
