@@ -43,14 +43,9 @@ class World:
     hosted: int = 1  # P: the peers this rank hosts, ``peer`` the first of them (a peer's own view: itself)
 
     @property
-    def first_peer(self) -> int:
-        """The first of the rank's block of peers (the group index times P)."""
-        return self.graft_comm.Get_rank() * self.hosted
-
-    @property
     def peer_ids(self) -> list[int]:
-        """The global indices of the peers this rank hosts, in order."""
-        return list(range(self.first_peer, self.first_peer + self.hosted))
+        """The global indices of the peers this rank hosts, in order (``peer`` is the first)."""
+        return list(range(self.peer, self.peer + self.hosted))
 
     @property
     def is_root(self) -> bool:
