@@ -28,10 +28,6 @@ EB_BN = ("train.epochs=4", *QUIET, "graft.mode=peers", "prune.monitor=bn", "prun
          "prune.threshold=0.15")  # early-bird monitors, short windows (tests/e2e/test_earlybird_e2e.py)
 EB_SPLINE = ("train.epochs=4", *QUIET, "graft.mode=none", "prune.monitor=spline", "prune.spline_grid=20",
              "prune.spline_lookback=2")
-# K=4 peers on any rank count (tests/e2e/test_peers.py): the allreduce topology sums in peer order, each peer
-# draws its own data order; a ring with cultivation crosses rank edges and stays on a rank inside a block.
-PEERS4 = ("train.epochs=2", *QUIET, "graft.peers=4", "graft.topology=allreduce", "graft.interval_steps=10")
-PEERS4_RING = (*ONE_EPOCH, "graft.peers=4", "cultivate.lambda=1", *ROUNDS)
 HYBRID = ("train.epochs=3", "log.progress=off", "dist.replicas=2", "graft.interval_steps=10")
 
 
@@ -83,12 +79,6 @@ RUNS: dict[str, RunSpec] = {
     "eb_spline_stopped": RunSpec(2, EB_SPLINE, env={"HPCGRAFT_INJECT": "0:50:usr1"}, status=75),
     # DGConv (1 epoch, one checkpoint): every command reads its run (tests/e2e/test_run_reader.py)
     "dgconv_1ep": RunSpec(2, ("train.epochs=1", *QUIET, "model.dgconv=true")),
-    # the same K=4 peers on 4, 2 and 1 ranks
-    "peers4_r4": RunSpec(4, PEERS4),
-    "peers4_r2": RunSpec(2, PEERS4),
-    "peers4_r1": RunSpec(0, PEERS4),
-    "peers4_ring_r2": RunSpec(2, PEERS4_RING),
-    "peers4_ring_r1": RunSpec(0, PEERS4_RING),
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }
@@ -97,7 +87,7 @@ RUNS: dict[str, RunSpec] = {
 # ranks than cores spin in MPI and the whole suite got slower, not faster.
 E2E_RUNS = ["cultivate_only", "solo_1ep", "filter_cultivated", "noise", "self_filter", "allreduce3_dlr", "ring4",
             "base2", "stepwise2", "stepwise3", "graft2", "graft2_again", "base_solo", "eb_bn", "eb_spline",
-            "dgconv_1ep", "peers4_r2", "peers4_r1", "peers4_r4", "peers4_ring_r2", "peers4_ring_r1"]
+            "dgconv_1ep"]
 
 # The ranks' program for `without_horovod`: Horovod cannot be imported, and must not be for R = 1.
 NO_HOROVOD = ("import sys; sys.modules['horovod'] = None; from hpcgraft.cli.train import main; "

@@ -1,14 +1,15 @@
-"""The graft round's time against the number of peers K (``graft.peers``), the peers shared by the ranks.
+"""The graft round's time against the number of peers K, hosted K / ranks to a rank (``graft.peers``).
 
-For each K (default 2, 4, 8, 16, 32) the driver starts ``--ranks`` ranks (default 2, K/ranks peers each; K
-below the rank count runs on K ranks) with the venv's mpirun; every rank builds its block of peers (the
-model of ``--model``, seeded per peer as a run does) and times ``--rounds`` grafting rounds of the exchange the
-training loop uses (``hpcgraft.comm.peerset.PeerSetExchange``), ring and allreduce. Prints one row per K:
-the median round in milliseconds and per peer.
+For each K, the driver starts ``--ranks`` ranks (default 2) of the rank program, which builds K / ranks
+digits nets (the models training builds, seeded per peer) on every rank and times one round of the
+peers' exchange (:class:`hpcgraft.comm.peerset.PeerSetExchange`) as the training loop calls it: the
+median of ``--rounds`` rounds after a warm-up one, each as long as its slowest rank.
 
-    .venv/bin/python tools/bench_peers.py [--ranks 2] [--peers 2 4 8 16 32] [--model digits_resnet] [--rounds 5]
+    .venv/bin/python tools/bench_peers.py [--ranks 2] [--peers 2,4,8,16,32] [--topology ring] [--model digits_resnet]
 
-``--worker`` is the rank program. One thread per rank (OMP_NUM_THREADS=1), as the tests run.
+``--worker`` is the rank program. With one thread per rank, the round is mostly the per-peer work
+(entropies, mixing), which grows with the peers a rank hosts; the bytes between ranks do not (ring: one
+peer's weights per rank pair; allreduce: one sum travelling along the ranks).
 """
 
 from __future__ import annotations
@@ -31,55 +32,64 @@ def worker(args: argparse.Namespace) -> None:
 
     from hpcgraft.comm.peerset import PeerSetExchange
     from hpcgraft.comm.world import init_world
+    from hpcgraft.config import load_config
     from hpcgraft.method import seeding
     from hpcgraft.method.grafting import GraftMath
-    from hpcgraft.models import create_model
+    from hpcgraft.storage.run import build_model
 
     torch.set_num_threads(1)
-    world = init_world(1, MPI.COMM_WORLD, args.k)
-    states = []
-    for peer in world.peer_ids:
-        seeding.seed_everything(seeding.derive_seed(seeding.INIT, 0, peer))
-        states.append(create_model(args.model, 10).state_dict())
-    row = {"k": args.k, "ranks": world.size, "per_rank": world.hosted}
-    for topology in ("ring", "allreduce"):
-        exchange = PeerSetExchange(states, world.graft_comm, world.peers, GraftMath(), topology=topology)
-        times = []
-        for _ in range(args.rounds + 1):  # the first round allocates the buffers: not counted
-            world.comm.Barrier()
-            started = time.perf_counter()
-            exchange.graft()
-            world.comm.Barrier()
-            times.append(time.perf_counter() - started)
-        row[topology] = statistics.median(times[1:])
-    if world.is_root:
-        print(json.dumps(row), flush=True)
+    cfg = load_config(None, [f"model.name={args.model}", f"graft.topology={args.topology}"])
+    world = init_world(1, MPI.COMM_WORLD, peers=args.k)
+    models = []
+    for index in world.local_peers:
+        seeding.seed_everything(seeding.derive_seed(seeding.INIT, cfg.seed, index))
+        models.append(build_model(cfg, 10, torch.device("cpu")))
+    exchange = PeerSetExchange([m.state_dict() for m in models], world.graft_comm, world.peer,
+                               GraftMath.from_config(cfg), topology=args.topology)
+    rounds = []
+    for i in range(args.rounds + 1):  # the first round warms up
+        world.comm.Barrier()
+        start = time.perf_counter()
+        exchange.graft()
+        elapsed = world.comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+        if i:
+            rounds.append(elapsed)
+    if world.rank == 0:
+        params = sum(t.numel() for t in exchange.tensors[0])
+        print(json.dumps({"k": args.k, "ranks": world.size, "per_rank": world.per_rank,
+                          "round_s": statistics.median(rounds), "min_s": min(rounds), "elements": params}))
+
+
+def run(k: int, args: argparse.Namespace) -> dict:
+    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(args.ranks), sys.executable, __file__,
+           "--worker", "--k", str(k), "--rounds", str(args.rounds), "--topology", args.topology,
+           "--model", args.model]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    if out.returncode:
+        sys.exit(f"bench_peers: K={k} on {args.ranks} ranks failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--peers", type=int, nargs="+", default=[2, 4, 8, 16, 32])
-    parser.add_argument("--model", default="digits_resnet")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--peers", default="2,4,8,16,32", help="the values of K, comma-separated")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--topology", choices=("ring", "allreduce"), default="ring")
+    p.add_argument("--model", default="digits_resnet")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, default=2, help=argparse.SUPPRESS)
+    args = p.parse_args()
     if args.worker:
         worker(args)
         return
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    mpirun = str(Path(sys.executable).parent / "mpirun")
-    print(f"{'K':>4} {'ranks':>5} {'per rank':>8} {'ring ms':>9} {'ms/peer':>8} {'allreduce ms':>12} {'ms/peer':>8}")
-    for k in args.peers:
-        ranks = min(args.ranks, k)
-        cmd = [mpirun, "-np", str(ranks), sys.executable, __file__, "--worker", "--k", str(k),
-               "--model", args.model, "--rounds", str(args.rounds)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
-        ring, allreduce = row["ring"] * 1e3, row["allreduce"] * 1e3
-        print(f"{k:>4} {row['ranks']:>5} {row['per_rank']:>8} {ring:>9.1f} {ring / k:>8.2f} {allreduce:>12.1f} "
-              f"{allreduce / k:>8.2f}", flush=True)
+    results = [run(int(k), args) for k in args.peers.split(",")]
+    print(f"graft round of {args.model} ({results[0]['elements'] / 1e3:.1f} k weights per peer), {args.topology}/"
+          f"layer, {args.ranks} ranks, median of {args.rounds} rounds, {os.cpu_count()} cores here")
+    print(f"  {'K':>4s} {'per rank':>8s} {'round ms':>9s} {'ms/peer':>8s}")
+    for r in results:
+        print(f"  {r['k']:4d} {r['per_rank']:8d} {1e3 * r['round_s']:9.1f} {1e3 * r['round_s'] / r['k']:8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The MPI world of a run, its peer/replica layout, and agreement between ranks.
 
-Layout: K peers (``graft.peers``; default: ranks / R) on ranks / R groups of R replicas each. Group g is
-world ranks g*R .. g*R+R-1 (replica = rank % R) and hosts the P = K / groups peers g*P .. g*P+P-1, a
-contiguous block, so that ring neighbours are on the same rank except at a block's edges. ``graft_comm``
-joins the ranks of one replica index across groups (its rank is the group index: the ring between ranks
+Layout: K peers (``graft.peers``; default one per rank group) over G = ranks / R groups of R replica ranks
+each; group g owns world ranks g*R .. g*R+R-1 (replica = rank % R) and hosts the P = K / G peers
+g*P .. g*P+P-1, a contiguous block, so that ring neighbours are on the same rank except at block edges.
+``graft_comm`` joins the ranks of one replica index across groups (its rank is the group index: the ring
 lives there); ``peer_comm`` joins the replicas of one group (data parallelism lives there).
 """
 
@@ -40,12 +40,17 @@ class World:
     replicas: int
     graft_comm: MPI.Comm
     peer_comm: MPI.Comm
-    hosted: int = 1  # P: the peers this rank hosts, ``peer`` the first of them (a peer's own view: itself)
+    per_rank: int = 1  # P: the peers this rank (its replica group) hosts, peer .. peer+P-1
 
     @property
-    def peer_ids(self) -> list[int]:
-        """The global indices of the peers this rank hosts, in order (``peer`` is the first)."""
-        return list(range(self.peer, self.peer + self.hosted))
+    def local_peers(self) -> range:
+        """The global indices of the peers this rank hosts (``peer`` is the first)."""
+        return range(self.peer, self.peer + self.per_rank)
+
+    @property
+    def group(self) -> int:
+        """This rank's replica group, the unit of the ring between ranks (rank of ``graft_comm``)."""
+        return self.peer // self.per_rank
 
     @property
     def is_root(self) -> bool:
@@ -66,52 +71,44 @@ def start_ranks(count: str) -> str:
     return f"mpirun -np {count}"
 
 
-def fitting_rank_counts(peers: int, replicas: int = 1) -> list[int]:
-    """The rank counts a run of ``peers`` peers of ``replicas`` ranks each can start on."""
-    return [d * replicas for d in range(1, peers + 1) if peers % d == 0 and (replicas == 1 or d == peers)]
-
-
-def check_peer_layout(size: int, replicas: int, peers: int | None) -> int:
-    """The peers each group of ``replicas`` ranks hosts (P), or a one-line error for a layout that cannot be."""
-    groups = size // replicas
-    if peers is None:
-        return 1
-    fits = ", ".join(map(str, fitting_rank_counts(peers, replicas)))
-    if peers % groups:
-        raise LayoutError(f"graft.peers={peers} peers cannot be shared evenly by {plural(size, 'rank')}"
-                          f"{f' (groups of dist.replicas={replicas})' if replicas > 1 else ''}; start one of "
-                          f"{fits} ranks ({start_ranks('N')}) or set graft.peers to a multiple of {groups}")
-    hosted = peers // groups
-    if hosted > 1 and replicas > 1:
-        # Horovod averages one model's gradients over a process set: several peers per set would need a
-        # set per peer and step, which Horovod cannot form after start-up.
-        raise LayoutError(f"graft.peers={peers} on {plural(size, 'rank')} with dist.replicas={replicas} puts "
-                          f"{hosted} peers on each replica group, and replicas train one peer each; start "
-                          f"{start_ranks(str(peers * replicas))} or set dist.replicas=1")
-    return hosted
-
-
-def init_world(replicas: int = 1, comm: MPI.Comm | None = None, peers: int | None = None) -> World:
-    """Form the peers x replicas layout over ``comm`` (default: the MPI world); ``peers``: K (default: one
-    per group of ``replicas`` ranks)."""
-    MPI = mpi()
-    comm = comm or MPI.COMM_WORLD
-    size, rank = comm.Get_size(), comm.Get_rank()
+def peers_per_group(peers: int | None, size: int, replicas: int) -> int:
+    """P, the peers each group of ``replicas`` ranks hosts when ``size`` ranks train ``peers`` (None: one per
+    group); a layout that does not fit is one line naming the rank counts that do."""
     if size % replicas:
         raise LayoutError(
             f"{plural(size, 'rank')} cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
             f"{replicas} ranks ({start_ranks(str(replicas * max(2, size // replicas)))}) or change dist.replicas"
         )
-    hosted = check_peer_layout(size, replicas, peers)
+    groups = size // replicas
+    if peers is None:
+        return 1
+    if peers < 1 or peers % groups:
+        fits = [str(g * replicas) for g in range(1, max(peers, 1) + 1) if peers >= 1 and peers % g == 0]
+        where = plural(groups, "rank group" if replicas > 1 else "rank")
+        where += f" of dist.replicas={replicas}" if replicas > 1 else ""
+        raise LayoutError(
+            f"graft.peers={peers} cannot be spread evenly over {where}; rank counts that fit: "
+            f"{', '.join(fits) or 'none'} ({start_ranks(fits[-1] if fits else 'N')}), or change graft.peers"
+        )
+    return peers // groups
+
+
+def init_world(replicas: int = 1, comm: MPI.Comm | None = None, peers: int | None = None) -> World:
+    """Form the peers x replicas layout over ``comm`` (default: the MPI world); ``peers``: K (``graft.peers``),
+    None for one peer per group of ``replicas`` ranks."""
+    MPI = mpi()
+    comm = comm or MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    per_rank = peers_per_group(peers, size, replicas)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
     group, replica = divmod(rank, replicas)
     return World(
         comm=comm, rank=rank, size=size, local_rank=local_rank, local_size=local_size,
-        peer=group * hosted, peers=size // replicas * hosted, replica=replica, replicas=replicas,
+        peer=group * per_rank, peers=size // replicas * per_rank, replica=replica, replicas=replicas,
         graft_comm=comm.Split(color=replica, key=group), peer_comm=comm.Split(color=group, key=replica),
-        hosted=hosted,
+        per_rank=per_rank,
     )
 
 
@@ -183,10 +180,9 @@ def torch_threads(local_size: int) -> int:
 
 
 def gather_peers(world: World, objs: list[T]) -> list[T] | None:
-    """One object per peer (``objs``: the rank's peers', in order), in peer order, on rank 0 (None elsewhere).
-    Only each peer's replica 0 sends: the replicas of a peer hold the same state."""
+    """One object per peer (``objs``: this rank's, one per hosted peer), in peer order, on rank 0 (None
+    elsewhere). Only each group's replica 0 sends: the replicas of a peer hold the same state."""
     if not world.is_peer_lead:
         return None
-    parts = world.graft_comm.gather(list(objs), root=0)
-    return None if parts is None else [obj for part in parts for obj in part]
-
+    blocks = world.graft_comm.gather(objs, root=0)
+    return None if blocks is None else [obj for block in blocks for obj in block]

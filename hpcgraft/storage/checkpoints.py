@@ -21,7 +21,7 @@ import operator
 import shutil
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,20 +125,19 @@ def _free_bytes(path: Path) -> int | None:
 class CheckpointManager:
     """Collective save/resume of a run's checkpoints; see the module docstring for the layout."""
 
-    def __init__(self, run_dir: str | Path, comm: MPI.Comm, *, peer: int | Sequence[int], peers: int, writer: bool,
-                 keep: int = 2, keep_best: bool = True, interval: int = 1) -> None:
-        """``peer``: the peer (or the block of peers, in order) this rank hosts; ``peers``: K, of the run."""
+    def __init__(self, run_dir: str | Path, comm: MPI.Comm, *, peer: int, peers: int, writer: bool,
+                 keep: int = 2, keep_best: bool = True, interval: int = 1, hosted: int = 1) -> None:
+        """``peer``: the first of the ``hosted`` peers this rank saves (peer .. peer+hosted-1) if ``writer``."""
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep must be at least 1, got {keep}")
-        hosted = (peer,) if isinstance(peer, int) else tuple(peer)
-        if not hosted or not all(0 <= p < peers for p in hosted):
-            raise CheckpointError(f"peers {list(hosted)} are not within 0..{peers - 1}")
+        if not 0 <= peer <= peer + hosted - 1 < peers:
+            raise CheckpointError(f"peer {peer + hosted - 1} is outside 0..{peers - 1}")
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.comm = comm
         self.rank = comm.Get_rank()
-        self.hosted, self.peers, self.writer = hosted, peers, writer
-        self.peer = hosted[0]
+        self.peer, self.peers, self.writer = peer, peers, writer
+        self.hosted = list(range(peer, peer + hosted))
         self.keep, self.keep_best, self.interval = keep, keep_best, interval
         self._verified: set[tuple[int, int, int, int]] = set()  # files this rank checked in latest()
 
@@ -148,25 +147,21 @@ class CheckpointManager:
         """Whether a checkpoint is written after ``epoch`` completed epochs: every ``interval``, and the last."""
         return last or epoch % self.interval == 0
 
-    def save(self, step: int, epoch: int, peer_tree: Tree, run_tree: Tree | None, *,
-             metric: float | None = None) -> CheckpointInfo:
-        """COLLECTIVE: write this step's checkpoint of the rank's one peer (see :meth:`save_peers`)."""
-        return self.save_peers(step, epoch, [peer_tree], run_tree, metrics=[metric])
-
-    def save_peers(self, step: int, epoch: int, peer_trees: Sequence[Tree], run_tree: Tree | None, *,
-                   metrics: Sequence[float | None] | None = None) -> CheckpointInfo:
-        """COLLECTIVE: write this step's checkpoint, a tree (and metric) per hosted peer in order; raises
-        CheckpointError on every rank if any rank failed (:class:`CheckpointSpaceError` when the file system
-        is too full for it)."""
+    def save(self, step: int, epoch: int, peer_tree: Tree | list[Tree], run_tree: Tree | None, *,
+             metric: float | None | list[float | None] = None) -> CheckpointInfo:
+        """COLLECTIVE: write this step's checkpoint; raises CheckpointError on every rank if any rank failed
+        (:class:`CheckpointSpaceError` when the file system is too full for it). ``peer_tree`` and ``metric``:
+        one per hosted peer (a list), or the one peer's."""
         step, epoch = operator.index(step), operator.index(epoch)  # the same on all ranks: no one waits alone
         ckpt_dir = self.root / step_dir_name(step)
         meta = {"format": FORMAT, "step": step, "epoch": epoch, "peers": self.peers}
-        metrics = list(metrics) if metrics is not None else [None] * len(self.hosted)
+        trees = peer_tree if isinstance(peer_tree, list) else [peer_tree]
+        metrics = metric if isinstance(metric, list) else [metric]
         scores = {p: _finite(m) for p, m in zip(self.hosted, metrics, strict=True)} if self.writer else {}
         images: dict[str, bytes] = {}
         failure = None
         try:
-            for p, tree in zip(self.hosted, peer_trees, strict=True) if self.writer else ():
+            for p, tree in zip(self.hosted if self.writer else [], trees, strict=True):
                 images[peer_file(p)] = h5_image(tree, {**meta, "peer": p, "metric": scores[p]})
             if self.rank == 0:
                 images[RUN_FILE] = h5_image(run_tree or {}, meta)
@@ -302,7 +297,7 @@ class CheckpointManager:
         The files are checked in parallel, each peer file by the rank that writes (and will load) it,
         run.h5 by rank 0, so that load_peer right after need not read the file a second time.
         """
-        writer_of = {p: r for r, hosted in enumerate(self.comm.allgather(self.hosted if self.writer else ()))
+        writer_of = {p: r for r, hosted in enumerate(self.comm.allgather(self.hosted if self.writer else []))
                      for p in hosted}
         size = self.comm.Get_size()
 

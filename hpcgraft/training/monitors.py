@@ -96,10 +96,10 @@ def build_monitor(cfg: Config, model: nn.Module, test_set: ImageSet, device: tor
 
 def monitor_epoch(monitors: list[EarlyBirdMonitor | None], models: list[nn.Module], epoch: int, world: World,
                   watchdog: Watchdog, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """COLLECTIVE over the peer leads. Adds each of the rank's peers' early-bird fields to its metrics row
-    (``monitors``, ``models`` and ``rows`` in the rank's peer order) and returns the fields of the epoch's
-    ``peer: null`` row (the distances between peers, on rank 0; {} elsewhere). Takes the peers' parts, not
-    the peers: a peer builds its monitor here, so this module never imports it."""
+    """COLLECTIVE over the peer leads. Adds each hosted peer's early-bird fields to its metrics row (``rows``,
+    one per hosted peer, as ``monitors`` and ``models``) and returns the fields of the epoch's ``peer: null``
+    row (the distances between peers, on rank 0; {} elsewhere). Takes the peers' parts, not the peers: the
+    peer builds its monitor here, so this module never imports it."""
     if monitors[0] is None:
         return {}
     masks = []

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from hpcgraft.comm import mpi
-from hpcgraft.comm.world import World, agreed, fitting_rank_counts, log, start_ranks
+from hpcgraft.comm.world import World, agreed, log, start_ranks
 from hpcgraft.config import Config
 from hpcgraft.errors import CheckpointError, ConfigError, RunError
 from hpcgraft.storage.checkpoints import (
@@ -44,9 +44,6 @@ from hpcgraft.training.peer import Peer
 #: (or, from before it existed, a config.yaml that parses as an hpcgraft config), never another project's files.
 MARKER = ".hpcgraft-run"
 EPOCHS = "train.epochs"
-#: The number of peers is the checkpoint's to decide (its K), not the config's text: a run started with
-#: ``graft.peers`` unset on K ranks resumes with ``graft.peers=K`` on fewer.
-LAYOUT_KEYS = ("graft.peers",)
 LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
 CHECKPOINTS = "checkpoints"
 #: Every entry a run writes in its directory, named once: --restart removes these (inside the folders, only
@@ -172,7 +169,7 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
     new = cfg.flat()
-    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS) and k not in LAYOUT_KEYS]
+    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS)]
     if diff == [EPOCHS] and new[EPOCHS] > old[EPOCHS]:
         raise ConfigError(f"{run_dir} holds a run of {EPOCHS}={old[EPOCHS]}; to continue it to {new[EPOCHS]} epochs "
                           "pass --extend (or --restart to start over)")
@@ -207,9 +204,10 @@ class RunStore:
                                   "another --out")
         self.manager = None
         if cfg.checkpoint.enabled:
-            self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer_ids, peers=world.peers,
+            self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer, peers=world.peers,
                                              writer=world.is_peer_lead, keep=cfg.checkpoint.keep,
-                                             keep_best=cfg.checkpoint.keep_best, interval=cfg.checkpoint.interval)
+                                             keep_best=cfg.checkpoint.keep_best, interval=cfg.checkpoint.interval,
+                                             hosted=world.per_rank)
         self._passed_over: list[str] = []  # --from-step: the other checkpoints, which resume must not pick
         self.log: RunLog | None = None  # rank 0's logs, opened by record_config
         self._grafts: list[dict[str, Any]] = []  # graft.jsonl as it stands, for run.h5's grafting history
@@ -229,9 +227,9 @@ class RunStore:
                 "failed", f"{what}; re-run the same command to resume from the last checkpoint"))
 
     def resume(self, peers: list[Peer]) -> None:
-        """Continue the rank's peers from the latest intact checkpoint, whichever rank wrote each peer's file
-        (the run may come back on another rank count that divides its K). Without config.yaml (deleted), the
-        checkpoint's own copy of the config (run.h5) decides whether this config may continue it."""
+        """Continue the hosted ``peers`` from the latest intact checkpoint, whichever ranks wrote it (a
+        checkpoint names its peers, not their ranks). Without config.yaml (deleted), the checkpoint's own
+        copy of the config (run.h5) decides whether this config may continue it."""
         info = self._start_checkpoint()
         if info is not None and not self.had_config:  # rank 0 reads it; every rank learns the verdict
             agreed(self.world.comm, lambda: self._check_kept_config(info), root_only=True)
@@ -241,10 +239,10 @@ class RunStore:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
-            counts = ", ".join(map(str, fitting_rank_counts(info.peers, self.world.replicas)))
-            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}, this run "
-                              f"{self.world.peers}; resume it with graft.peers={info.peers} on one of {counts} ranks "
-                              f"({start_ranks('N')})")
+            how = (f"set graft.peers={info.peers}" if self.cfg.graft.peers is not None
+                   else f"start with {start_ranks(str(info.peers * self.world.replicas))}")
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')} and this run "
+                              f"{self.world.peers}; {how} to resume it")
         info, states = self._fitting_checkpoint(info, peers)
         self.record_config()
         for peer, state in zip(peers, states, strict=True):
@@ -287,7 +285,7 @@ class RunStore:
 
     def _fitting_checkpoint(self, info: CheckpointInfo, peers: list[Peer]
                             ) -> tuple[CheckpointInfo, list[dict[str, Any]]]:
-        """COLLECTIVE: the newest intact checkpoint that also fits this run, and the rank's peers' states in it.
+        """COLLECTIVE: the newest intact checkpoint that also fits this run, and the hosted peers' states in it.
 
         CRCs prove the files are as written, not that the writer was right: a tool that rewrote a dataset
         (and its CRC) with another shape or dtype, or one peer's progress far from the others', would fail
@@ -295,12 +293,24 @@ class RunStore:
         like a damaged one."""
         unfit: list[str] = []
         while True:
-            states, problem, where = self._load_states(info, peers)
-            found = self.world.comm.allgather((problem, where))
+            states: list[dict[str, Any]] = []
+            problem, wheres = None, []
+            for peer in peers:
+                try:
+                    state: dict[str, Any] | None = self.manager.load_peer(info, peer.index)
+                    problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
+                except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather below
+                    state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
+                if problem:
+                    problem = f"peer {peer.index}: {problem}" if len(peers) > 1 else problem
+                    break
+                states.append(state)  # type: ignore[arg-type]
+                wheres.append((peer.index, tuple(state["progress"].get(k) for k in ("epoch", "step", "batch"))))
+            found = self.world.comm.allgather((problem, wheres))
             bad = next(((r, p) for r, (p, _) in enumerate(found) if p), None)
-            if bad is None and len({tuple(w) for _, wheres in found for w in wheres}) > 1:
+            if bad is None and len({where for _, ws in found for _, where in ws}) > 1:
                 bad = (0, "the peers' progress (epoch, step, batch) differs: "
-                          + ", ".join(f"rank {r} {[tuple(w) for w in ws]}" for r, (_, ws) in enumerate(found)))
+                          + ", ".join(f"peer {p} {where}" for _, ws in found for p, where in ws))
             if bad is None:
                 return info, states
             unfit.append(info.path.name)
@@ -312,23 +322,6 @@ class RunStore:
                 raise CheckpointError(f"no checkpoint in {self.manager.root} fits this run ({info.path.name}, rank "
                                       f"{bad[0]}: {bad[1]}); restore the files or start over with --restart")
             info = nxt
-
-    def _load_states(self, info: CheckpointInfo, peers: list[Peer]
-                     ) -> tuple[list[dict[str, Any]], str | None, list[list[int | None]]]:
-        """The rank's peers' states in ``info``, the first problem with them (None: they fit) and each one's
-        (epoch, step, batch)."""
-        states, where = [], []
-        for peer in peers:
-            try:
-                state = self.manager.load_peer(info, peer.world.peer)
-                problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
-            except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather after
-                state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
-            if problem:
-                return [], f"peer {peer.world.peer}: {problem}" if len(peers) > 1 else problem, []
-            states.append(state)
-            where.append([state["progress"].get(k) for k in ("epoch", "step", "batch")])
-        return states, None, where
 
     def _say_torn(self, torn: list[str]) -> None:
         for name in torn:
@@ -351,21 +344,22 @@ class RunStore:
         return self.manager is not None and self.manager.due(epoch, last=epoch == self.cfg.train.epochs)
 
     def save(self, peers: list[Peer], *, metrics: list[float | None] | None = None) -> None:
-        """COLLECTIVE: a checkpoint of every peer (one file each, written by the rank hosting it)."""
+        """COLLECTIVE: checkpoint the hosted ``peers`` (``metrics``: what each is ranked by)."""
         if self.manager is None:
             return
-        peer = peers[0]
         run_tree = None
         if self.log:
             self.log.sync()
         if self.world.is_root:
             run_tree = {"config": self.cfg.to_yaml(), "versions": _versions(), "grafts": _graft_history(self._grafts)}
-        states = [p.state_dict() for p in peers]
+        states = [peer.state_dict() for peer in peers]
+        prog = peers[0].progress
         try:
-            with peer.watchdog.guard("checkpoint: save"):
-                self.manager.save_peers(peer.progress.step, peer.progress.epoch, states, run_tree, metrics=metrics)
+            with peers[0].watchdog.guard("checkpoint: save"):
+                self.manager.save(prog.step, prog.epoch, states, run_tree,
+                                  metric=metrics if metrics is not None else [None] * len(peers))
         except CheckpointError as exc:  # raised on every rank alike: one line, exit 1, no abort
-            raise RunError(self._save_failure(exc, peer.progress.epoch, peer.progress.step)) from None
+            raise RunError(self._save_failure(exc, prog.epoch, prog.step)) from None
 
     def _save_failure(self, exc: CheckpointError, epoch: int, step: int) -> str:
         """One line, status.json says ``failed``; a full disk is named with the space before the write and the

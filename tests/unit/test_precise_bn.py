@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 
 import torch
@@ -38,8 +37,7 @@ class NoReplicas:
 
 def fake_peer(model: nn.Module, batches: list[torch.Tensor]) -> SimpleNamespace:
     return SimpleNamespace(model=model, train_loader=Batches(batches), progress=SimpleNamespace(epoch=3, step=66),
-                           cfg=Config(), device=torch.device("cpu"), replicas=NoReplicas(), optimizer=None,
-                           streams=contextlib.nullcontext)
+                           cfg=Config(), device=torch.device("cpu"), replicas=NoReplicas(), optimizer=None)
 
 
 def test_statistics_are_the_mean_over_the_batches_of_the_current_weights():
