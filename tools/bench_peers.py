@@ -18,12 +18,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_sharded_graft import parse_or_work, run_worker  # tools/ is the script's own folder, first on sys.path
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -61,14 +58,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def run(k: int, args: argparse.Namespace) -> dict:
-    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(args.ranks), sys.executable, __file__,
-           "--worker", "--k", str(k), "--rounds", str(args.rounds), "--topology", args.topology,
-           "--model", args.model]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
-    if out.returncode:
-        sys.exit(f"bench_peers: K={k} on {args.ranks} ranks failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, args.ranks, "--k", str(k), "--rounds", str(args.rounds), "--topology",
+                      args.topology, "--model", args.model)
 
 
 def main() -> None:
@@ -78,11 +69,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--topology", choices=("ring", "allreduce"), default="ring")
     p.add_argument("--model", default="digits_resnet")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--k", type=int, default=2, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        worker(args)
+    args = parse_or_work(p, worker)
+    if args is None:
         return
     results = [run(int(k), args) for k in args.peers.split(",")]
     print(f"graft round of {args.model} ({results[0]['elements'] / 1e3:.1f} k weights per peer), {args.topology}/"
