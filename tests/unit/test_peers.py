@@ -1,4 +1,5 @@
-"""Several peers on one rank: each built, seeded and drawing random numbers as if it had the rank to itself."""
+"""Several peers on one rank: each built and seeded as if it had the rank to itself (its draws afterwards:
+tests/unit/test_peer_streams.py)."""
 
 from __future__ import annotations
 
@@ -34,8 +35,3 @@ def test_peers_built_together_are_the_peers_built_alone():
     torch.manual_seed(12345)  # the process's stream moves on; the peer's does not
     assert torch.equal(one.state_dict()["rng"]["torch"], own)
     assert not torch.equal(together[0].state_dict()["rng"]["torch"], own)
-    with one.running():  # the peer draws from its own stream, and keeps where it got to
-        drawn = torch.rand(3)
-    torch.set_rng_state(own)
-    assert torch.equal(torch.rand(3), drawn)
-    assert not torch.equal(one.state_dict()["rng"]["torch"], own)
