@@ -26,6 +26,7 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --no-kill
 #SBATCH --signal=B:USR1@300
 
 # ------------------------------------------------------------------- what a user edits

@@ -25,6 +25,7 @@
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --no-kill
 #SBATCH --signal=B:USR1@600
 
 # ------------------------------------------------------------------- what a user edits
