@@ -114,7 +114,7 @@ info = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": to
         "gpus": [f"{torch.cuda.get_device_name(i)} ({torch.cuda.get_device_properties(i).total_memory / 2**30:.0f} GiB)"
                  for i in range(torch.cuda.device_count())],
         "mpi": MPI.Get_library_version().splitlines()[0].strip(), "missing": []}
-for mod in ("numpy", "h5py", "yaml", "mpi4py", "submitit", "sklearn", "tqdm", "matplotlib", "PIL", "hpcgraft"):
+for mod in ("numpy", "h5py", "yaml", "mpi4py", "submitit", "tqdm", "PIL", "hpcgraft"):
     try:
         m = importlib.import_module(mod)
         info[mod] = getattr(m, "__version__", "?")

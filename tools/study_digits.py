@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hpcgraft.cli import sweep  # noqa: E402
-from hpcgraft.cli.report import Run, load_run  # noqa: E402
+from hpcgraft.reporting.runs import Run, load_run  # noqa: E402
 
 ARMS = ("baseline", "grafting", "cultivation", "grafting+cultivation")
 THRESHOLDS = ("0.1", "0.01")

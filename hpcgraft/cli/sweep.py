@@ -29,9 +29,10 @@ from typing import Any
 
 from hpcgraft.cli import add_overrides
 from hpcgraft.cli import submit as launch
-from hpcgraft.cli.report import SWEEP_FILE, load_sweep, sweep_table
 from hpcgraft.config import Config, load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, InputError, LaunchError, UserError, report
+from hpcgraft.reporting.runs import SWEEP_FILE, load_sweep
+from hpcgraft.reporting.tables import sweep_table
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
 from hpcgraft.storage.outputs import check_output_dir, check_output_file, check_run_outputs

@@ -90,6 +90,8 @@ class BatchLoader:
         self.workers = workers
         self.pin_memory = pin_memory
         self.keep_last = keep_last
+        self._requests = _Epoch()
+        self._loader: torch.utils.data.DataLoader | None = None
         if shuffle and len(dataset) < batch_size:
             raise DataError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}")
 
@@ -121,11 +123,23 @@ class BatchLoader:
             for idx, keys in requests:
                 yield self._load(idx, keys)
             return
-        loader = torch.utils.data.DataLoader(
-            _Requests(self, requests), batch_size=None, shuffle=False, num_workers=self.workers,
-            pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=4,
-        )
-        yield from loader
+        self._requests.current = requests
+        yield from self._workers()
+
+    def _workers(self) -> torch.utils.data.DataLoader:
+        """One DataLoader for the whole run: its worker processes start with the first epoch and are reused, so
+        an epoch does not wait for the workers to start (and a reader to reopen its files) again. The requests
+        travel as the sampler's items, so the workers hold no per-epoch state."""
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(
+                _Requests(self), batch_size=None, sampler=self._requests, num_workers=self.workers,
+                pin_memory=self.pin_memory, persistent_workers=True, prefetch_factor=4,
+            )
+        return self._loader
+
+    def __getstate__(self) -> dict:
+        """What a worker started by spawn receives: everything but the DataLoader (it runs in the parent)."""
+        return {**self.__dict__, "_loader": None}
 
     def _augment_keys(self, epoch: int, batch: int) -> tuple[int, ...] | None:
         if not (self.shuffle and self.augment):
@@ -136,14 +150,24 @@ class BatchLoader:
         return self.dataset.get_batch(idx, seeding.generator(*keys) if keys is not None else None)
 
 
+class _Epoch(torch.utils.data.Sampler):
+    """The requests (indices, augmentation keys) of the epoch being read, in order."""
+
+    def __init__(self) -> None:
+        self.current: list[tuple[torch.Tensor, tuple[int, ...] | None]] = []
+
+    def __len__(self) -> int:
+        return len(self.current)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, tuple[int, ...] | None]]:
+        return iter(self.current)
+
+
 class _Requests(torch.utils.data.Dataset):
     """Batch requests as a map-style data set, so DataLoader workers can decode them in parallel."""
 
-    def __init__(self, loader: BatchLoader, requests: list) -> None:
-        self.loader, self.requests = loader, requests
+    def __init__(self, loader: BatchLoader) -> None:
+        self.loader = loader
 
-    def __len__(self) -> int:
-        return len(self.requests)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loader._load(*self.requests[i])
+    def __getitem__(self, request: tuple[torch.Tensor, tuple[int, ...] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loader._load(*request)

@@ -6,34 +6,35 @@ scalars, for ``tensorboard --logdir RUN/tensorboard`` (or ``--logdir runs/`` to 
 One folder per peer (rather than one tag per peer) lets TensorBoard draw the peers and the ensemble in the
 same chart: ``metrics/test_acc`` of ``ensemble`` is the ensemble's accuracy. A :class:`TensorBoardSink` is
 fed by :class:`hpcgraft.storage.runlog.RunLog` with the very rows it appends (rank 0 only), so the event
-files can never say something the JSON-lines logs do not.
+files can never say something the JSON-lines logs do not. The files are written by PyTorch's
+``torch.utils.tensorboard.SummaryWriter``, one per folder, each row as one event.
 
 A resumed run must not show an epoch twice, and it must not lose the wall times of what came before, so
 earlier event files are kept and every start of the job writes new ones (a segment). A resume from the
-checkpoint at global step s begins each new file with a ``SessionLog.START`` at step s + 1: TensorBoard's
-readers then drop what the old segment logged after that checkpoint (the same rows the JSON-lines logs
-cut away on resume); a start from step 0 removes the old files instead.
+checkpoint at global step s opens each folder's writer with ``purge_step=s + 1``: its new file begins with
+a ``SessionLog.START`` at that step, and TensorBoard's readers then drop what the old segment logged after
+the checkpoint (the same rows the JSON-lines logs cut away on resume); a start from step 0 removes the old
+files instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
-import socket
-import struct
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from hpcgraft.config import Config
 from hpcgraft.errors import ConfigError
 from hpcgraft.storage.runlog import GRAFTS, METRICS
 
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
 TENSORBOARD = "tensorboard"  # the folder inside the run directory
 ENSEMBLE = "ensemble"
 PREFIX = "events.out.tfevents."  # what TensorBoard's readers look for in a file name
+SUFFIX = ".hpcgraft"  # ends the name of every event file hpcgraft writes: the files it may rename
 _NOT_SCALARS = {"epoch", "peer", "step"}
 
 
@@ -42,7 +43,7 @@ def require_tensorboard(cfg: Config) -> None:
     if not cfg.log.tensorboard:
         return
     try:
-        from tensorboard.compat.proto import event_pb2  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
         raise ConfigError("log.tensorboard=true needs the tensorboard package, which is not installed; install it "
                           "with pip install 'hpcgraft[tensorboard]' (or pip install tensorboard), or set "
@@ -82,20 +83,20 @@ class TensorBoardSink:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._files: dict[str, BinaryIO] = {}  # TensorBoard run -> its event file in this segment
-        self._start: int | None = None  # the step this segment's files start at (None: from scratch)
+        self._writers: dict[str, SummaryWriter] = {}  # TensorBoard run -> its writer in this segment
+        self._purge: int | None = None  # the first step this segment replaces (None: from scratch)
 
     def truncate_after(self, epoch: int, step: int) -> None:
         """Begin a segment after the checkpoint at global ``step`` (0: a run from scratch)."""
         self.close()
         if step == 0:
             remove_events(self.root)
-            self._start = None
+            self._purge = None
             return
-        self._start = step + 1
+        self._purge = step + 1
         # Every run folder gets its START now, even one this segment never writes to again.
         for folder in sorted(self.root.iterdir()) if self.root.is_dir() else ():
-            if folder.is_dir():
+            if folder.is_dir() and not folder.is_symlink():
                 self._writer(folder.name)
 
     def record(self, name: str, rows: list[dict[str, Any]]) -> None:
@@ -107,38 +108,32 @@ class TensorBoardSink:
             run, values = convert(row)
             if values:
                 self._write(run, row["step"], values)
-        for f in self._files.values():
-            f.flush()  # readable at once: TensorBoard shows a running run
+        for writer in self._writers.values():
+            writer.flush()  # readable at once: TensorBoard shows a running run
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        for writer in self._writers.values():
+            writer.close()
+        self._writers = {}
 
     def _write(self, run: str, step: int, values: dict[str, float]) -> None:
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        """One event per row, as the JSON-lines logs hold one line: a row's scalars share its step and wall
+        time, and the record's checksums (pure Python in TensorBoard) are computed once per row."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
 
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, simple_value=v)
-                                             for tag, v in values.items()])
-        self._writer(run).write(record(event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
-                                       .SerializeToString()))
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=v) for tag, v in values.items()])
+        self._writer(run).file_writer.add_summary(summary, global_step=step)
 
-    def _writer(self, run: str) -> BinaryIO:
-        if run in self._files:
-            return self._files[run]
-        from tensorboard.compat.proto import event_pb2
+    def _writer(self, run: str) -> SummaryWriter:
+        if run in self._writers:
+            return self._writers[run]
+        from torch.utils.tensorboard import SummaryWriter
 
         folder = self.root / run
         folder.mkdir(parents=True, exist_ok=True)
-        f = _open_segment(folder)
-        now = time.time()
-        f.write(record(event_pb2.Event(wall_time=now, step=self._start or 0, file_version="brain.Event:2")
-                       .SerializeToString()))
-        if self._start is not None:
-            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            f.write(record(event_pb2.Event(wall_time=now, step=self._start, session_log=start).SerializeToString()))
-        self._files[run] = f
-        return f
+        _stamp_below_now(folder)
+        self._writers[run] = SummaryWriter(str(folder), purge_step=self._purge, filename_suffix=SUFFIX)
+        return self._writers[run]
 
 
 def remove_events(root: Path) -> None:
@@ -147,7 +142,7 @@ def remove_events(root: Path) -> None:
     if root.is_symlink() or not root.is_dir():
         return
     for folder in [root, *(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())]:
-        for f in folder.glob(f"{PREFIX}*.hpcgraft"):
+        for f in folder.glob(f"{PREFIX}*{SUFFIX}"):
             if not f.is_symlink() and f.is_file():
                 f.unlink()
         with contextlib.suppress(OSError):  # not empty: someone else's files stay
@@ -156,36 +151,17 @@ def remove_events(root: Path) -> None:
         root.rmdir()
 
 
-def record(data: bytes) -> bytes:
-    """One TFRecord frame: length, masked CRC-32C of the length, the data, masked CRC-32C of the data."""
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = _crc32c()(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-@functools.cache
-def _crc32c() -> Callable[[bytes], int]:
-    """google-crc32c (in the extra) where installed: TensorBoard's own CRC is pure Python, ~3 us a byte, which
-    made a resnet110 graft report (220 scalars, 7 kB) cost 20 ms per peer on rank 0 instead of 2 us."""
-    try:
-        import google_crc32c
-
-        return google_crc32c.value
-    except ImportError:
-        from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import crc32c
-
-        return crc32c
-
-
-def _open_segment(folder: Path) -> BinaryIO:
-    """A new event file that sorts after every older one in ``folder``. Readers take a folder's files in
-    name order and that order decides what a START drops, so the time stamp in the name is never below an
-    earlier file's, even when a requeued job runs on a node whose clock is behind."""
-    stamps = [int(p.name[len(PREFIX):].split(".")[0]) for p in folder.glob(PREFIX + "*")
-              if p.name[len(PREFIX):].split(".")[0].isdigit()]
-    stamp = max([int(time.time()), *(s + 1 for s in stamps)])
-    return (folder / f"{PREFIX}{stamp:010d}.{socket.gethostname()}.{os.getpid()}.hpcgraft").open("xb")
+def _stamp_below_now(folder: Path) -> None:
+    """Readers take a folder's event files in name order, and that order decides what a START drops; the
+    writer names a new file by the clock. Where an earlier segment's file is stamped at or after now (written
+    on a node whose clock was ahead, before a requeue), hpcgraft's files are renamed, in their order, to the
+    seconds just below now, so the new segment's file sorts after them. Wall times inside stay as logged."""
+    ours = sorted(p for p in folder.glob(f"{PREFIX}*{SUFFIX}") if p.is_file() and not p.is_symlink())
+    now = int(time.time())
+    stamps = [p.name[len(PREFIX):].partition(".") for p in ours]
+    if not ours or not all(s.isdigit() for s, _, _ in stamps) or int(stamps[-1][0]) < now:
+        return
+    for i, (path, (_, _, rest)) in enumerate(zip(ours, stamps, strict=True)):
+        target = folder / f"{PREFIX}{now - len(ours) + i:010d}.{rest}"
+        if not target.exists():
+            path.rename(target)

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from hpcgraft.cli import analyze, report
-from hpcgraft.cli.report import graft_matrix, load_run
+from hpcgraft.reporting.plots import graft_matrix
+from hpcgraft.reporting.runs import load_run
 from tests._util import ROOT, env, jsonl
 
 

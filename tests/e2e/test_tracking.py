@@ -62,6 +62,9 @@ def test_tensorboard_events_hold_each_logged_step_once_after_a_kill_and_resume(e
                                                    for g in rounds]
             assert series(got, f"entropy/{name}") == [(g["step"], pytest.approx(g["layers"][i]["h_self"], rel=1e-6))
                                                      for g in rounds]
+    for folder in tb.iterdir():  # no curve doubles back: every tag's steps rise, each once
+        for tag, points in scalars(folder).items():
+            assert all(a[0] < b[0] for a, b in zip(points, points[1:], strict=False)), (folder.name, tag)
     ensemble = scalars(tb / "ensemble")
     assert series(ensemble, "metrics/test_acc") == expected([m for m in metrics if m["peer"] is None], "ensemble_acc")
     # appended, not rewritten: what came before the checkpoint keeps its wall times, in the first file

@@ -1,6 +1,9 @@
+import numpy as np
+import pytest
 import torch
 
 from hpcgraft.data import BatchLoader, DataError, build_datasets
+from hpcgraft.data.digits import digits_arrays
 
 
 def test_digits_split_is_fixed_and_stratified():
@@ -10,6 +13,15 @@ def test_digits_split_is_fixed_and_stratified():
     assert torch.equal(test.labels, test2.labels) and torch.equal(train.images, train2.images)
     counts = torch.bincount(test.labels, minlength=10)
     assert counts.min() >= 17 and counts.max() <= 37
+
+
+def test_the_packaged_digits_are_scikit_learns():
+    """digits.npz is load_digits() unchanged: pixel counts 0-16 as uint8, the labels in the same order."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    images, labels = digits_arrays()
+    ref = datasets.load_digits()
+    assert images.dtype == np.uint8 and images.shape == (1797, 8, 8) and images.max() == 16
+    assert np.array_equal(images, ref.images) and np.array_equal(labels, ref.target)
 
 
 def test_epoch_order_is_seeded_per_stream_and_resumable():

@@ -22,6 +22,7 @@ RANK = {
     "slurm": 2,  # the sbatch scripts (package data) and their shape check; the submit command uses the check
     "method": 2, "storage": 2,
     "comm": 3, "data": 3,
+    "reporting": 3,  # what the report command reads, tabulates and plots; sweep prints its table too
     "training": 4,
     "cli": 5,  # the commands
     # The older module paths (python -m hpcgraft.train, from hpcgraft import launch) and python -m hpcgraft:
@@ -36,8 +37,8 @@ FORBIDDEN = {
     "comm": {"config", "data", "storage"},
 }
 # Imports between commands: a submitit task of `submit` runs the training command itself; `sweep` submits
-# through `submit` and prints the table of `report`.
-ALLOWED = {("submit", "train"), ("sweep", "submit"), ("sweep", "report")}
+# through `submit`.
+ALLOWED = {("submit", "train"), ("sweep", "submit")}
 OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "evaluate", "prune")  # prune: without fine-tuning
 
 

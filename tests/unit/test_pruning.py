@@ -206,7 +206,7 @@ def test_lean_refuses_an_unsupported_stride():
 
 def test_report_plots_prune_results(tmp_path):
     """hpcgraft.report's pruning figure: one line per (criterion, arm) from the prune.json files it finds."""
-    from hpcgraft.cli.report import plot_pruning
+    from hpcgraft.reporting.plots import plot_pruning
 
     def doc(arm: str, top1: float) -> dict:
         return {"arm": arm, "results": [{"criterion": "bn", "kept_fraction": k, "top1": {"0": top1 * k, "1": top1}}

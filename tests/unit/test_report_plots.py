@@ -14,6 +14,8 @@ from hpcgraft.cli import report
 from hpcgraft.config import load_config
 from hpcgraft.method.validity import analyze_state
 from hpcgraft.models import create_model
+from hpcgraft.reporting import plots, tables
+from hpcgraft.reporting.runs import load_run, name_runs
 
 MIN_PX = 12.0  # 9 pt at 110 dpi is 13.75 px per em
 
@@ -52,10 +54,10 @@ def figures(monkeypatch):
     kept = {}
 
     def keep(fig, path, **kw):
-        fig.savefig(path, dpi=report.DPI, **kw)
+        fig.savefig(path, dpi=plots.DPI, **kw)
         kept[path.name] = fig
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(plots, "_save", keep)
     yield kept
     import matplotlib.pyplot as plt
 
@@ -73,10 +75,10 @@ def assert_readable(fig) -> None:
     for ax in fig.axes:
         for axis in ("x", "y"):
             for t in labels(ax, axis):
-                assert t.get_fontsize() * report.DPI / 72 >= MIN_PX, (ax.get_title(), t.get_text(), t.get_fontsize())
+                assert t.get_fontsize() * plots.DPI / 72 >= MIN_PX, (ax.get_title(), t.get_text(), t.get_fontsize())
         named = [t.get_position()[1] for t in labels(ax, "y")]
         if len(named) > 20:  # a layer axis: the distance of neighbouring named rows, in pixels of the PNG
-            ys = [ax.transData.transform((0, y))[1] * report.DPI / fig.dpi for y in named]
+            ys = [ax.transData.transform((0, y))[1] * plots.DPI / fig.dpi for y in named]
             pitch = min(abs(a - b) for a, b in zip(ys, ys[1:], strict=False))
             assert pitch >= MIN_PX, (ax.get_title(), pitch)
 
@@ -114,10 +116,10 @@ def test_only_runs_of_different_lengths_are_warned_about(tmp_path):
     names = layer_names()[:3]
     for name, epochs in (("a", 3), ("b", 3), ("c", 2)):
         write_run(tmp_path / name, "none", epochs, names)
-    runs = [report.load_run(tmp_path / n) for n in "abc"]
-    report.name_runs(runs)
-    assert report.length_warning(runs[:2]) is None
-    assert report.length_warning(runs) == ("the runs cover different numbers of epochs (a: 3, b: 3, c: 2); their "
+    runs = [load_run(tmp_path / n) for n in "abc"]
+    name_runs(runs)
+    assert tables.length_warning(runs[:2]) is None
+    assert tables.length_warning(runs) == ("the runs cover different numbers of epochs (a: 3, b: 3, c: 2); their "
                                            "final and best values are not comparable")
 
 
@@ -127,7 +129,7 @@ def test_invalid_filters_of_every_resnet110_layer_are_named_and_counted(tmp_path
     with torch.no_grad():
         state[convs[5]][:3] *= 1e-6  # three dead filters in one layer
     stats = analyze_state(state, [0.1, 0.01], 0.5)
-    report.plot_layer_invalid({"base": ("peer 0", stats), "graft": ("peer 0", stats[:-1])}, [0.1, 0.01],
+    plots.plot_layer_invalid({"base": ("peer 0", stats), "graft": ("peer 0", stats[:-1])}, [0.1, 0.01],
                               tmp_path / "invalid_layers.png")
     fig = figures["invalid_layers.png"]
     assert_readable(fig)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcgraft.cli.report import SWEEP_FILE, load_sweep, main, sweep_table
+from hpcgraft.cli.report import main
 from hpcgraft.config import load_config
 from hpcgraft.errors import InputError
+from hpcgraft.reporting.runs import SWEEP_FILE, load_sweep
+from hpcgraft.reporting.tables import sweep_table
 
 
 def _run(path: Path, state: str, accs: dict[int, list[float]], ens: list[float], invalid: dict[int, int]) -> None:

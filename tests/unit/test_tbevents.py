@@ -3,16 +3,12 @@ are started (the kill-and-resume case on a real run is in tests/e2e/test_trackin
 
 from __future__ import annotations
 
-import io
-import sys
 import time
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hpcgraft.storage import tbevents
 from hpcgraft.storage.runlog import GRAFTS, METRICS, STATUS, RunLog
-from hpcgraft.storage.tbevents import PREFIX, TensorBoardSink, graft_scalars, metric_scalars, record
+from hpcgraft.storage.tbevents import PREFIX, SUFFIX, TensorBoardSink, graft_scalars, metric_scalars
 
 
 def steps(folder, tag):
@@ -65,28 +61,56 @@ def test_a_start_from_scratch_removes_old_files_and_a_resume_appends(tmp_path):
 
 def test_a_new_segment_sorts_after_the_old_one_when_the_clock_is_behind(tmp_path):
     folder = tmp_path / "tb" / "peer0"
-    folder.mkdir(parents=True)
+    first = TensorBoardSink(tmp_path / "tb")
+    first.truncate_after(0, 0)
+    first.record(METRICS, [{"epoch": 1, "peer": 0, "step": 5, "test_acc": 50.0},
+                           {"epoch": 2, "peer": 0, "step": 10, "test_acc": 60.0}])
+    first.close()
+    (old,) = folder.iterdir()
     ahead = int(time.time()) + 3600  # written on a node whose clock was an hour ahead
-    (folder / f"{PREFIX}{ahead:010d}.other.1.hpcgraft").write_bytes(b"")
+    old.rename(folder / f"{PREFIX}{ahead:010d}.{old.name[len(PREFIX):].partition('.')[2]}")
+    foreign = folder / f"{PREFIX}{ahead + 1:010d}.other.1"  # not hpcgraft's: left as it is
+    foreign.write_bytes(b"")
+    resumed = TensorBoardSink(tmp_path / "tb")
+    resumed.truncate_after(1, 5)
+    resumed.record(METRICS, [{"epoch": 2, "peer": 0, "step": 10, "test_acc": 61.0}])
+    resumed.close()
+    ours = sorted(p.name for p in folder.iterdir() if p.name.endswith(SUFFIX))
+    assert len(ours) == 2 and int(ours[0][len(PREFIX):].split(".")[0]) < int(ours[1][len(PREFIX):].split(".")[0])
+    assert foreign.exists()
+    foreign.unlink()
+    assert steps(folder, "metrics/test_acc") == [(5, 50.0), (10, 61.0)]  # the resume's START dropped step 10
+
+
+def test_a_resumed_segment_never_doubles_back(tmp_path):
+    """Killed after step 30 with its checkpoint at step 20, resumed twice: TensorBoard's reader sees every tag's
+    steps rising, each once, with the values of the segment that logged them last."""
+    sink = TensorBoardSink(tmp_path)
+    sink.truncate_after(0, 0)
+    for step in (10, 20, 30):
+        sink.record(METRICS, [{"epoch": step // 10, "peer": 0, "step": step, "train_loss": 1.0 / step}])
+    for checkpoint in (20, 30):
+        sink = TensorBoardSink(tmp_path)
+        sink.truncate_after(checkpoint // 10, checkpoint)
+        for step in range(checkpoint + 10, 60, 10):
+            sink.record(METRICS, [{"epoch": step // 10, "peer": 0, "step": step, "train_loss": 2.0 / step}])
+        sink.close()
+    got = steps(tmp_path / "peer0", "metrics/train_loss")
+    assert [s for s, _ in got] == [10, 20, 30, 40, 50]
+    assert [round(v * s, 4) for s, v in got] == [1.0, 1.0, 2.0, 2.0, 2.0]
+
+
+def test_a_start_from_scratch_removes_only_the_files_the_writer_made(tmp_path):
+    """The files SummaryWriter writes for hpcgraft carry its suffix, so a run started again removes them and
+    leaves another tool's event file (same prefix, in the same folder) where it was."""
     sink = TensorBoardSink(tmp_path / "tb")
-    sink.truncate_after(1, 5)
+    sink.truncate_after(0, 0)
+    sink.record(METRICS, [{"epoch": 1, "peer": 0, "step": 5, "test_acc": 50.0}])
     sink.close()
-    names = sorted(p.name for p in folder.iterdir())
-    assert len(names) == 2 and names[1].startswith(f"{PREFIX}{ahead + 1:010d}.")
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_frames_are_byte_for_byte_tensorboards_own(fast, monkeypatch):
-    from tensorboard.summary.writer.record_writer import RecordWriter
-
-    if not fast:  # without google-crc32c: TensorBoard's pure-Python CRC
-        monkeypatch.setitem(sys.modules, "google_crc32c", None)
-    tbevents._crc32c.cache_clear()
-    try:
-        for data in (b"", b"x", bytes(range(256)) * 30):
-            theirs = io.BytesIO()
-            RecordWriter(theirs).write(data)
-            assert record(data) == theirs.getvalue()
-        assert tbevents._crc32c().__module__.startswith("google_crc32c" if fast else "tensorboard")
-    finally:
-        tbevents._crc32c.cache_clear()
+    ours = list((tmp_path / "tb" / "peer0").iterdir())
+    assert len(ours) == 1 and ours[0].name.startswith(PREFIX) and ours[0].name.endswith(SUFFIX)
+    foreign = tmp_path / "tb" / "peer0" / f"{PREFIX}1700000000.host.1.v2"
+    foreign.write_bytes(b"another tool's")
+    TensorBoardSink(tmp_path / "tb").truncate_after(0, 0)
+    assert [p.name for p in (tmp_path / "tb" / "peer0").iterdir()] == [foreign.name]
+    assert foreign.read_bytes() == b"another tool's"
