@@ -29,7 +29,7 @@ import subprocess
 import sys
 from collections.abc import Collection
 
-from hpcgraft.config import load_config
+from hpcgraft.config import Config, load_config
 from hpcgraft.errors import EXIT_USAGE, ConfigError, LaunchError, LayoutError, report
 from hpcgraft.text import plural
 
@@ -184,11 +184,6 @@ def parse_nodes(text: str) -> tuple[int, int]:
     return low, high
 
 
-def configured_peers(cfg: object) -> int | None:
-    """``graft.peers`` where the config has it and it is set: the peer count, fixed whatever the ranks."""
-    return getattr(getattr(cfg, "graft", None), "peers", None)
-
-
 def fits(peers: int, replicas: int, ranks: int) -> bool:
     """Whether ``peers`` peers of ``replicas`` ranks each can spread evenly over ``ranks`` ranks."""
     return ranks % replicas == 0 and peers % (ranks // replicas) == 0
@@ -215,9 +210,9 @@ def job_layout(peers: int | None, replicas: int, ranks: int, first_ranks: int) -
     return ranks, f"{plural(peers, 'peer')}, {peers // (ranks // replicas)} per rank"
 
 
-def check_node_range(cfg: object, nodes: tuple[int, int], ranks_per_node: int, spell: dict[str, str]) -> None:
+def check_node_range(cfg: Config, nodes: tuple[int, int], ranks_per_node: int, spell: dict[str, str]) -> None:
     """A job of MIN-MAX nodes may run on any node count in between: the peers must fit every one of them."""
-    peers, replicas = configured_peers(cfg), getattr(getattr(cfg, "dist", None), "replicas", 1)
+    peers, replicas = cfg.graft.peers, cfg.dist.replicas
     if peers is None:
         return
     bad = [n for n in range(nodes[0], nodes[1] + 1) if not fits(peers, replicas, n * ranks_per_node)]
@@ -233,7 +228,7 @@ def layout_main(a: argparse.Namespace) -> int:
     """``--layout``: inside a job, the step's ranks and peers, or one line and exit 2."""
     try:
         cfg = load_config(a.config, [x for x in a.args if "=" in x])
-        ranks, what = job_layout(configured_peers(cfg), cfg.dist.replicas, a.ranks, a.first_ranks or a.ranks)
+        ranks, what = job_layout(cfg.graft.peers, cfg.dist.replicas, a.ranks, a.first_ranks or a.ranks)
     except (LayoutError, ConfigError) as exc:
         return report(a.prog, exc, EXIT_USAGE)
     print(f"{ranks}|{what}")
