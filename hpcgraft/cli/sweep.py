@@ -33,6 +33,7 @@ from hpcgraft.config import Config, load_config, resolve_config
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, InputError, LaunchError, UserError, report
 from hpcgraft.reporting.runs import SWEEP_FILE, load_sweep
 from hpcgraft.reporting.tables import sweep_table
+from hpcgraft.slurm.check import parse_nodes
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
 from hpcgraft.storage.outputs import check_output_dir, check_output_file, check_run_outputs
@@ -318,7 +319,7 @@ def _ranks(a: argparse.Namespace, runs: list[Planned]) -> int:
                 raise ConfigError("--np with --gpus-per-node: a GPU job has one rank per GPU (nodes x GPUs); "
                                  "leave --np out")
             a.tasks_per_node = a.tasks_per_node or a.np
-        ranks = a.nodes * (a.gpus_per_node or a.tasks_per_node or 2)
+        ranks = parse_nodes(str(a.nodes))[0] * (a.gpus_per_node or a.tasks_per_node or 2)  # the fewest it may get
     else:
         ranks = a.np or 2
     needs_peers = [r.arm for r in runs if r.cfg.graft.mode == "peers" or r.cfg.cultivate.lambda_ > 0]

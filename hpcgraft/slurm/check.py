@@ -174,9 +174,9 @@ def check_slurm_request(partition: str | None, nodes: int, gpus_per_node: int, t
 
 def parse_nodes(text: str) -> tuple[int, int]:
     """SLURM's ``--nodes``: ``N``, or ``MIN-MAX`` for a job that may start (or go on) with fewer nodes."""
-    lo, _, hi = text.partition("-")
+    lo, sep, hi = text.partition("-")
     try:
-        low, high = int(lo), int(hi or lo)
+        low, high = int(lo), int(hi if sep else lo)
     except ValueError:
         low = high = 0
     if not 1 <= low <= high:
@@ -205,8 +205,10 @@ def job_layout(peers: int | None, replicas: int, ranks: int, first_ranks: int) -
         count = first_ranks // max(replicas, 1)
         return first_ranks, f"{plural(count, 'peer')}, 1 per rank" + (f" of {replicas}" if replicas > 1 else "")
     if not fits(peers, replicas, ranks):
-        raise LayoutError(f"graft.peers={peers} with dist.replicas={replicas} does not fit the {plural(ranks, 'rank')} "
-                          f"SLURM gave; rank counts that fit: {', '.join(map(str, fitting_ranks(peers, replicas)))}")
+        of = f" of dist.replicas={replicas}" if replicas > 1 else ""
+        raise LayoutError(f"graft.peers={peers}{of} does not fit the {plural(ranks, 'rank')} SLURM gave; rank counts "
+                          f"that fit: {', '.join(map(str, fitting_ranks(peers, replicas)))}; resubmit with a node "
+                          "count that gives one of them, the run resumes")
     return ranks, f"{plural(peers, 'peer')}, {peers // (ranks // replicas)} per rank"
 
 
