@@ -161,7 +161,7 @@ class CheckpointManager:
         images: dict[str, bytes] = {}
         failure = None
         try:
-            for p, tree in zip(self.hosted if self.writer else [], trees, strict=True):
+            for p, tree in zip(self.hosted, trees, strict=True) if self.writer else ():
                 images[peer_file(p)] = h5_image(tree, {**meta, "peer": p, "metric": scores[p]})
             if self.rank == 0:
                 images[RUN_FILE] = h5_image(run_tree or {}, meta)

@@ -241,8 +241,7 @@ class RunStore:
         if info.peers != self.world.peers:
             how = (f"set graft.peers={info.peers}" if self.cfg.graft.peers is not None
                    else f"start with {start_ranks(str(info.peers * self.world.replicas))}")
-            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')} and this run "
-                              f"{self.world.peers}; {how} to resume it")
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; {how} to resume it")
         info, states = self._fitting_checkpoint(info, peers)
         self.record_config()
         for peer, state in zip(peers, states, strict=True):
