@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests._util import ROOT, env, train
+from tests._util import ROOT, env
 from tests.cluster.test_slurm import _job_info, _nodes, _submitted_id, _wait_for, jobs  # noqa: F401 - jobs: fixture
 from tests.e2e import test_peers
+from tests.runs import RUNS
 
 pytestmark = pytest.mark.slurm
 
-# 11 steps per epoch, graft rounds every 4 steps; the run checkpoints every epoch (the default)
-ELASTIC = ("graft.peers=4", "train.epochs=3", "data.batch_size=128", "graft.interval_steps=4", "log.progress=off",
-           "dist.threads=1")
+# K=4, 11 steps per epoch, graft rounds every 4 steps; the run checkpoints every epoch (the default)
+REFERENCE = "peers4_3ep"
+ELASTIC = RUNS[REFERENCE].overrides
 FIRST_CHECKPOINT = "step-000000011"
 
 
@@ -69,7 +70,7 @@ def _restore(node: str, conf: Path) -> None:
 
 
 def test_a_job_that_loses_a_node_finishes_on_the_nodes_left_with_the_uninterrupted_bits(slurm_cluster, tmp_path,
-                                                                                         jobs):  # noqa: F811
+                                                                                         jobs, e2e_run):  # noqa: F811
     nodes = _nodes()
     if len(nodes) < 2:
         pytest.skip("the running local cluster has one node; start it with HPCGRAFT_SLURM_NODES=2")
@@ -77,8 +78,8 @@ def test_a_job_that_loses_a_node_finishes_on_the_nodes_left_with_the_uninterrupt
     e = env() | {"HPCGRAFT_NODES": "1-2", "HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_TASKS_PER_NODE": "2",
                  "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20", "HPCGRAFT_CONFIG": "configs/digits.yaml",
                  "HPCGRAFT_RUN_DIR": str(run)}
-    _wait_for("both nodes idle", lambda: subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True,
-                                                        text=True).stdout.split() == ["idle", "idle"], every=1)
+    _wait_for("every node idle", lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True,
+                                                            text=True).stdout.split()) == {"idle"}, every=1)
     r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), *ELASTIC], capture_output=True, text=True,
                        env=e, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -98,7 +99,4 @@ def test_a_job_that_loses_a_node_finishes_on_the_nodes_left_with_the_uninterrupt
     assert f"lost {nodes[1]} (SLURM took it out of the job)" in text, text
     assert f"step 2: 2 ranks on 1 node ({nodes[0]}), 4 peers, 2 per rank" in text, text
     assert f"resuming {run} from {FIRST_CHECKPOINT}" in text and "finished" in text, text
-    reference = tmp_path / "reference"
-    done = train(2, reference, *ELASTIC)
-    assert done.returncode == 0, done.stderr[-3000:]
-    test_peers._assert_same_run(run, reference)
+    test_peers._assert_same_run(run, e2e_run(REFERENCE).out)
