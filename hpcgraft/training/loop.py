@@ -183,7 +183,7 @@ def train_one_epoch(peer: Peer, stop: StopRequest, inject: Callable[[nn.Module, 
         if cfg.dist.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(peer, x):
-            logits = model(x)
+            logits = peer.net(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.train.label_smoothing)
             if peer.logits is not None:
                 with peer.watchdog.guard("cultivation: Allgather of logits"):
@@ -337,7 +337,7 @@ def stored_metric(peer: Peer, test_acc: float, grafted: bool, ranks_best: bool) 
 
 def _test_predictions(peer: Peer) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of this peer's model on its share of the test set, and the labels."""
-    return predict(peer.model, peer.test_loader, peer.device, channels_last=peer.cfg.dist.channels_last,
+    return predict(peer.net, peer.test_loader, peer.device, channels_last=peer.cfg.dist.channels_last,
                    autocast=lambda x: autocast(peer, x))
 
 

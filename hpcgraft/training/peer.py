@@ -23,6 +23,7 @@ from hpcgraft.data.memory import InMemoryImages
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
+from hpcgraft.models.compiled import check_compile, compile_model
 from hpcgraft.storage.run import build_model
 from hpcgraft.training.monitors import EarlyBirdMonitor, build_monitor
 
@@ -67,6 +68,18 @@ class Peer:
     monitor: EarlyBirdMonitor | None = None  # prune.monitor: its window of masks is checkpointed
     # Called with the model after every optimizer step (the pruning command re-applies its masks there).
     after_step: list[Callable[[nn.Module], None]] = field(default_factory=list)
+    _compiled: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def net(self) -> nn.Module:
+        """The module the training step and the evaluation call: ``model`` compiled for ``train.compile``,
+        else ``model`` itself. Its state is ``model``'s (the same tensors); everything that reads or writes
+        weights goes through ``model``. Compiled at first use, and again if ``model`` was replaced."""
+        if self.cfg.train.compile == "off":
+            return self.model
+        if self._compiled is None or getattr(self._compiled, "_orig_mod", None) is not self.model:
+            self._compiled = compile_model(self.model, self.cfg.train.compile)
+        return self._compiled
 
     def state_dict(self) -> dict[str, Any]:
         """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of
@@ -169,6 +182,7 @@ def check_model_fits_data(cfg: Config, model: nn.Module, data: ImageSet, device:
 
 def build_peer(cfg: Config, world: World) -> Peer:
     device = select_device(cfg.dist.device, world.local_rank)
+    check_compile(cfg.train.compile, device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.threads or torch_threads(world.local_size))
     train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
