@@ -61,8 +61,8 @@ NETWORKS = {
 }
 # This node's shared-memory path (tools/bench_comm.py on the 2-core development machine): the intra-node
 # messages and the local copies. Replaced by --comm.
-SHM = Link(1.0e-6, 8e9)
-COPY = 10e9  # bytes/s of a local copy
+SHM = Link(2.6e-6, 12.6e9)  # the Sendrecv fit: alpha 2.6 us, beta 12.6 GB/s
+COPY = 30e9  # bytes/s of a local copy: memcpy of the largest message (8 MiB)
 
 
 def model_figures(name: str) -> tuple[int, int, int]:
@@ -124,7 +124,8 @@ def main() -> None:
     if args.comm:
         fit = json.loads(args.comm.read_text())["fit"]
         shm = Link(fit["sendrecv"]["alpha_s"], fit["sendrecv"]["beta_Bps"])
-        copy = fit["memcpy"]["beta_Bps"]
+        largest = json.loads(args.comm.read_text())["rows"][-1]
+        copy = largest["bytes"] / largest["memcpy"]
     networks = {k: NETWORKS[k] for k in args.networks.split(",") if k}
     for spec in args.net:
         name, _, values = spec.partition("=")
