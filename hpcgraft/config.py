@@ -73,6 +73,7 @@ class GraftConfig:
     round_alpha: bool = False  # the authors' code rounds alpha to 2 decimals
     reference: str = "paper"  # paper (the method) | authors (the authors' code's arithmetic, hpcgraft.method.authors)
     on_nonfinite: str = "skip"  # skip | stop: what a peer holding NaN/Inf weights does to the run
+    peers: int | None = None  # K peers, spread over the ranks (K / (ranks / dist.replicas) each); None: one per rank
 
 
 @dataclass
@@ -405,6 +406,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= g.a <= 1.0, f"graft.a={g.a} is outside [0, 1]; the paper uses 0.4")
     _check(g.c >= 0 and math.isfinite(g.c), f"graft.c={g.c} must be a finite number >= 0; the paper uses 500")
     _check(g.bins >= 2, f"graft.bins={g.bins} must be at least 2; the paper uses 10")
+    _check(g.peers is None or g.peers >= 1, f"graft.peers={g.peers} must be >= 1, or left unset for one peer per "
+           "rank (per dist.replicas ranks)")
     _check(g.interval_steps >= 0, f"graft.interval_steps={g.interval_steps} must be >= 0 (0: every epoch end)")
     _check(t.epochs >= 1, f"train.epochs={t.epochs} must be >= 1 (a run trains at least one epoch)")
     _check(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be a finite number > 0")

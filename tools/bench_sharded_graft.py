@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,16 +83,30 @@ def worker(args: argparse.Namespace) -> None:
                           "min_s": totals[0], "phases": median[1], "bytes_sent": median[2], "elements": n_params}))
 
 
-def run(replicas: int, args: argparse.Namespace) -> dict:
-    ranks = 2 * replicas
-    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(ranks), sys.executable, __file__, "--worker",
-           "--replicas", str(replicas), "--rounds", str(args.rounds), "--topology", args.topology,
-           "--level", args.level]
+def run_worker(tool: str, ranks: int, *args: str) -> dict:
+    """``mpirun -np ranks`` of ``tool --worker ARGS`` (one thread per rank): the JSON of rank 0's last line."""
+    cmd = [str(Path(sys.executable).parent / "mpirun"), "-np", str(ranks), sys.executable, tool, "--worker", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     if out.returncode:
-        sys.exit(f"bench_sharded_graft: {ranks} ranks failed:\n{out.stderr[-2000:]}")
+        sys.exit(f"{Path(tool).stem}: {ranks} ranks ({' '.join(args)}) failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_or_work(p: argparse.ArgumentParser, work: Callable[[argparse.Namespace], None]
+                  ) -> argparse.Namespace | None:
+    """The driver's arguments; started as a rank (``--worker``), runs ``work`` instead and returns None."""
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        work(args)
+        return None
+    return args
+
+
+def run(replicas: int, args: argparse.Namespace) -> dict:
+    return run_worker(__file__, 2 * replicas, "--replicas", str(replicas), "--rounds", str(args.rounds),
+                      "--topology", args.topology, "--level", args.level)
 
 
 def _rest(result: dict) -> float:
@@ -104,11 +118,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--topology", choices=("ring", "allreduce"), default="ring")
     p.add_argument("--level", choices=("layer", "filter"), default="layer")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--replicas", type=int, default=1, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        worker(args)
+    args = parse_or_work(p, worker)
+    if args is None:
         return
     plain, sharded = run(1, args), run(2, args)
     print(f"graft round of a ResNet-50 ({plain['elements'] / 1e6:.1f} M weights), 2 peers, {args.topology}/"

@@ -79,7 +79,7 @@ class PackedTensors:
         small = [i for i in range(len(self.tensors)) if i not in direct]
         self._small = ([self.tensors[i] for i in small], [self.send_views[i] for i in small])
         self._large = [self.tensors[i] for i in sorted(direct)]
-        self._direct = [(_as_mpi(self.tensors[i]), _as_mpi(self.recv_views[i])) for i in sorted(direct)]
+        self._direct = [(as_mpi(self.tensors[i]), as_mpi(self.recv_views[i])) for i in sorted(direct)]
 
     @staticmethod
     def _host(n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -137,8 +137,8 @@ class PackedTensors:
         reqs += [comm.Isend(send, dest=dest, tag=tag + 1) for send, _ in self._direct]
         for dt, n in self.packed_numel.items():
             if n:
-                comm.Sendrecv((_as_mpi(self.host_send[dt][:n]), mpi_type(dt)), dest=dest, sendtag=tag,
-                              recvbuf=(_as_mpi(self.host_recv[dt][:n]), mpi_type(dt)), source=source, recvtag=tag)
+                comm.Sendrecv((as_mpi(self.host_send[dt][:n]), mpi_type(dt)), dest=dest, sendtag=tag,
+                              recvbuf=(as_mpi(self.host_recv[dt][:n]), mpi_type(dt)), source=source, recvtag=tag)
         mpi().Request.Waitall(reqs)
 
     def allreduce(self, comm: MPI.Comm) -> None:
@@ -155,7 +155,7 @@ class PackedTensors:
 
     def mpi_buffers(self, which: str) -> list[tuple[object, MPI.Datatype]]:
         bufs = self.host_send if which == "send" else self.host_recv
-        return [(_as_mpi(bufs[dt]), mpi_type(dt)) for dt in self.groups]
+        return [(as_mpi(bufs[dt]), mpi_type(dt)) for dt in self.groups]
 
 
 @cache
@@ -167,7 +167,7 @@ def mpi_type(dtype: torch.dtype) -> MPI.Datatype:
             torch.bfloat16: MPI.SHORT, torch.int64: MPI.INT64_T}[dtype]
 
 
-def _as_mpi(t: torch.Tensor) -> object:
+def as_mpi(t: torch.Tensor) -> object:
     """A buffer mpi4py can read: numpy on the host, the CUDA array interface on a CUDA-aware MPI."""
     if t.device.type == "cuda":
         return t
@@ -339,14 +339,23 @@ class GraftExchange:
         return RoundResult(grafting.make_report(self.plan, h_self, h_src, alphas, self.level))
 
     def _entropies_of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        view = dict(zip(self.keys, tensors, strict=True))
-        return self.math.entropies(view, self.plan)
+        return entropies_of(self.math, self.plan, self.keys, tensors)
 
     def _unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        sizes = [1 if self.level == "layer" or not g.per_filter else g.filters for g in self.plan]
-        parts = flat.split(sizes)
-        return [p.reshape(()) if self.level == "layer" or not g.per_filter else p
-                for p, g in zip(parts, self.plan, strict=True)]
+        return unflatten_entropies(self.plan, self.level, flat)
 
     def _nonfinite(self, bad: tuple[int, ...], why: str) -> RoundResult:
         return RoundResult(None, skipped_reason=why, nonfinite_peers=bad)
+
+
+def entropies_of(math: grafting.GraftMath, plan: list[LayerGroup], keys: Sequence[str],
+                 tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The entropies of ``tensors`` (a source, laid out as the plan's member ``keys``)."""
+    return math.entropies(dict(zip(keys, tensors, strict=True)), plan)
+
+
+def unflatten_entropies(plan: list[LayerGroup], level: str, flat: torch.Tensor) -> list[torch.Tensor]:
+    """One peer's entropies from the flat vector it shared: a scalar per layer, or a vector per filter."""
+    sizes = [1 if level == "layer" or not g.per_filter else g.filters for g in plan]
+    parts = flat.split(sizes)
+    return [p.reshape(()) if level == "layer" or not g.per_filter else p for p, g in zip(parts, plan, strict=True)]

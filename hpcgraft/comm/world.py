@@ -1,8 +1,10 @@
 """The MPI world of a run, its peer/replica layout, and agreement between ranks.
 
-Layout: with R replicas per peer, peer p owns world ranks p*R .. p*R+R-1 (replica = rank % R).
-``graft_comm`` joins the ranks of one replica index across peers (its rank is the peer index: the ring
-lives there); ``peer_comm`` joins the replicas of one peer (data parallelism lives there).
+Layout: K peers (``graft.peers``; default one per rank group) over G = ranks / R groups of R replica ranks
+each; group g owns world ranks g*R .. g*R+R-1 (replica = rank % R) and hosts the P = K / G peers
+g*P .. g*P+P-1, a contiguous block, so that ring neighbours are on the same rank except at block edges.
+``graft_comm`` joins the ranks of one replica index across groups (its rank is the group index: the ring
+lives there); ``peer_comm`` joins the replicas of one group (data parallelism lives there).
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ class World:
     replicas: int
     graft_comm: MPI.Comm
     peer_comm: MPI.Comm
+    per_rank: int = 1  # P: the peers this rank (its replica group) hosts, peer .. peer+P-1
+
+    @property
+    def local_peers(self) -> range:
+        """The global indices of the peers this rank hosts (``peer`` is the first)."""
+        return range(self.peer, self.peer + self.per_rank)
+
+    @property
+    def group(self) -> int:
+        """This rank's replica group, the unit of the ring between ranks (rank of ``graft_comm``)."""
+        return self.peer // self.per_rank
 
     @property
     def is_root(self) -> bool:
@@ -58,24 +71,44 @@ def start_ranks(count: str) -> str:
     return f"mpirun -np {count}"
 
 
-def init_world(replicas: int = 1, comm: MPI.Comm | None = None) -> World:
-    """Form the peers x replicas layout over ``comm`` (default: the MPI world)."""
-    MPI = mpi()
-    comm = comm or MPI.COMM_WORLD
-    size, rank = comm.Get_size(), comm.Get_rank()
+def peers_per_group(peers: int | None, size: int, replicas: int) -> int:
+    """P, the peers each group of ``replicas`` ranks hosts when ``size`` ranks train ``peers`` (None: one per
+    group); a layout that does not fit is one line naming the rank counts that do."""
     if size % replicas:
         raise LayoutError(
             f"{plural(size, 'rank')} cannot form peers of dist.replicas={replicas} ranks each; start a multiple of "
             f"{replicas} ranks ({start_ranks(str(replicas * max(2, size // replicas)))}) or change dist.replicas"
         )
+    groups = size // replicas
+    if peers is None:
+        return 1
+    if peers < 1 or peers % groups:
+        fits = [str(g * replicas) for g in range(1, max(peers, 1) + 1) if peers >= 1 and peers % g == 0]
+        where = plural(groups, "rank group" if replicas > 1 else "rank")
+        where += f" of dist.replicas={replicas}" if replicas > 1 else ""
+        raise LayoutError(
+            f"graft.peers={peers} cannot be spread evenly over {where}; rank counts that fit: "
+            f"{', '.join(fits) or 'none'} ({start_ranks(fits[-1] if fits else 'N')}), or change graft.peers"
+        )
+    return peers // groups
+
+
+def init_world(replicas: int = 1, comm: MPI.Comm | None = None, peers: int | None = None) -> World:
+    """Form the peers x replicas layout over ``comm`` (default: the MPI world); ``peers``: K (``graft.peers``),
+    None for one peer per group of ``replicas`` ranks."""
+    MPI = mpi()
+    comm = comm or MPI.COMM_WORLD
+    size, rank = comm.Get_size(), comm.Get_rank()
+    per_rank = peers_per_group(peers, size, replicas)
     local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
-    peer, replica = divmod(rank, replicas)
+    group, replica = divmod(rank, replicas)
     return World(
         comm=comm, rank=rank, size=size, local_rank=local_rank, local_size=local_size,
-        peer=peer, peers=size // replicas, replica=replica, replicas=replicas,
-        graft_comm=comm.Split(color=replica, key=peer), peer_comm=comm.Split(color=peer, key=replica),
+        peer=group * per_rank, peers=size // replicas * per_rank, replica=replica, replicas=replicas,
+        graft_comm=comm.Split(color=replica, key=group), peer_comm=comm.Split(color=group, key=replica),
+        per_rank=per_rank,
     )
 
 
@@ -146,9 +179,10 @@ def torch_threads(local_size: int) -> int:
     return max(1, cores // max(1, local_size))
 
 
-def gather_peers(world: World, obj: T) -> list[T] | None:
-    """One object per peer, in peer order, on rank 0 (None elsewhere). Only each peer's replica 0 sends:
-    the replicas of a peer hold the same state."""
+def gather_peers(world: World, objs: list[T]) -> list[T] | None:
+    """One object per peer (``objs``: this rank's, one per hosted peer), in peer order, on rank 0 (None
+    elsewhere). Only each group's replica 0 sends: the replicas of a peer hold the same state."""
     if not world.is_peer_lead:
         return None
-    return world.graft_comm.gather(obj, root=0)
+    blocks = world.graft_comm.gather(objs, root=0)
+    return None if blocks is None else [obj for block in blocks for obj in block]

@@ -126,16 +126,18 @@ class CheckpointManager:
     """Collective save/resume of a run's checkpoints; see the module docstring for the layout."""
 
     def __init__(self, run_dir: str | Path, comm: MPI.Comm, *, peer: int, peers: int, writer: bool,
-                 keep: int = 2, keep_best: bool = True, interval: int = 1) -> None:
+                 keep: int = 2, keep_best: bool = True, interval: int = 1, hosted: int = 1) -> None:
+        """``peer``: the first of the ``hosted`` peers this rank saves (peer .. peer+hosted-1) if ``writer``."""
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep must be at least 1, got {keep}")
-        if not 0 <= peer < peers:
-            raise CheckpointError(f"peer {peer} is outside 0..{peers - 1}")
+        if not 0 <= peer <= peer + hosted - 1 < peers:
+            raise CheckpointError(f"peer {peer + hosted - 1} is outside 0..{peers - 1}")
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.comm = comm
         self.rank = comm.Get_rank()
         self.peer, self.peers, self.writer = peer, peers, writer
+        self.hosted = list(range(peer, peer + hosted))
         self.keep, self.keep_best, self.interval = keep, keep_best, interval
         self._verified: set[tuple[int, int, int, int]] = set()  # files this rank checked in latest()
 
@@ -145,25 +147,28 @@ class CheckpointManager:
         """Whether a checkpoint is written after ``epoch`` completed epochs: every ``interval``, and the last."""
         return last or epoch % self.interval == 0
 
-    def save(self, step: int, epoch: int, peer_tree: Tree, run_tree: Tree | None, *,
-             metric: float | None = None) -> CheckpointInfo:
+    def save(self, step: int, epoch: int, peer_tree: Tree | list[Tree], run_tree: Tree | None, *,
+             metric: float | None | list[float | None] = None) -> CheckpointInfo:
         """COLLECTIVE: write this step's checkpoint; raises CheckpointError on every rank if any rank failed
-        (:class:`CheckpointSpaceError` when the file system is too full for it)."""
+        (:class:`CheckpointSpaceError` when the file system is too full for it). ``peer_tree`` and ``metric``:
+        one per hosted peer (a list), or the one peer's."""
         step, epoch = operator.index(step), operator.index(epoch)  # the same on all ranks: no one waits alone
         ckpt_dir = self.root / step_dir_name(step)
         meta = {"format": FORMAT, "step": step, "epoch": epoch, "peers": self.peers}
-        score = _finite(metric) if self.writer else None
+        trees = peer_tree if isinstance(peer_tree, list) else [peer_tree]
+        metrics = metric if isinstance(metric, list) else [metric]
+        scores = {p: _finite(m) for p, m in zip(self.hosted, metrics, strict=True)} if self.writer else {}
         images: dict[str, bytes] = {}
         failure = None
         try:
-            if self.writer:
-                images[peer_file(self.peer)] = h5_image(peer_tree, {**meta, "peer": self.peer, "metric": score})
+            for p, tree in zip(self.hosted, trees, strict=True) if self.writer else ():
+                images[peer_file(p)] = h5_image(tree, {**meta, "peer": p, "metric": scores[p]})
             if self.rank == 0:
                 images[RUN_FILE] = h5_image(run_tree or {}, meta)
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
             failure = f"rank {self.rank} could not write {ckpt_dir.name}: {one_line(exc)}"
         free = _free_bytes(self.run_dir) if self.rank == 0 else None
-        layout = self.comm.allgather((step, epoch, self.peer, self.peers, self.writer, failure,
+        layout = self.comm.allgather((step, epoch, self.hosted, self.peers, self.writer, failure,
                                       sum(len(b) for b in images.values()), free))
         space = self._check_layout(layout)
         if space.free is not None and space.needed > space.free:  # nothing written: the last checkpoint stays
@@ -184,7 +189,7 @@ class CheckpointManager:
             failure = f"rank {self.rank} could not write {ckpt_dir.name}: {one_line(exc)}"
             full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
         images.clear()
-        reports = self.comm.gather((failure, full, files, self.peer if self.writer else None, score), root=0)
+        reports = self.comm.gather((failure, full, files, scores), root=0)
 
         outcome = None
         if self.rank == 0:
@@ -220,7 +225,7 @@ class CheckpointManager:
             if (s, e, k) != (step, epoch, peers):
                 raise CheckpointError(f"save() called with step {s}, epoch {e}, peers {k} on rank {rank} but step "
                                       f"{step}, epoch {epoch}, peers {peers} on rank 0; every rank must save together")
-        writers = sorted(p for _, _, p, _, w, _, _, _ in layout if w)
+        writers = sorted(p for _, _, hosted, _, w, _, _, _ in layout if w for p in hosted)
         if writers != list(range(peers)):
             raise CheckpointError(f"checkpoint writers cover peers {writers}, expected exactly one writer for each of "
                                   f"0..{peers - 1} (replica 0 of every peer)")
@@ -239,9 +244,9 @@ class CheckpointManager:
             return _FULL if any(full for _, full, *_ in reports) else "; ".join(failures)
         files: dict[str, Any] = {}
         metrics: list[float | None] = [None] * self.peers
-        for _, _, written, peer, metric in reports:
+        for _, _, written, scores in reports:
             files.update(written)
-            if peer is not None:
+            for peer, metric in scores.items():
                 metrics[peer] = metric
         manifest = {
             "format": FORMAT, "version": FORMAT_VERSION, "step": step, "epoch": epoch, "peers": self.peers,
@@ -292,8 +297,8 @@ class CheckpointManager:
         The files are checked in parallel, each peer file by the rank that writes (and will load) it,
         run.h5 by rank 0, so that load_peer right after need not read the file a second time.
         """
-        writer_of = {p: r for r, p in enumerate(self.comm.allgather(self.peer if self.writer else None))
-                     if p is not None}
+        writer_of = {p: r for r, hosted in enumerate(self.comm.allgather(self.hosted if self.writer else []))
+                     for p in hosted}
         size = self.comm.Get_size()
 
         def checker(index: int, name: str) -> int:

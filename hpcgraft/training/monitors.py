@@ -94,25 +94,30 @@ def build_monitor(cfg: Config, model: nn.Module, test_set: ImageSet, device: tor
     return EarlyBirdMonitor(cfg, model, images)
 
 
-def monitor_epoch(monitor: EarlyBirdMonitor | None, model: nn.Module, epoch: int, world: World, watchdog: Watchdog,
-                  row: dict[str, Any]) -> dict[str, Any]:
-    """COLLECTIVE over the peer leads. Adds this peer's early-bird fields to its metrics ``row`` and returns
-    the fields of the epoch's ``peer: null`` row (the distances between peers, on rank 0; {} elsewhere).
-    Takes the peer's parts, not the peer: the peer builds its monitor here, so this module never imports it."""
-    if monitor is None:
+def monitor_epoch(monitors: list[EarlyBirdMonitor | None], models: list[nn.Module], epoch: int, world: World,
+                  watchdog: Watchdog, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """COLLECTIVE over the peer leads. Adds each hosted peer's early-bird fields to its metrics row (``rows``,
+    one per hosted peer, as ``monitors`` and ``models``) and returns the fields of the epoch's ``peer: null``
+    row (the distances between peers, on rank 0; {} elsewhere). Takes the peers' parts, not the peers: the
+    peer builds its monitor here, so this module never imports it."""
+    if monitors[0] is None:
         return {}
-    mask = monitor.measure(model)
-    found = monitor.detector.update(mask, epoch)
-    row.update({"eb_monitor": monitor.kind, "eb_dist_prev": found["dist_prev"], "eb_dist_max": found["dist_max"],
-                "eb_flag": found["flag"], "eb_epoch": found["eb_epoch"]})
+    masks = []
+    for monitor, model, row in zip(monitors, models, rows, strict=True):
+        assert monitor is not None
+        mask = monitor.measure(model)
+        found = monitor.detector.update(mask, epoch)
+        row.update({"eb_monitor": monitor.kind, "eb_dist_prev": found["dist_prev"], "eb_dist_max": found["dist_max"],
+                    "eb_flag": found["flag"], "eb_epoch": found["eb_epoch"]})
+        masks.append(mask)
     with watchdog.guard("early-bird monitor: gather of the peers' masks"):
-        masks = gather_peers(world, mask)
-    if not masks:
+        everyone = gather_peers(world, masks)
+    if not everyone:
         return {}
-    k = len(masks)
+    k = len(everyone)
     dist = np.zeros((k, k))
     for i, j in itertools.combinations(range(k), 2):
-        dist[i, j] = dist[j, i] = monitor.distance(masks[i], masks[j])
+        dist[i, j] = dist[j, i] = monitors[0].distance(everyone[i], everyone[j])
     pairs = [dist[i, j] for i, j in itertools.combinations(range(k), 2)]
     return {"eb_peer_dist": dist.tolist(), "eb_peer_dist_mean": float(np.mean(pairs)) if pairs else None}
 

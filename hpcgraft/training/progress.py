@@ -122,8 +122,10 @@ class RunProgress:
     rank 0 knows whether it writes to a terminal).
     """
 
-    def __init__(self, peer: Peer, out: TextIO | None = None, is_tty: bool | None = None) -> None:
-        self.peer = peer
+    def __init__(self, peer: Peer, out: TextIO | None = None, is_tty: bool | None = None,
+                 hosted: list[int] | None = None) -> None:
+        self.peer = peer  # the rank's first peer: the progress of all it hosts (they step together)
+        self.hosted = hosted if hosted is not None else [peer.world.peer]
         self.cfg = peer.cfg.log
         self.out = out or sys.stdout
         world = peer.world
@@ -153,18 +155,20 @@ class RunProgress:
             self.bar = tqdm(total=self.steps, initial=prog.batch, leave=False, dynamic_ncols=True,
                             desc=f"epoch {prog.epoch + 1}/{self.peer.cfg.train.epochs}", file=sys.stderr)
 
-    def step(self, loss_sum: torch.Tensor) -> None:
-        """After every optimizer step, on every rank; ``loss_sum`` is the epoch's running summed loss
-        (read only at meeting points: on a GPU, reading it waits for the device)."""
+    def step(self, loss_sum: torch.Tensor | list[torch.Tensor]) -> None:
+        """After every optimizer step, on every rank; ``loss_sum`` is the epoch's running summed loss, one
+        per hosted peer (read only at meeting points: on a GPU, reading it waits for the device)."""
         if self.bar is not None:
             self.bar.update(1)
         if self.mode != LINES or self.peer.progress.step < self.meeting:
             return
         prog = self.peer.progress
-        mine = RankFigures(self.peer.world.peer, prog.seen, float(loss_sum),
-                           prog.seconds + time.monotonic() - self.began)
+        seconds = prog.seconds + time.monotonic() - self.began
+        sums = loss_sum if isinstance(loss_sum, list) else [loss_sum]
+        mine = [RankFigures(p, prog.seen, float(s), seconds) for p, s in zip(self.hosted, sums, strict=True)]
         with self.peer.watchdog.guard("progress: gather of the ranks' figures"):
-            figures = self.comm.gather(mine, root=0)
+            blocks = self.comm.gather(mine, root=0)
+            figures = [f for block in blocks for f in block] if self.is_root else None
             self.meeting = self.comm.bcast(self._report(figures, prog) if self.is_root else None, root=0)
 
     def _report(self, figures: list[RankFigures], prog: Progress) -> int:

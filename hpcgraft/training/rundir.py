@@ -206,7 +206,8 @@ class RunStore:
         if cfg.checkpoint.enabled:
             self.manager = CheckpointManager(run_dir, world.comm, peer=world.peer, peers=world.peers,
                                              writer=world.is_peer_lead, keep=cfg.checkpoint.keep,
-                                             keep_best=cfg.checkpoint.keep_best, interval=cfg.checkpoint.interval)
+                                             keep_best=cfg.checkpoint.keep_best, interval=cfg.checkpoint.interval,
+                                             hosted=world.per_rank)
         self._passed_over: list[str] = []  # --from-step: the other checkpoints, which resume must not pick
         self.log: RunLog | None = None  # rank 0's logs, opened by record_config
         self._grafts: list[dict[str, Any]] = []  # graft.jsonl as it stands, for run.h5's grafting history
@@ -225,8 +226,9 @@ class RunStore:
             on_orphaned(lambda what: self.log.last_status(
                 "failed", f"{what}; re-run the same command to resume from the last checkpoint"))
 
-    def resume(self, peer: Peer) -> None:
-        """Continue from the latest intact checkpoint. Without config.yaml (deleted), the checkpoint's own
+    def resume(self, peers: list[Peer]) -> None:
+        """Continue the hosted ``peers`` from the latest intact checkpoint, whichever ranks wrote it (a
+        checkpoint names its peers, not their ranks). Without config.yaml (deleted), the checkpoint's own
         copy of the config (run.h5) decides whether this config may continue it."""
         info = self._start_checkpoint()
         if info is not None and not self.had_config:  # rank 0 reads it; every rank learns the verdict
@@ -237,12 +239,14 @@ class RunStore:
                 self._say_torn(self.log.truncate_after(0, 0))
             return
         if info.peers != self.world.peers:
-            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; start with "
-                             f"{start_ranks(str(info.peers * self.world.replicas))} to resume it")
-        info, state = self._fitting_checkpoint(info, peer)
+            how = (f"set graft.peers={info.peers}" if self.cfg.graft.peers is not None
+                   else f"start with {start_ranks(str(info.peers * self.world.replicas))}")
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; {how} to resume it")
+        info, states = self._fitting_checkpoint(info, peers)
         self.record_config()
-        peer.load_state_dict(state)
-        prog = peer.progress
+        for peer, state in zip(peers, states, strict=True):
+            peer.load_state_dict(state)
+        prog = peers[0].progress
         if self.log:
             self._say_torn(self.log.truncate_after(prog.epoch, prog.step))
             self._grafts = read_jsonl(self.dir / GRAFTS)  # once; later rows are kept as they are logged
@@ -278,8 +282,9 @@ class RunStore:
                                   "pick another with --from-step")
         return info
 
-    def _fitting_checkpoint(self, info: CheckpointInfo, peer: Peer) -> tuple[CheckpointInfo, dict[str, Any]]:
-        """COLLECTIVE: the newest intact checkpoint that also fits this run, and this peer's state in it.
+    def _fitting_checkpoint(self, info: CheckpointInfo, peers: list[Peer]
+                            ) -> tuple[CheckpointInfo, list[dict[str, Any]]]:
+        """COLLECTIVE: the newest intact checkpoint that also fits this run, and the hosted peers' states in it.
 
         CRCs prove the files are as written, not that the writer was right: a tool that rewrote a dataset
         (and its CRC) with another shape or dtype, or one peer's progress far from the others', would fail
@@ -287,19 +292,26 @@ class RunStore:
         like a damaged one."""
         unfit: list[str] = []
         while True:
-            try:
-                state: dict[str, Any] | None = self.manager.load_peer(info, self.world.peer)
-                problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
-            except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather below
-                state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
-            prog = state["progress"] if state and not problem else {}
-            found = self.world.comm.allgather((problem, [prog.get(k) for k in ("epoch", "step", "batch")]))
+            states: list[dict[str, Any]] = []
+            problem, wheres = None, []
+            for peer in peers:
+                try:
+                    state: dict[str, Any] | None = self.manager.load_peer(info, peer.index)
+                    problem = _state_problem(state, peer.state_dict(), self.cfg.train.epochs)
+                except Exception as exc:  # noqa: BLE001 - every rank must reach the allgather below
+                    state, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
+                if problem:
+                    problem = f"peer {peer.index}: {problem}" if len(peers) > 1 else problem
+                    break
+                states.append(state)  # type: ignore[arg-type]
+                wheres.append((peer.index, tuple(state["progress"].get(k) for k in ("epoch", "step", "batch"))))
+            found = self.world.comm.allgather((problem, wheres))
             bad = next(((r, p) for r, (p, _) in enumerate(found) if p), None)
-            if bad is None and len({tuple(where) for _, where in found}) > 1:
+            if bad is None and len({where for _, ws in found for _, where in ws}) > 1:
                 bad = (0, "the peers' progress (epoch, step, batch) differs: "
-                          + ", ".join(f"rank {r} {tuple(w)}" for r, (_, w) in enumerate(found)))
+                          + ", ".join(f"peer {p} {where}" for _, ws in found for p, where in ws))
             if bad is None:
-                return info, state  # type: ignore[return-value]
+                return info, states
             unfit.append(info.path.name)
             nxt = self.manager.latest(exclude=[*unfit, *self._passed_over])
             tail = f"falling back to {nxt.path.name}" if nxt else "no earlier checkpoint"
@@ -330,7 +342,8 @@ class RunStore:
         """Whether the epoch just completed ends with a checkpoint (the last one always does)."""
         return self.manager is not None and self.manager.due(epoch, last=epoch == self.cfg.train.epochs)
 
-    def save(self, peer: Peer, *, metric: float | None = None) -> None:
+    def save(self, peers: list[Peer], *, metrics: list[float | None] | None = None) -> None:
+        """COLLECTIVE: checkpoint the hosted ``peers`` (``metrics``: what each is ranked by)."""
         if self.manager is None:
             return
         run_tree = None
@@ -338,12 +351,14 @@ class RunStore:
             self.log.sync()
         if self.world.is_root:
             run_tree = {"config": self.cfg.to_yaml(), "versions": _versions(), "grafts": _graft_history(self._grafts)}
-        state = peer.state_dict()
+        states = [peer.state_dict() for peer in peers]
+        prog = peers[0].progress
         try:
-            with peer.watchdog.guard("checkpoint: save"):
-                self.manager.save(peer.progress.step, peer.progress.epoch, state, run_tree, metric=metric)
+            with peers[0].watchdog.guard("checkpoint: save"):
+                self.manager.save(prog.step, prog.epoch, states, run_tree,
+                                  metric=metrics if metrics is not None else [None] * len(peers))
         except CheckpointError as exc:  # raised on every rank alike: one line, exit 1, no abort
-            raise RunError(self._save_failure(exc, peer.progress.epoch, peer.progress.step)) from None
+            raise RunError(self._save_failure(exc, prog.epoch, prog.step)) from None
 
     def _save_failure(self, exc: CheckpointError, epoch: int, step: int) -> str:
         """One line, status.json says ``failed``; a full disk is named with the space before the write and the

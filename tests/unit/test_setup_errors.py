@@ -8,18 +8,19 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
 import pytest
 
 from hpcgraft.cli import train
-from hpcgraft.comm import failure
+from hpcgraft.comm import failure, mpi
 from hpcgraft.comm.replicas import require_horovod
-from hpcgraft.comm.world import agreed, check_peers_agree, init_world
+from hpcgraft.comm.world import agreed, check_peers_agree, init_world, peers_per_group
 from hpcgraft.config import load_config
 from hpcgraft.errors import ConfigError, LayoutError, PeerMismatchError, SetupError
-from hpcgraft.training.peer import check_peer_count
+from hpcgraft.training.peer import check_layout, check_peer_count
 from tests._util import ROOT
 
 
@@ -56,12 +57,17 @@ def run_main(capsys: pytest.CaptureFixture, tmp_path, *overrides: str) -> tuple[
         (("graft.mode=none", "cultivate.lambda=1"),
          "cultivation (cultivate.lambda=1) distils between peers and needs at least 2 but this run has 1; start "
          "it with mpirun -np K (K >= 2) or set cultivate.lambda=0"),
+        (("graft.peers=1",), "grafting between peers needs at least 2 peers but this run has 1; set graft.peers=K "
+                             "(K >= 2) or set graft.mode=none"),
+        (("graft.peers=0",), "graft.peers=0 must be >= 1, or left unset for one peer per rank (per dist.replicas "
+                             "ranks)"),
         (("trian.epochs=1",), "unknown config key 'trian.epochs'; did you mean 'train.epochs'?"),
         (("graft.a=2",), "graft.a=2.0 is outside [0, 1]"),
         (("graft.mode=none", "data.name=cifar10"), "data.name=cifar10 needs data.root"),
         (("graft.mode=none", "model.name=resnet33"), "unknown model 'resnet33' (model.name); did you mean"),
     ],
-    ids=["grafting-alone", "cultivation-alone", "unknown-key", "bad-value", "missing-data", "unknown-model"],
+    ids=["grafting-alone", "cultivation-alone", "one-peer", "no-peers", "unknown-key", "bad-value", "missing-data",
+         "unknown-model"],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, stop_signals_kept, overrides, message):
     rc, errors, err = run_main(capsys, tmp_path, *overrides)
@@ -112,6 +118,26 @@ def test_layout_errors_name_the_rank_count_to_start():
                                           r"it with mpirun -np K \(K >= 2 peers x dist\.replicas=2\) or set "
                                           r"graft\.mode=none$"):
         check_peer_count(cfg, peers=1, replicas=2)
+
+
+def test_a_peer_count_the_ranks_cannot_share_names_the_rank_counts_that_fit():
+    assert peers_per_group(None, 4, 1) == 1 and peers_per_group(8, 4, 1) == 2 and peers_per_group(4, 4, 2) == 2
+    with pytest.raises(LayoutError, match=r"^graft\.peers=6 cannot be spread evenly over 4 ranks; rank counts that "
+                                          r"fit: 1, 2, 3, 6 \(mpirun -np 6\), or change graft\.peers$"):
+        peers_per_group(6, 4, 1)
+    with pytest.raises(LayoutError, match=r"^graft\.peers=3 cannot be spread evenly over 2 rank groups of "
+                                          r"dist\.replicas=2; rank counts that fit: 2, 6 \(mpirun -np 6\)"):
+        peers_per_group(3, 4, 2)
+    world = init_world(1, mpi().COMM_SELF, peers=4)
+    assert (world.peers, world.per_rank, list(world.local_peers)) == (4, 4, [0, 1, 2, 3])
+
+
+def test_several_peers_per_replica_group_are_refused_before_horovod_is_asked():
+    cfg = load_config(None, ["dist.replicas=2", "graft.peers=4"])
+    world = SimpleNamespace(peers=4, replicas=2, per_rank=2, size=4)
+    with pytest.raises(ConfigError, match=r"^graft\.peers=4 on 4 ranks with dist\.replicas=2 puts 2 peers on each "
+                                          r"replica group, and replicas train one peer per group; set graft\.peers=2"):
+        check_layout(cfg, world)
 
 
 def test_missing_horovod_is_one_line_naming_the_install(monkeypatch):

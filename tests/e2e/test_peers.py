@@ -1,0 +1,93 @@
+"""K peers on any number of ranks (graft.peers): the same run, bit for bit, on 2 and 1 ranks uninterrupted and
+resumed onto another layout (4 ranks -> 2 -> 1 -> 4), with one thread per rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests._util import env, jsonl, train
+
+pytestmark = pytest.mark.mpi
+
+# 11 steps per epoch (batch 128), graft rounds every 4 steps (mid-epoch too), precise BN replaying batches
+RING = ("graft.peers=4", "train.epochs=2", "data.batch_size=128", "graft.interval_steps=4", "train.precise_bn=2",
+        "log.progress=off", "dist.threads=1")
+# the other sums across peers: allreduce grafting, cultivation's logits, early-bird masks between peers
+SUMS = ("graft.peers=4", "train.epochs=1", "data.batch_size=128", "graft.interval_steps=4", "train.precise_bn=2",
+        "graft.topology=allreduce", "cultivate.lambda=1", "prune.monitor=bn", "log.progress=off", "dist.threads=1")
+
+
+def _rows(run: Path, name: str) -> list[dict]:
+    """The rows of a log, less the seconds (the only field that depends on the layout: it is time)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in jsonl(run / name)]
+
+
+def _final_state(run: Path) -> dict[str, np.ndarray]:
+    """Every dataset of every peer file of the last checkpoint (weights, momentum, progress, RNG), but the
+    seconds."""
+    last = sorted((run / "checkpoints").glob("step-*"))[-1]
+    found: dict[str, np.ndarray] = {"step": np.array(last.name)}
+    for path in sorted(last.glob("peer-*.h5")):
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj, path=path: found.__setitem__(f"{path.name}/{name}", obj[()])
+                         if isinstance(obj, h5py.Dataset) and not name.endswith("seconds") else None)
+    return found
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    for name in ("metrics.jsonl", "graft.jsonl"):
+        assert _rows(a, name) == _rows(b, name), f"{name} of {a.parent.name} and {b.parent.name} differ"
+    sa, sb = _final_state(a), _final_state(b)
+    assert sa.keys() == sb.keys()
+    differ = [k for k in sa if not np.array_equal(sa[k], sb[k])]
+    assert not differ, f"{a.parent.name} and {b.parent.name} differ in {differ[:5]}"
+
+
+def _train(ranks: int, out: Path, *overrides: str, inject: str | None = None) -> int:
+    environ = {k: v for k, v in env().items() if k != "HPCGRAFT_INJECT"}
+    if inject:
+        environ["HPCGRAFT_INJECT"] = inject
+    proc = train(ranks, out, *overrides, environ=environ)
+    assert proc.returncode in (0, 75), proc.stderr[-3000:]
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def ring_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """K=4 uninterrupted on 2 and 1 ranks; and one run moved 4 ranks -> 2 -> 1 -> 4 by stops mid-epoch (4 ranks
+    on 2 cores are slow: they train only in the moved run, whose every step must match the others')."""
+    root = tmp_path_factory.mktemp("peers")
+    runs = {}
+    for ranks in (2, 1):
+        runs[f"np{ranks}"] = root / f"np{ranks}" / "run"
+        assert _train(ranks, runs[f"np{ranks}"], *RING) == 0
+    moved = runs["moved"] = root / "moved" / "run"
+    for ranks, stop in ((4, "0:3:usr1"), (2, "1:9:usr1"), (1, "0:15:usr1")):
+        assert _train(ranks, moved, *RING, inject=stop) == 75
+    assert _train(4, moved, *RING) == 0
+    return runs
+
+
+def test_k_peers_give_the_same_bits_on_4_2_and_1_ranks(ring_runs):
+    metrics = jsonl(ring_runs["np1"] / "metrics.jsonl")
+    assert sorted({r["peer"] for r in metrics if r["peer"] is not None}) == [0, 1, 2, 3]
+    assert not any("rank" in r for r in metrics + jsonl(ring_runs["np1"] / "graft.jsonl"))
+    assert len(jsonl(ring_runs["np1"] / "graft.jsonl")) == 4 * 5  # rounds after steps 4, 8, 12, 16, 20
+    _assert_same_run(ring_runs["np2"], ring_runs["np1"])
+
+
+def test_a_run_resumed_on_other_rank_counts_is_the_uninterrupted_one(ring_runs):
+    _assert_same_run(ring_runs["np1"], ring_runs["moved"])
+
+
+def test_allreduce_cultivation_and_monitors_sum_in_peer_order(tmp_path):
+    one, two = tmp_path / "np1", tmp_path / "np2"
+    assert _train(1, one, *SUMS) == 0
+    assert _train(2, two, *SUMS) == 0
+    _assert_same_run(one, two)
+    ensemble = [r for r in jsonl(one / "metrics.jsonl") if r["peer"] is None]
+    assert ensemble and len(ensemble[0]["eb_peer_dist"]) == 4
