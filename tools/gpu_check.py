@@ -293,6 +293,7 @@ def rank_graft(device: str, out: Path) -> None:
     from hpcgraft.method import grafting
     from hpcgraft.training.loop import graft, train_one_epoch
     from hpcgraft.training.peer import build_peer, make_exchange
+    from hpcgraft.training.peers import PeerSet
 
     comm = MPI.COMM_WORLD
     results = {}
@@ -308,12 +309,13 @@ def rank_graft(device: str, out: Path) -> None:
             train_one_epoch(peer, stop)
             stop.close()
             pre = {k: v.detach().cpu().clone() for k, v in peer.model.state_dict().items()}
-            graft(peer)
+            ps = PeerSet([peer], exchange=peer.exchange)  # rank 0's set collects every peer's graft rows
+            graft(ps)
             post = {k: v.detach().cpu().clone() for k, v in peer.model.state_dict().items()}
             states = comm.gather((pre, post), root=0)
             if comm.Get_rank() != 0:
                 continue
-            rows = {r["peer"]: r for r in peer.graft_rows}
+            rows = {r["peer"]: r for r in ps.graft_rows}
             r = dict(same_device_max_abs=0.0, cpu_max_abs=0.0, alpha_max_diff_device=0.0, alpha_max_diff_cpu=0.0)
             g = cfg.graft
             for me in range(2):
