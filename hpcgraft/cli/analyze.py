@@ -14,6 +14,7 @@ it prunes; for a kernel criterion one with every kernel pruned; for bn the conv 
 channel), and how many of them the l1 criterion at the same keep calls invalid too ("&l1"); then the
 kernels each criterion keeps, "chosen>left": chosen by the criterion, left after removing the redundant
 kernels (on no path from the image to the end of the network; ``--keep-redundant`` keeps them).
+The peers are read and the tables drawn by :mod:`hpcgraft.reporting.filters`; this module is the command line.
 """
 
 from __future__ import annotations
@@ -25,61 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from hpcgraft.errors import EXIT_USAGE, InputError, UserError, report
-from hpcgraft.method.pruning import CRITERIA, LayerOverlap, invalid_overlap
-from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, LayerStats, analyze_state, totals
-from hpcgraft.storage.run import load_model, peer_states, read_config
+from hpcgraft.method.pruning import CRITERIA
+from hpcgraft.method.validity import DEFAULT_ENTROPY_BELOW, totals
+from hpcgraft.reporting.filters import criteria_overlap, filter_stats, format_overlap, format_table
 
 PROG = "hpcgraft.analyze"
-
-
-def format_table(label: str, stats: list[LayerStats], thresholds: list[float], entropy_below: float) -> str:
-    inv = [f"l1<{t:g}" for t in thresholds]
-    cols = ["layer", "shape", "filters", *inv, f"H<{entropy_below:g}", "min l1", "mean H"]
-    rows = [[s.name, "x".join(map(str, s.shape)), str(s.filters), *[str(s.invalid[f"{t:g}"]) for t in thresholds],
-             str(s.low_entropy), f"{s.min_l1:.3g}", f"{s.mean_entropy:.3f}"] for s in stats]
-    tot = totals(stats)
-    rows.append(["total", f"{tot['layers']} conv layers", str(tot["filters"]),
-                 *[str(tot["invalid"][f"{t:g}"]) for t in thresholds], str(tot["low_entropy"]), "", ""])
-    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                                          strict=True)))
-
-    summary = ", ".join(f"{tot['invalid'][f'{t:g}']}/{tot['filters']} below l1 {t:g}" for t in thresholds)
-    return "\n".join([f"{label}: {summary}, {tot['low_entropy']}/{tot['filters']} below entropy "
-                      f"{entropy_below:g}", line(cols), *[line(r) for r in rows]])
-
-
-def format_overlap(label: str, layers: list[LayerOverlap], keep: float) -> str:
-    """Invalid filters per criterion (and how many l1 shares), then the kernels each criterion keeps:
-    "chosen>left", its own choice and what is left after removing the redundant kernels."""
-    criteria = list(layers[0].invalid)
-    cols = ["layer", "filters", *[h for c in criteria for h in ([c] if c == "l1" else [c, f"{c}&l1"])],
-            "kernels", *[f"{c} kept" for c in criteria]]
-
-    def cells(name: str, s: LayerOverlap) -> list[str]:
-        return [name, str(s.filters), *[v for c in criteria for v in ([str(s.invalid[c])] if c == "l1" else
-                                                                      [str(s.invalid[c]), str(s.with_l1[c])])],
-                str(s.kernels), *[f"{s.kept_by_criterion[c]}>{s.kept[c]}" for c in criteria]]
-
-    def summed(field: str) -> dict[str, int]:
-        return {c: sum(getattr(s, field)[c] for s in layers) for c in criteria}
-
-    rows = [cells(s.name, s) for s in layers]
-    total = summed("invalid")
-    rows.append(cells("total", LayerOverlap("total", sum(s.filters for s in layers), total, summed("with_l1"),
-                                            sum(s.kernels for s in layers), summed("kept_by_criterion"),
-                                            summed("kept"))))
-    both = summed("with_l1")
-    widths = [max(len(r[i]) for r in [cols, *rows]) for i in range(len(cols))]
-
-    def line(r: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-
-    summary = ", ".join(f"{c} {total[c]} ({both[c]} also l1)" for c in criteria if c != "l1")
-    return "\n".join([f"{label}: invalid filters at keep {keep:g}: l1 {total['l1']}; {summary}",
-                      line(cols), *[line(r) for r in rows]])
 
 
 def criteria_main(args: argparse.Namespace) -> int:
@@ -91,13 +42,7 @@ def criteria_main(args: argparse.Namespace) -> int:
     if not 0 < args.keep <= 1:
         return report(PROG, f"--keep {args.keep} must lie in (0, 1]")
     try:
-        trained = read_config(args.path)
-        if trained is None:
-            raise InputError(f"{args.path} holds weights only; --criterion rebuilds the model from its run: give "
-                             "the run directory, a checkpoint or a peer .h5 file")
-        results = {label: invalid_overlap(load_model(trained.cfg, s, f"{args.path} ({label})"), criteria, args.keep,
-                                                   keep_redundant=args.keep_redundant)
-                   for label, s in peer_states(Path(args.path), peer=args.peer).items()}
+        results = criteria_overlap(Path(args.path), criteria, args.keep, args.peer, args.keep_redundant)
     except UserError as exc:
         return report(PROG, exc)
     if args.json:
@@ -128,10 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.bins < 2:
         ap.error(f"--bins {args.bins} must be at least 2")
     try:
-        states = peer_states(Path(args.path), peer=args.peer)
+        results = filter_stats(Path(args.path), args.peer, args.thresholds, args.entropy_below, args.bins)
     except InputError as exc:
         return report(PROG, exc)
-    results = {label: analyze_state(s, args.thresholds, args.entropy_below, args.bins) for label, s in states.items()}
     empty = [label for label, stats in results.items() if not stats]
     if empty:
         return report(PROG, f"{empty[0]} has no conv layer (4-D weight); nothing to count", EXIT_USAGE)

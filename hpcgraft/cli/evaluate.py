@@ -3,8 +3,8 @@
     python -m hpcgraft.evaluate RUN_OR_CHECKPOINT_OR_PT [--peer I] [--best] [--data NAME --data-root DIR]
                                 [--config YAML] [--json PATH] [key=value ...]
 
-The scoring is :mod:`hpcgraft.training.evaluation`'s, the same as training's ``test_acc`` and
-``ensemble_acc`` (the arg-max of the peers' mean softmax).
+The evaluation is :func:`hpcgraft.training.evaluation.evaluate_saved`, scored as training's ``test_acc`` and
+``ensemble_acc`` (the arg-max of the peers' mean softmax); this module is its command line.
 """
 
 from __future__ import annotations
@@ -15,39 +15,10 @@ import sys
 from pathlib import Path
 
 from hpcgraft.cli import add_overrides
-from hpcgraft.config import load_config
-from hpcgraft.data import BatchLoader, build_datasets
-from hpcgraft.errors import EXIT_USAGE, ConfigError, InputError, UserError, report
+from hpcgraft.errors import EXIT_USAGE, UserError, report
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.outputs import check_output_file
-from hpcgraft.storage.run import load_model, peer_states, read_config, with_overrides
-from hpcgraft.training.evaluation import evaluate_models
-from hpcgraft.training.peer import select_device
-
-
-def evaluate(path: Path, *, peer: int | None = None, best: bool = False, config: str | None = None,
-             overrides: list[str] = (), device: str = "auto") -> dict:
-    """Evaluate what ``path`` holds on the run's test set (or the one the overrides name); the JSON record."""
-    if not path.exists():
-        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
-    states = peer_states(path, peer=peer, use_best=best)
-    if config is not None:
-        cfg = load_config(config, overrides)
-    else:
-        trained = read_config(path)
-        if trained is None:
-            raise ConfigError(f"{path} holds weights only; pass --config with the YAML it was trained with (a "
-                              "configs/*.yaml or the run's config.yaml) to build its model")
-        cfg = with_overrides(trained.cfg, list(overrides))
-    _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
-    dev = select_device(device, 0)
-    num_classes = cfg.model.num_classes or test_set.num_classes
-    models = {label: load_model(cfg, state, f"{path} ({label})", num_classes=num_classes, device=dev)
-              for label, state in states.items()}
-    loader = BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False)
-    result = evaluate_models(models, loader, dev)
-    return {"source": str(path), "data": cfg.data.name, "data_root": cfg.data.root, "model": cfg.model.name,
-            **result.to_dict(), "table": result.table()}
+from hpcgraft.training.evaluation import evaluate_saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,11 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides += [f"data.name={args.data}"] if args.data else []
     overrides += [f"data.root={args.data_root}"] if args.data_root else []
     try:
-        if args.peer is not None and args.peer < 0:
-            raise ConfigError(f"--peer {args.peer} is negative; peers are numbered from 0")
         if args.json:
             check_output_file(args.json, "--json")
-        record = evaluate(args.path, peer=args.peer, best=args.best, config=args.config, overrides=overrides,
+        record = evaluate_saved(args.path, peer=args.peer, best=args.best, config=args.config, overrides=overrides,
                           device=args.device)
     except UserError as exc:
         return report("hpcgraft", exc, EXIT_USAGE)

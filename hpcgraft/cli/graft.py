@@ -10,48 +10,21 @@ peers, fine-tuned copies) without MPI. Inputs: a PyTorch state dict (.pt/.pth, r
 ``weights_only=True``, so loading cannot run code), a checkpoint dict holding one under 'state_dict',
 'model' or 'net' ('module.' prefixes of DataParallel are dropped), or an hpcgraft HDF5 peer file.
 The output is a plain state dict; the per-layer table goes to stdout and, with --report, to JSON.
+The work is :func:`hpcgraft.training.offline.graft_saved`; this module is its command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
-from typing import Any
-
-import torch
 
 from hpcgraft.config import authors_reference_conflict
 from hpcgraft.errors import EXIT_USAGE, InputError, report
 from hpcgraft.method.authors import CODES
-from hpcgraft.method.grafting import REFERENCES, GraftMath, GraftReport, graft_state
-from hpcgraft.storage import atomic
-from hpcgraft.storage.outputs import check_output_file
-from hpcgraft.storage.run import model_weights
+from hpcgraft.method.grafting import REFERENCES, GraftMath
+from hpcgraft.training.offline import graft_saved
 
 PROG = "hpcgraft-graft"
-
-
-# ----------------------------------------------------------------------------------------- output
-def format_table(result: GraftReport) -> str:
-    """One line per layer: name, both entropies, alpha (and its range over filters at filter level)."""
-    width = max([len("layer")] + [len(r.name) for r in result.layers])
-    by_filter = result.level == "filter"
-    head = f"{'layer':<{width}}  {'H self':>8}  {'H source':>8}  {'alpha':>7}"
-    head += f"  {'min':>7}  {'max':>7}  {'filters':>7}" if by_filter else ""
-    lines = [head]
-    for r in result.layers:
-        line = f"{r.name:<{width}}  {r.h_self:8.4f}  {r.h_source:8.4f}  {r.alpha:7.4f}"
-        lines.append(line + (f"  {r.alpha_min:7.4f}  {r.alpha_max:7.4f}  {r.filters:7d}" if by_filter else ""))
-    lines.append(f"{len(result.layers)} layers, mean alpha {result.alpha_mean:.4f} ({result.level} level)")
-    return "\n".join(lines)
-
-
-def _save_atomic(obj: object, path: Path, write: Any) -> None:
-    """Write under a temporary name, then rename: an interrupted run leaves no half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.replace(path, lambda tmp: write(obj, tmp))
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -93,24 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         _check_args(args)
-        check_output_file(args.out, "--out")
-        if args.report:
-            check_output_file(args.report, "--report")
-        own, source = model_weights(args.self_path), model_weights(args.source_path)
-        try:
-            grafted, result = graft_state(own, source, GraftMath(args.reference, args.level, args.a, args.c, args.bins,
-                                                                 args.round_alpha, args.authors_code))
-        except ValueError as exc:
-            raise InputError(f"{args.self_path} and {args.source_path} cannot be grafted: {exc}") from exc
-        _save_atomic(grafted, Path(args.out), torch.save)
-        if args.report:
-            doc = {"self": str(args.self_path), "source": str(args.source_path), "out": str(args.out),
-                   "a": args.a, "c": args.c, "bins": args.bins, "round_alpha": args.round_alpha,
-                   "reference": args.reference, "authors_code": args.authors_code, **result.to_dict()}
-            _save_atomic(doc, Path(args.report), lambda d, p: p.write_text(json.dumps(d, indent=1) + "\n"))
+        result = graft_saved(args.self_path, args.source_path, GraftMath(
+            args.reference, args.level, args.a, args.c, args.bins, args.round_alpha, args.authors_code), args.out,
+            args.report)
     except (InputError, OSError) as exc:
         return report(PROG, exc, EXIT_USAGE)
-    print(format_table(result))
+    print(result.table())
     print(f"wrote {args.out}")
     return 0
 

@@ -23,7 +23,8 @@ Reads each run directory's config (:mod:`hpcgraft.storage.run`), metrics.jsonl a
 
 Runs that cover different numbers of epochs are compared all the same, with a warning (stderr and summary.md).
 The plots need matplotlib (``pip install 'hpcgraft[report]'``); a sweep's table does not. The reading, the
-tables and the plots live in :mod:`hpcgraft.reporting`; this module parses the command line.
+tables and the plots live in :mod:`hpcgraft.reporting` (:func:`~hpcgraft.reporting.summary.report_runs`); this
+module parses the command line.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import sys
 from pathlib import Path
 
 from hpcgraft.errors import InputError, report
-from hpcgraft.reporting.runs import SWEEP_FILE, load_run, name_runs
-from hpcgraft.reporting.tables import length_warning, write_sweep_report
+from hpcgraft.reporting.runs import SWEEP_FILE
+from hpcgraft.reporting.tables import write_sweep_report
 from hpcgraft.storage.outputs import check_output_dir
 
 PROG = "hpcgraft.report"
@@ -55,20 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcgraft.report: wrote {md}")
         return 0
     try:
-        from hpcgraft.reporting.summary import write_report  # the plots: matplotlib, before any run is read
+        from hpcgraft.reporting.summary import report_runs  # the plots: matplotlib, before any run is read
 
-        runs = [load_run(p) for p in args.runs]
-        out = check_output_dir(args.out or runs[0].path / "report", "--out")
+        summary = report_runs(args.runs, args.out,
+                              lambda warning: print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True))
     except InputError as exc:
         return report(PROG, exc)
-    empty = [r.path for r in runs if not r.epochs]
-    if empty:
-        return report(PROG, f"{empty[0]} has no finished epoch yet; wait for one")
-    name_runs(runs)
-    warning = length_warning(runs)
-    if warning:
-        print(f"{PROG}: warning: {warning}", file=sys.stderr, flush=True)
-    summary = write_report(runs, out)
+    out = summary.parent
     print(f"hpcgraft.report: wrote {summary} and {len(list(out.glob('*.png')))} plots in {out}")
     return 0
 

@@ -2,8 +2,8 @@
 
     mpirun -np 2 python -m hpcgraft.train --config configs/digits.yaml --out runs/digits [key=value ...]
 
-The run itself is :func:`hpcgraft.training.loop.run`; this module is its command line, its exit statuses
-(:mod:`hpcgraft.errors`) and, under a launcher, the rank's supervisor (:mod:`hpcgraft.supervise`).
+The rank's run and its exit statuses are :func:`hpcgraft.training.entry.train_rank`; this module is its command
+line and, under a launcher, makes the process the rank's supervisor (:mod:`hpcgraft.supervise`) first.
 """
 
 from __future__ import annotations
@@ -15,15 +15,11 @@ if __name__ == "__main__":  # before MPI and torch are imported: under a launche
 
 import argparse
 import sys
-from pathlib import Path
 
 from hpcgraft.cli import add_overrides
-from hpcgraft.comm import mpi
-from hpcgraft.comm.failure import abort_on_error, catch_stop_signals
 from hpcgraft.config import load_config
-from hpcgraft.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AgreedError, ConfigError, SetupError, report
-from hpcgraft.training.loop import run
-from hpcgraft.training.rundir import noting_interruption, release_run_dir
+from hpcgraft.errors import EXIT_OK, EXIT_USAGE, ConfigError, report
+from hpcgraft.training.entry import train_rank
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,20 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_config:
         return print_config(args.config, args.overrides)
-    catch_stop_signals()
-    if args.restart and (args.extend or args.from_step is not None):
-        return report("hpcgraft", "--restart starts over; it cannot be combined with --extend or --from-step")
-    run_dir = Path(args.out or f"runs/{Path(args.config).stem if args.config else 'digits'}")
-    world_comm = mpi().COMM_WORLD
-    try:
-        with abort_on_error(world_comm), noting_interruption():
-            return run(args.config, args.overrides, run_dir, args.restart, world_comm, extend=args.extend,
-                       from_step=args.from_step)
-    except AgreedError as exc:
-        status = EXIT_USAGE if isinstance(exc, SetupError) else EXIT_FAILURE
-        return report("hpcgraft", exc, status) if world_comm.Get_rank() == 0 else status
-    finally:
-        release_run_dir()
+    return train_rank(args.config, args.overrides, args.out, restart=args.restart, extend=args.extend,
+                      from_step=args.from_step)
 
 
 def print_config(config: str | None, overrides: list[str]) -> int:

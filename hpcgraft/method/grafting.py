@@ -267,6 +267,19 @@ class GraftReport:
     def to_dict(self) -> dict:
         return {"level": self.level, "alpha_mean": self.alpha_mean, "layers": [asdict(r) for r in self.layers]}
 
+    def table(self) -> str:
+        """One line per layer: name, both entropies, alpha (and its range over filters at filter level)."""
+        width = max([len("layer")] + [len(r.name) for r in self.layers])
+        by_filter = self.level == "filter"
+        head = f"{'layer':<{width}}  {'H self':>8}  {'H source':>8}  {'alpha':>7}"
+        head += f"  {'min':>7}  {'max':>7}  {'filters':>7}" if by_filter else ""
+        lines = [head]
+        for r in self.layers:
+            line = f"{r.name:<{width}}  {r.h_self:8.4f}  {r.h_source:8.4f}  {r.alpha:7.4f}"
+            lines.append(line + (f"  {r.alpha_min:7.4f}  {r.alpha_max:7.4f}  {r.filters:7d}" if by_filter else ""))
+        lines.append(f"{len(self.layers)} layers, mean alpha {self.alpha_mean:.4f} ({self.level} level)")
+        return "\n".join(lines)
+
 
 def make_report(plan: Sequence[LayerGroup], h_self: Sequence[torch.Tensor], h_source: Sequence[torch.Tensor],
                 alphas: Sequence[torch.Tensor], level: str) -> GraftReport:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from hpcgraft.errors import InputError
 from hpcgraft.reporting.plots import (
     plot_accuracy,
     plot_dgconv_groups,
@@ -13,8 +15,9 @@ from hpcgraft.reporting.plots import (
     plot_pruning,
     plot_training,
 )
-from hpcgraft.reporting.runs import Run, layer_invalid, name_runs, prune_results
+from hpcgraft.reporting.runs import Run, layer_invalid, load_run, name_runs, prune_results
 from hpcgraft.reporting.tables import comparison_table, layer_table, length_warning, mean, results_table
+from hpcgraft.storage.outputs import check_output_dir
 from hpcgraft.storage.runlog import fmt
 
 
@@ -89,3 +92,20 @@ def write_report(runs: list[Run], out: Path) -> Path:
     summary.write_text("\n".join(md) + "\n")
     return summary
 
+
+
+def report_runs(paths: Sequence[str | Path], out: str | Path | None = None,
+                warn: Callable[[str], None] = lambda message: None) -> Path:
+    """Read the runs in ``paths`` and write their report into ``out`` (default: ``report/`` in the first
+    run); returns summary.md's path. Runs that cover different numbers of epochs are compared all the same,
+    after ``warn`` is told. A run without a finished epoch is bad input, found before anything is written."""
+    runs = [load_run(p) for p in paths]
+    where = check_output_dir(out or runs[0].path / "report", "--out")
+    empty = [r.path for r in runs if not r.epochs]
+    if empty:
+        raise InputError(f"{empty[0]} has no finished epoch yet; wait for one")
+    name_runs(runs)
+    warning = length_warning(runs)
+    if warning:
+        warn(warning)
+    return write_report(runs, where)

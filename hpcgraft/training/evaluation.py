@@ -7,6 +7,8 @@ mean) softmax. The training loop, ``python -m hpcgraft.evaluate`` and anything e
 - :func:`predict` runs one model over a loader (softmax and labels);
 - :func:`score` turns the peers' softmax into per-peer and ensemble top-1/top-5 (:class:`Evaluation`);
 - :func:`evaluate_models` is both in one call, for models held in memory;
+- :func:`evaluate_saved` is the evaluate command's: a run, checkpoint or file read, its models built as
+  training builds them, and scored on the run's test set (or the one the overrides name);
 - :func:`init_state` reads the weights ``train.init_from`` names (a run is read by
   :mod:`hpcgraft.storage.run`, as every command reads it).
 """
@@ -23,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcgraft.data import BatchLoader
+from hpcgraft.config import load_config
+from hpcgraft.data import BatchLoader, build_datasets
 from hpcgraft.errors import CheckpointError, ConfigError, InputError
 from hpcgraft.storage import run
 from hpcgraft.storage.checkpoints import peer_file
 from hpcgraft.storage.statefile import State, load_states
+from hpcgraft.training.peer import select_device
 
 TOP5_MIN_CLASSES = 11  # metrics.jsonl records top-5 only where it says something: more than 10 classes
 PEER_FIELD = "{peer}"  # in train.init_from: replaced by each peer's index (one file per peer)
@@ -110,6 +114,33 @@ def evaluate_models(models: Mapping[str, nn.Module], loader: BatchLoader, device
     """Every model over the same evaluation batches, then :func:`score`."""
     results = [predict(m, loader, device) for m in models.values()]
     return score(list(models), [p for p, _ in results], results[0][1] if results else torch.zeros(0))
+
+
+def evaluate_saved(path: Path, *, peer: int | None = None, best: bool = False, config: str | None = None,
+                   overrides: Sequence[str] = (), device: str = "auto") -> dict[str, Any]:
+    """Evaluate what ``path`` holds on the run's test set (or the one the overrides name); the JSON record
+    (with ``table``, the printed form)."""
+    if peer is not None and peer < 0:
+        raise ConfigError(f"--peer {peer} is negative; peers are numbered from 0")
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a run directory, a checkpoint, a peer .h5 file or a .pt file")
+    states = run.peer_states(path, peer=peer, use_best=best)
+    if config is not None:
+        cfg = load_config(config, list(overrides))
+    else:
+        trained = run.read_config(path)
+        if trained is None:
+            raise ConfigError(f"{path} holds weights only; pass --config with the YAML it was trained with (a "
+                              "configs/*.yaml or the run's config.yaml) to build its model")
+        cfg = run.with_overrides(trained.cfg, list(overrides))
+    _, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)
+    dev = select_device(device, 0)
+    num_classes = cfg.model.num_classes or test_set.num_classes
+    models = {label: run.load_model(cfg, state, f"{path} ({label})", num_classes=num_classes, device=dev)
+              for label, state in states.items()}
+    result = evaluate_models(models, BatchLoader(test_set, cfg.data.test_batch_size, shuffle=False), dev)
+    return {"source": str(path), "data": cfg.data.name, "data_root": cfg.data.root, "model": cfg.model.name,
+            **result.to_dict(), "table": result.table()}
 
 
 # ------------------------------------------------------------------------------------------ weights

@@ -15,9 +15,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import submitit
 
-from hpcgraft.cli import submit as launch
-from hpcgraft.errors import ConfigError
+from hpcgraft import launch
+from hpcgraft.cli import submit as submit_command
+from hpcgraft.errors import ConfigError, LaunchError
 from hpcgraft.supervise import SHM_LOG
 from hpcgraft.text import plural
 from tests._util import ROOT, env, jsonl
@@ -339,7 +341,7 @@ def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_pat
     job = launch.submit("configs/digits.yaml", run, [f"train.epochs={epochs}"], tasks_per_node=2,
                         executor="slurm", time_min=10, max_requeues=2)
     jobs.append(job.job_id)
-    assert isinstance(job, launch.submitit.SlurmJob) and job.num_tasks == 2
+    assert isinstance(job, submitit.SlurmJob) and job.num_tasks == 2
     _wait_for("the first epoch", lambda: _has_epoch(run, 1))
     subprocess.run(["scancel", "--signal=USR1", job.job_id], check=True)
     assert launch.wait(job, timeout_s=300) == [0, 0]
@@ -379,7 +381,7 @@ def test_submitit_run_on_two_nodes(slurm_cluster, tmp_path, jobs, monkeypatch):
     ({"tasks_per_node": 2, "cpus_per_task": 64}, "the nodes of partition 'debug' have at most"),
 ])
 def test_submit_rejects_requests_the_cluster_cannot_run(slurm_cluster, tmp_path, kwargs, message):
-    with pytest.raises(launch.LaunchError, match=re.escape(message)):
+    with pytest.raises(LaunchError, match=re.escape(message)):
         launch.submit(None, tmp_path / "run", executor="slurm", **({"tasks_per_node": 2} | kwargs))
     assert not (tmp_path / "run").exists()
 
@@ -389,18 +391,18 @@ def test_submit_says_when_slurm_is_unreachable(slurm_cluster, tmp_path, monkeypa
     conf = tmp_path / "slurm.conf"
     conf.write_text(re.sub(r"SlurmctldPort=\d+", "SlurmctldPort=1", slurm_cluster.read_text()))
     monkeypatch.setenv("SLURM_CONF", str(conf))
-    with pytest.raises(launch.LaunchError, match="SLURM is not reachable: 'sinfo .*check that slurmctld is up"):
+    with pytest.raises(LaunchError, match="SLURM is not reachable: 'sinfo .*check that slurmctld is up"):
         launch.submit(None, tmp_path / "run", executor="slurm", tasks_per_node=2)
 
 
 def test_submit_says_when_there_is_no_slurm(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch, sinfo or srun
-    with pytest.raises(launch.LaunchError, match="SLURM is not available here .*--executor local"):
+    with pytest.raises(LaunchError, match="SLURM is not available here .*--executor local"):
         launch.submit(None, tmp_path / "run", executor="slurm", tasks_per_node=2)
 
 
 def test_command_line_reports_a_bad_request_in_one_line(slurm_cluster, tmp_path, capsys):
-    rc = launch.main(["--out", str(tmp_path / "run"), "--executor", "slurm", "--partition", "nope"])
+    rc = submit_command.main(["--out", str(tmp_path / "run"), "--executor", "slurm", "--partition", "nope"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err == "hpcgraft.launch: error: partition 'nope' does not exist; sinfo lists: debug"
 

@@ -16,6 +16,7 @@ import yaml
 
 from hpcgraft.cli import submit as launch
 from hpcgraft.cli import sweep
+from hpcgraft.launch import arms
 from tests._util import ROOT, env, jsonl
 
 TINY = ["train.epochs=1", "log.progress=off", "dist.threads=1", "checkpoint.keep=1"]
@@ -128,9 +129,9 @@ def test_unknown_config_name_lists_the_packaged_ones(tmp_path, capsys):
 
 
 def test_custom_arms_and_their_runs(tmp_path):
-    arms = sweep.parse_arms("grafting,baseline", ["filter=graft.level=filter cultivate.lambda=0.5"])
-    assert list(arms) == ["grafting", "baseline", "filter"]
-    runs = sweep.plan(str(ROOT / "configs/digits.yaml"), arms, 2, tmp_path, ["train.epochs=1"])
+    chosen = arms.parse_arms("grafting,baseline", ["filter=graft.level=filter cultivate.lambda=0.5"])
+    assert list(chosen) == ["grafting", "baseline", "filter"]
+    runs = arms.plan(str(ROOT / "configs/digits.yaml"), chosen, 2, tmp_path, ["train.epochs=1"])
     assert [(r.arm, r.seed, r.out.relative_to(tmp_path).as_posix()) for r in runs] == [
         ("grafting", 0, "grafting/seed0"), ("grafting", 1, "grafting/seed1"), ("baseline", 0, "baseline/seed0"),
         ("baseline", 1, "baseline/seed1"), ("filter", 0, "filter/seed0"), ("filter", 1, "filter/seed1")]
@@ -146,8 +147,8 @@ def test_every_run_is_one_submitit_job_with_the_launch_options(tmp_path):
     a = sweep.parse_args(["cifar10_resnet32", "--slurm", "--gpus-per-node", "4", "--nodes", "2", "--partition",
                           "gpu", "--time", "720", "--seeds", "2", "--out", str(tmp_path), "train.epochs=3"])
     config = str(ROOT / "hpcgraft/configs/cifar10_resnet32.yaml")
-    runs = sweep.plan(config, sweep.parse_arms(a.arms, a.arm), a.seeds, tmp_path, a.overrides)
-    calls = sweep.submissions(runs, config, False, launch.job_options(a))
+    runs = arms.plan(config, arms.parse_arms(a.arms, a.arm), a.seeds, tmp_path, a.overrides)
+    calls = arms.submissions(runs, config, False, launch.job_options(a))
     assert len(calls) == 6
     run, call = calls[3]
     assert (run.arm, run.seed) == ("grafting", 1)

@@ -11,14 +11,15 @@ import pytest
 import hpcgraft.supervise
 from hpcgraft import cli
 from hpcgraft.cli import prune, sweep
+from hpcgraft.errors import ConfigError
+from hpcgraft.launch.arms import ARMS, parse_arms
 from tests._util import ROOT, env
 
 RUN = ROOT / "tests" / "data" / "run-before-relayout"
 # The commands that read a config and take key=value overrides.
 CONFIGURED = {"train", "evaluate", "prune", "sweep", "submit"}
 # Older module path -> the command module it forwards to.
-OLD_PATHS = {**{name: name for name in ("train", "evaluate", "prune", "analyze", "graft", "checkpoint", "report",
-                                        "sweep")}, "launch": "submit"}
+OLD_PATHS = {name: name for name in ("train", "evaluate", "prune", "analyze", "graft", "checkpoint", "report", "sweep")}
 
 
 def test_help_lists_every_command_with_one_line(capsys):
@@ -68,20 +69,29 @@ def test_train_becomes_the_ranks_supervisor_before_it_runs(monkeypatch):
 
 
 def test_older_module_paths_are_the_commands():
-    """`from hpcgraft import launch` is the submit command itself: patching it patches the command."""
+    """`from hpcgraft import report` is the report command itself: patching it patches the command."""
     import importlib
 
     for old, new in OLD_PATHS.items():
         assert importlib.import_module(f"hpcgraft.{old}") is importlib.import_module(f"hpcgraft.cli.{new}"), old
 
 
+def test_launch_is_the_jobs_layer_that_submit_and_sweep_call():
+    """`hpcgraft.launch.submit(...)` and `.wait(job)` from Python are what the submit command calls."""
+    import hpcgraft.launch
+    from hpcgraft.cli import submit
+
+    assert hpcgraft.launch.submit is submit.submit and hpcgraft.launch.wait is submit.wait
+
+
 def test_python_dash_m_of_every_older_path_runs_its_command():
-    """`python -m hpcgraft.<old>`, `python -m hpcgraft.slurm` and `python -m hpcgraft <command>` run the
+    """`python -m hpcgraft.<old>`, `python -m hpcgraft.launch` (submit), `python -m hpcgraft.slurm` and
+    `python -m hpcgraft <command>` run the
     commands (one interpreter runs them all as __main__, as -m does)."""
     code = f"""
 import runpy, sys
-for module, args in {[(f"hpcgraft.{old}", []) for old in OLD_PATHS] + [("hpcgraft.slurm", []),
-                                                                        ("hpcgraft", ["report"])]!r}:
+for module, args in {[(f"hpcgraft.{old}", []) for old in [*OLD_PATHS, "launch", "slurm"]] +
+                     [("hpcgraft", ["report"])]!r}:
     sys.argv = [module, *args, "--help"]
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
@@ -92,7 +102,7 @@ for module, args in {[(f"hpcgraft.{old}", []) for old in OLD_PATHS] + [("hpcgraf
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("usage: ") == len(OLD_PATHS) + 2
+    assert r.stdout.count("usage: ") == len(OLD_PATHS) + 3
 
 
 @pytest.mark.parametrize("spelling", [["train.lrr=1"], ["--set", "train.lrr=1"]])
@@ -109,15 +119,15 @@ def test_sweep_arms_are_a_name_and_key_value_words_or_the_older_single_word():
     a = sweep.parse_args(["digits", "--arm", "filter", "graft.level=filter", "cultivate.lambda=1", "--seeds", "2",
                           "train.epochs=3", "--arm", "lr=train.lr=0.2 train.dlr=true"])
     assert a.overrides == ["train.epochs=3"] and a.seeds == 2
-    arms = sweep.parse_arms("grafting", a.arm)
-    assert arms == {"grafting": sweep.ARMS["grafting"], "filter": ("graft.level=filter", "cultivate.lambda=1"),
+    arms = parse_arms("grafting", a.arm)
+    assert arms == {"grafting": ARMS["grafting"], "filter": ("graft.level=filter", "cultivate.lambda=1"),
                     "lr": ("train.lr=0.2", "train.dlr=true")}
 
 
 @pytest.mark.parametrize("words", [["nope"], ["=train.lr=1"], ["bad name", "train.lr=1"]])
 def test_a_sweep_arm_without_a_name_or_overrides_is_refused(words):
-    with pytest.raises(sweep.ConfigError, match="is not NAME key=value ...; e.g. --arm filter graft.level=filter"):
-        sweep.parse_arms("", [words])
+    with pytest.raises(ConfigError, match="is not NAME key=value ...; e.g. --arm filter graft.level=filter"):
+        parse_arms("", [words])
 
 
 def test_every_console_script_names_a_function():

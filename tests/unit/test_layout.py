@@ -24,11 +24,12 @@ RANK = {
     "comm": 3, "data": 3,
     "reporting": 3,  # what the report command reads, tabulates and plots; sweep prints its table too
     "training": 4,
-    "cli": 5,  # the commands
-    # The older module paths (python -m hpcgraft.train, from hpcgraft import launch) and python -m hpcgraft:
+    "launch": 5,  # runs as jobs: a submitit job runs a training rank; a sweep's arms and seeds
+    "cli": 6,  # the commands
+    # The older module paths (python -m hpcgraft.train, from hpcgraft import report) and python -m hpcgraft:
     # they forward to cli.
-    **dict.fromkeys(("train", "evaluate", "prune", "analyze", "graft", "checkpoint", "report", "sweep", "launch",
-                     "__main__"), 6),
+    **dict.fromkeys(("train", "evaluate", "prune", "analyze", "graft", "checkpoint", "report", "sweep", "__main__"),
+                    7),
 }
 # Pairs that the ranks alone would allow but the layering forbids: the math never reaches MPI or storage, and
 # the MPI layer never reads configuration, data or storage, so each can be used and tested alone.
@@ -36,9 +37,8 @@ FORBIDDEN = {
     "method": {"comm", "storage"},
     "comm": {"config", "data", "storage"},
 }
-# Imports between commands: a submitit task of `submit` runs the training command itself; `sweep` submits
-# through `submit`.
-ALLOWED = {("submit", "train"), ("sweep", "submit")}
+# Imports between commands: `sweep` takes `submit`'s job options.
+ALLOWED = {("sweep", "submit")}
 OFFLINE_COMMANDS = ("graft", "analyze", "report", "checkpoint", "evaluate", "prune")  # prune: without fine-tuning
 
 

@@ -12,10 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from hpcgraft import checkpoint, evaluate, graft, launch, prune, report, sweep
+from hpcgraft import checkpoint, evaluate, graft, prune, report, sweep
+from hpcgraft.cli import submit as launch
 from hpcgraft.errors import ConfigError, InputError
+from hpcgraft.launch import arms
 from hpcgraft.report import SWEEP_FILE
+from hpcgraft.storage import run as run_reader
 from hpcgraft.storage.outputs import check_output_dir, check_output_file
+from hpcgraft.training import finetune, offline
 from tests._util import train
 
 
@@ -59,7 +63,7 @@ def test_the_rule(tmp_path):
 
 # ------------------------------------------------------------------------------------------ every command
 def test_evaluate_json_a_directory_or_under_a_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(evaluate, "evaluate", _work)
+    monkeypatch.setattr(evaluate, "evaluate_saved", _work)
     (tmp_path / "dir").mkdir()
     (tmp_path / "file").write_text("")
     code = evaluate.main([str(tmp_path), "--json", str(tmp_path / "dir")])
@@ -70,28 +74,28 @@ def test_evaluate_json_a_directory_or_under_a_file(tmp_path, monkeypatch, capsys
 
 def test_evaluate_json_in_a_folder_not_made_yet(tmp_path, monkeypatch, capsys):
     record = {"source": "run", "model": "m", "data": "d", "images": 1, "classes": 2, "table": "top-1 ..."}
-    monkeypatch.setattr(evaluate, "evaluate", lambda *a, **k: dict(record))
+    monkeypatch.setattr(evaluate, "evaluate_saved", lambda *a, **k: dict(record))
     out = tmp_path / "new" / "deeper" / "r.json"
     assert evaluate.main([str(tmp_path), "--json", str(out)]) == 0
     assert json.loads(out.read_text())["model"] == "m"
 
 
 def test_prune_out_an_existing_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prune, "read_config", _work)
+    monkeypatch.setattr(finetune, "read_config", _work)
     (tmp_path / "out").write_text("")
     code = prune.main([str(tmp_path), "--criterion", "l1", "--keep", "0.5", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'out'} is an existing file, not a directory")
 
 
 def test_prune_out_holding_a_directory_where_prune_json_goes(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(prune, "read_config", _work)
+    monkeypatch.setattr(finetune, "read_config", _work)
     (tmp_path / "out" / "prune.json").mkdir(parents=True)
     code = prune.main([str(tmp_path), "--criterion", "l1", "--keep", "0.5", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, "prune.json is a directory")
 
 
 def test_sweep_out_an_existing_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "run_local", _work)
+    monkeypatch.setattr(arms, "run_local", _work)
     (tmp_path / "out").write_text("")
     code = sweep.main(["digits", "--seeds", "1", "--out", str(tmp_path / "out")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'out'} is an existing file, not a directory")
@@ -99,7 +103,7 @@ def test_sweep_out_an_existing_file(tmp_path, monkeypatch, capsys):
 
 
 def test_sweep_run_directory_an_existing_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sweep, "run_local", _work)
+    monkeypatch.setattr(arms, "run_local", _work)
     (tmp_path / "out" / "grafting").mkdir(parents=True)
     (tmp_path / "out" / "grafting" / "seed0").write_text("")
     code = sweep.main(["digits", "--seeds", "1", "--out", str(tmp_path / "out")])
@@ -108,7 +112,7 @@ def test_sweep_run_directory_an_existing_file(tmp_path, monkeypatch, capsys):
 
 
 def test_graft_out_and_report_a_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(graft, "model_weights", _work)
+    monkeypatch.setattr(offline, "model_weights", _work)
     (tmp_path / "dir").mkdir()
     for flag in ("--out", "--report"):
         argv = ["a.pt", "b.pt", "--out", str(tmp_path / "g.pt"), flag, str(tmp_path / "dir")]
@@ -116,7 +120,7 @@ def test_graft_out_and_report_a_directory(tmp_path, monkeypatch, capsys):
 
 
 def test_export_out_a_directory(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(checkpoint.run, "latest", _work)
+    monkeypatch.setattr(run_reader, "latest", _work)
     (tmp_path / "dir").mkdir()
     code = checkpoint.main(["export", str(tmp_path), "--peer", "0", "--out", str(tmp_path / "dir")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'dir'} is a directory")
@@ -154,7 +158,7 @@ def test_train_with_a_file_where_tensorboard_goes_stops_before_training(tmp_path
 
 # ------------------------------------------------------------------------------------------ sweep.json
 def _record(out: Path) -> None:
-    sweep.record(out, "digits", {"baseline": ("graft.mode=none",)}, 1, [])
+    arms.record(out, "digits", {"baseline": ("graft.mode=none",)}, 1, [])
 
 
 def test_a_failed_sweep_json_write_leaves_the_old_one_whole(tmp_path, monkeypatch):
@@ -169,7 +173,7 @@ def test_a_failed_sweep_json_write_leaves_the_old_one_whole(tmp_path, monkeypatc
 
     monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(OSError):
-        sweep.record(out, "digits", {"grafting": ("graft.mode=peers",)}, 2, [])
+        arms.record(out, "digits", {"grafting": ("graft.mode=peers",)}, 2, [])
     monkeypatch.undo()
     assert (out / SWEEP_FILE).read_text() == before
     assert sorted(p.name for p in out.iterdir()) == [SWEEP_FILE]  # no temporary left behind
@@ -184,7 +188,7 @@ def test_a_failed_sweep_json_write_leaves_the_old_one_whole(tmp_path, monkeypatc
     (b"\xff\xfe", "can't decode"),
 ])
 def test_a_damaged_or_foreign_sweep_json_is_exit_2_naming_it(tmp_path, monkeypatch, capsys, text, why):
-    monkeypatch.setattr(sweep, "run_local", _work)
+    monkeypatch.setattr(arms, "run_local", _work)
     out = tmp_path / "sw"
     out.mkdir()
     f = out / SWEEP_FILE

@@ -319,3 +319,15 @@ def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
     assert rc == 0 and not errors, err
     assert f"hpcgraft: checkpoint {newest.name} does not fit this run (rank 0: " in err, err
     assert f"; falling back to {older.name}" in err and f"resuming {out} from {older.name}" in err, err
+
+
+def test_a_submitit_task_is_a_training_rank_with_its_exit_status(tmp_path, capsys):
+    """A submitit task started by srun runs the training rank in its own process, as `python -m
+    hpcgraft.train` does: bad input is the same one line, and the task fails on its status 2."""
+    from hpcgraft.launch import GraftRun
+
+    task = GraftRun(str(ROOT / "configs/digits.yaml"), str(tmp_path / "run"), ["train.lrr=1"])
+    with pytest.raises(RuntimeError, match="exited with status 2"):
+        task()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hpcgraft: error:")]
+    assert len(lines) == 1 and "unknown config key 'train.lrr'" in lines[0], lines
