@@ -58,7 +58,11 @@ def _one_step_from_the_same_state(eager, compiled, epoch: int) -> None:
 def test_compiled_training_equals_eager_and_sees_weights_written_in_place():
     """The same peer trained eagerly and compiled (train.compile=default), its state written in place
     before every step and grafted in place from another peer: every compiled step agrees with the eager
-    one, and so does the compiled evaluation of the grafted weights."""
+    one, and so does the compiled evaluation of the grafted weights; two compiled runs are bitwise equal."""
+    twins = [_peer("train.compile=default") for _ in range(2)]
+    for p in twins:  # same seed, same weights: compiled runs are deterministic among themselves
+        _train_steps(p, 2)
+    assert all(torch.equal(v, twins[1].model.state_dict()[k]) for k, v in twins[0].model.state_dict().items())
     eager, compiled = _peer(), _peer("train.compile=default")
     assert compiled.net is not compiled.model and eager.net is eager.model
     torch.manual_seed(1)
