@@ -335,6 +335,7 @@ def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
     assert f"; falling back to {older.name}" in err and f"resuming {out} from {older.name}" in err, err
 
 
+@pytest.mark.process  # the task runs the training rank in a process of its own
 def test_a_submitit_task_is_a_training_rank_with_its_exit_status(tmp_path, capsys):
     """A submitit task started by srun runs the training rank in its own process, as `python -m
     hpcgraft.train` does: bad input is the same one line, and the task fails on its status 2."""
