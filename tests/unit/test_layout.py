@@ -182,6 +182,26 @@ print("ok")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
 
 
+# What a command module may define: its parser and the entry points that hand the parsed request down.
+COMMAND_FUNCTIONS = {"main", "parse_args", "_parser", "criteria_main", "add_job_options", "job_options",
+                     "_check_args", "print_config"}
+# The layers' own libraries: a command that imports one does work a layer below should do.
+WORK_LIBRARIES = {"torch", "numpy", "h5py", "submitit", "matplotlib", "mpi4py", "yaml"}
+
+
+@pytest.mark.parametrize("command", sorted(p.stem for p in (PACKAGE / "cli").glob("*.py") if p.stem != "__init__"))
+def test_a_command_module_only_parses(command):
+    """No class, no function beyond its parser and entry points, no tensor, file-format or scheduler library:
+    the work lives in training/, storage/, reporting/ or launch/, where other callers reach it too."""
+    tree = ast.parse((PACKAGE / "cli" / f"{command}.py").read_text())
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    assert not {n.name for n in tree.body if isinstance(n, ast.ClassDef)}, defined
+    assert defined <= COMMAND_FUNCTIONS, defined - COMMAND_FUNCTIONS
+    libraries = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    libraries |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not libraries & WORK_LIBRARIES, libraries & WORK_LIBRARIES
+
+
 def _mirror() -> ModuleType:
     spec = importlib.util.spec_from_file_location("mirror_tests", ROOT / "tools" / "mirror_tests.py")
     module = importlib.util.module_from_spec(spec)
