@@ -18,7 +18,7 @@ from tests.cluster.test_slurm import _job_info, _nodes, _submitted_id, _wait_for
 from tests.e2e import test_peers
 from tests.runs import RUNS
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # two-node SLURM: make test-all and CI
 
 # K=4, 11 steps per epoch, graft rounds every 4 steps; the run checkpoints every epoch (the default)
 REFERENCE = "peers4_3ep"
