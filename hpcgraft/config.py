@@ -58,6 +58,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     precise_bn: int = 0  # > 0: BatchNorm statistics recomputed over this many training batches before each evaluation
     init_from: str | None = None  # starting weights: a .pt, a peer .h5, a checkpoint or run dir; {peer}: per peer
+    compile: str = "off"  # off | default | reduce-overhead (CUDA graphs) | max-autotune: torch.compile of the model
     batched: bool = False  # a rank's peers step together, one vmapped forward/backward (training.batched)
 
 
@@ -400,6 +401,7 @@ def validate(cfg: Config) -> None:
            f"data.reference={d.reference!r} is not allowed with dist.replicas={cfg.dist.replicas} (it keeps the "
            "last partial batch, which replicas cannot share evenly); use one of: paper")
     _choice("train.schedule", t.schedule, ("cosine", "step", "constant"))
+    _choice("train.compile", t.compile, ("off", "default", "reduce-overhead", "max-autotune"))
     _choice("dist.device", cfg.dist.device, ("auto", "cpu", "cuda"))
     _choice("log.progress", cfg.log.progress, ("auto", "on", "off"))
     _check(0.0 <= g.a <= 1.0, f"graft.a={g.a} is outside [0, 1]; the paper uses 0.4")

@@ -18,6 +18,8 @@ def env() -> dict[str, str]:
     e["PYTHONPATH"] = str(ROOT) + os.pathsep + e.get("PYTHONPATH", "")
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PATH"] = str(BIN) + os.pathsep + e.get("PATH", "")
+    # The sbatch scripts run the tests' interpreter, also from a checkout without its own .venv (a worktree).
+    e.setdefault("HPCGRAFT_PYTHON", sys.executable)
     return e
 
 

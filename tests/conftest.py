@@ -9,6 +9,7 @@ import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import CodeType
 
 import pytest
 
@@ -82,11 +83,35 @@ def stop_signals_kept() -> Iterator[None]:
         signal.signal(sig, handler)
 
 
-SELECTED: set[str] = set()  # the test folders this session runs: unit, e2e, cluster
+NEEDED: set[str] = set()  # strings in the selected tests that use e2e_run: the names of the runs they need
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    SELECTED.update(item.path.parent.name for item in items)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """After -m and -k chose the tests: the runs they (or their fixtures) name, so that a session of one
+    file, or make test without the slow tier, makes only those ahead of need."""
+    for item in session.items:
+        if not isinstance(item, pytest.Function) or "e2e_run" not in item._fixtureinfo.names_closure:
+            continue
+        defs = item._fixtureinfo.name2fixturedefs.values()  # the tests' own fixtures; this module's name every run
+        fixtures = [d.func for fixturedefs in defs for d in fixturedefs if d.func.__module__ != __name__]
+        for fn in [item.function, *fixtures]:
+            NEEDED.update(_strings(getattr(fn, "__code__", None), getattr(fn, "__globals__", {})))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            NEEDED.update(v for v in callspec.params.values() if isinstance(v, str))
+
+
+def _strings(code: CodeType | None, names: dict) -> Iterator[str]:
+    """The string constants of a function (and of the functions inside it) and the module-level strings it
+    reads by name (GRAFTING = "graft2")."""
+    if code is None:
+        return
+    for const in code.co_consts:
+        if isinstance(const, str):
+            yield const
+        elif isinstance(const, CodeType):
+            yield from _strings(const, names)
+    yield from (names[n] for n in code.co_names if isinstance(names.get(n), str))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -119,10 +144,10 @@ def run_cache(tmp_path_factory: pytest.TempPathFactory, no_shared_memory_left: P
 
 @pytest.fixture(scope="session", autouse=True)
 def _runs_ahead(run_cache: RunCache) -> None:
-    """From the first test on, the runs the selected folders need are made in the background."""
-    ahead = E2E_RUNS if "e2e" in SELECTED else []
-    if "cluster" in SELECTED and horovod_installed():
-        ahead = [*ahead, "hybrid"]
+    """From the first test on, the runs the selected tests need are made in the background."""
+    ahead = [name for name in E2E_RUNS if name in NEEDED]
+    if "hybrid" in NEEDED and horovod_installed():
+        ahead.append("hybrid")
     run_cache.prefetch(ahead)
 
 

@@ -79,6 +79,10 @@ RUNS: dict[str, RunSpec] = {
     "eb_spline_stopped": RunSpec(2, EB_SPLINE, env={"HPCGRAFT_INJECT": "0:50:usr1"}, status=75),
     # DGConv (1 epoch, one checkpoint): every command reads its run (tests/e2e/test_run_reader.py)
     "dgconv_1ep": RunSpec(2, ("train.epochs=1", *QUIET, "model.dgconv=true")),
+    # K=4 peers on 2 ranks, 3 epochs of 11 steps: what the two-node SLURM job that loses a node must end as
+    # (tests/cluster/test_slurm_elastic.py)
+    "peers4_3ep": RunSpec(2, ("graft.peers=4", "train.epochs=3", "data.batch_size=128", "graft.interval_steps=4",
+                              *QUIET)),
     # 2 peers x 2 replicas (Horovod); the loop compares the replicas after every step, buffer sync and graft
     "hybrid": RunSpec(4, HYBRID, env={"HPCGRAFT_CHECK_REPLICAS": "1"}),
 }

@@ -21,7 +21,12 @@ trains on ImageNet-shaped synthetic batches (224 px; no reader, so no "its loade
 
     .venv/bin/python tools/bench_train.py [--rounds 5] [--threads 1] [--models resnet32,digits_resnet]
     python tools/bench_train.py --device cuda --amp on,off --models resnet32,resnet50
+    python tools/bench_train.py --device cuda --amp on --channels-last --compile off,default \
+        --models resnet50 --batch 256
     python tools/bench_train.py --peers 1,2,4,8 [--models digits_resnet,resnet20] [--device cuda]
+
+``--compile`` compiles hpcgraft's side only (``train.compile``; the warm-up run pays the compile): its ratio
+to the eager bare loop is the speed-up a run gets from compiling.
 
 ``--peers``: aggregate images/s of P peers on one rank, stepped one after another, batched into one
 vmapped step (``train.batched``), and as P single-peer processes started together, each against one
@@ -84,10 +89,12 @@ class SameBatches:
 
 
 def bare_loop(model: torch.nn.Module, opt: torch.optim.Optimizer, batches: list, device: torch.device,
-              amp: bool) -> None:
+              amp: bool, channels_last: bool = False) -> None:
     model.train()
     for x, y in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # no-ops on the CPU
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -106,13 +113,14 @@ def synthetic_batches(name: str, batch: int, steps: int) -> list[tuple[torch.Ten
 
 
 def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[str], device: str = "cpu",
-            amp: bool = False) -> dict[str, float]:
+            amp: bool = False, compile_mode: str = "off", channels_last: bool = False) -> dict[str, float]:
     config, batch, steps = CASES[name]
     dev = torch.device(device)
     if dev.type == "cuda":
         steps = GPU_STEPS[name]
     overrides = [f"data.batch_size={batch}", f"dist.threads={threads}", f"dist.device={dev.type}",
-                 "graft.mode=none", "checkpoint.enabled=false", f"dist.amp={str(amp).lower()}", *extra]
+                 "graft.mode=none", "checkpoint.enabled=false", f"dist.amp={str(amp).lower()}",
+                 f"train.compile={compile_mode}", f"dist.channels_last={str(channels_last).lower()}", *extra]
     if "cifar" in config:
         overrides.append(f"data.root={data_root}")
     cfg = load_config(config, overrides)
@@ -122,6 +130,8 @@ def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[s
         torch.manual_seed(cfg.seed)
         peer.model = (create_model(name, SYNTHETIC[name][2]) if name in SYNTHETIC else
                       torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))).to(dev)
+        if channels_last:
+            peer.model = peer.model.to(memory_format=torch.channels_last)
         peer.optimizer = torch.optim.SGD(peer.model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
     stop = StopRequest(world.comm)
@@ -149,7 +159,7 @@ def measure(name: str, data_root: Path, rounds: int, threads: int, extra: list[s
             return itertools.islice(every, steps - start)
 
     variants = {
-        "bare": lambda: bare_loop(model, opt, batches, dev, amp and dev.type == "cuda"),
+        "bare": lambda: bare_loop(model, opt, batches, dev, amp and dev.type == "cuda", channels_last),
         "hpcgraft (same batches)": lambda: hpcgraft_run(same),
         "hpcgraft (its loader)": lambda: hpcgraft_run(OwnSteps()),
     }
@@ -323,6 +333,10 @@ def main() -> None:
                         help="config overrides for hpcgraft's side, e.g. data.prefetch=0")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--amp", default="off", help="bf16 autocast on the GPU: off (default), on, or on,off")
+    parser.add_argument("--compile", default="off",
+                        help="train.compile of hpcgraft's side (the bare loop stays eager): off (default), default, "
+                             "reduce-overhead, max-autotune, or several, e.g. off,default")
+    parser.add_argument("--channels-last", action="store_true", help="both loops in NHWC (dist.channels_last)")
     parser.add_argument("--steps", type=int, help="steps per timed run (default: per model and device)")
     parser.add_argument("--batch", type=int, help="batch size (default: per model)")
     parser.add_argument("--pixels", type=int, default=0, help="size of the synthetic images (default 224)")
@@ -349,24 +363,26 @@ def main() -> None:
     if args.peers:
         main_peers(args)
         return
-    header = (f"{'model':<14} {'amp':>3} {'batch':>5} {'steps':>5} | {'bare img/s':>10} {'same batches':>12} "
-              f"{'ratio':>6} {'+us/step':>8} | {'its loader':>10} {'ratio':>6} {'+us/step':>8}")
+    header = (f"{'model':<14} {'amp':>3} {'compile':>15} {'batch':>5} {'steps':>5} | {'bare img/s':>10} "
+              f"{'same batches':>12} {'ratio':>6} {'+us/step':>8} | {'its loader':>10} {'ratio':>6} {'+us/step':>8}")
     print(header)
     print("-" * len(header))
     cell = lambda r, key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="hpcgraft-bench-") as tmp:
         write_cifar10(Path(tmp) / "cifar-10-batches-py", per_file=1000)
         for name in args.models.split(","):
-            for amp in args.amp.split(","):
-                r = measure(name, Path(tmp), args.rounds, args.threads, args.set, args.device, amp == "on")
-                print(f"{name:<14} {amp:>3} {r['batch']:>5} {r['steps']:>5} | {r['bare img/s']:>10.1f} "
+            for amp, mode in itertools.product(args.amp.split(","), args.compile.split(",")):
+                r = measure(name, Path(tmp), args.rounds, args.threads, args.set, args.device, amp == "on", mode,
+                            args.channels_last)
+                print(f"{name:<14} {amp:>3} {mode:>15} {r['batch']:>5} {r['steps']:>5} | {r['bare img/s']:>10.1f} "
                       f"{r['hpcgraft (same batches) img/s']:>12.1f} {r['hpcgraft (same batches) ratio']:>6.3f} "
                       f"{r['hpcgraft (same batches) us/step']:>8.0f} | "
                       f"{cell(r, 'hpcgraft (its loader) img/s', '>10.1f'):>10} "
                       f"{cell(r, 'hpcgraft (its loader) ratio', '>6.3f'):>6} "
                       f"{cell(r, 'hpcgraft (its loader) us/step', '>8.0f'):>8}", flush=True)
-    print("ratio: bare time / hpcgraft time per round (1.0 = no overhead; target >= 0.97); +us/step: hpcgraft's "
-          "extra time per step (medians over rounds)")
+    print("ratio: bare time / hpcgraft time per round (1.0 = no overhead; target >= 0.97; compiled rows: the "
+          "speed-up over the eager bare loop); +us/step: hpcgraft's extra time per step (medians over rounds)"
+          + ("; channels-last" if args.channels_last else ""))
 
 
 if __name__ == "__main__":

@@ -160,6 +160,9 @@ FirstJobId=$first_job_id
 # schedule pending (e.g. requeued) jobs within seconds instead of SLURM's default minute
 SchedulerParameters=sched_interval=2
 KillWait=30
+# A node whose slurmd stops answering is DOWN after this many seconds (SLURM's default: 300), and its jobs
+# end (NODE_FAIL) and, with --requeue, go back into the queue: tests of a lost node wait this long.
+SlurmdTimeout=30
 $node_lines
 PartitionName=debug Nodes=$(node_names | paste -sd,) Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF

@@ -2,7 +2,7 @@
 
     python tools/study_digits.py [--out runs/study_digits] [--seeds 3] [--arms ...] [--epochs 30]
 
-A call of the sweep (``python -m hpcgraft.sweep digits --arms ... --seeds N``, see hpcgraft/sweep.py for
+A call of the sweep (``python -m hpcgraft.sweep digits --arms ... --seeds N``, see hpcgraft/launch/arms.py for
 what each arm overrides): every arm trains K=2 peers with configs/digits.yaml (real mpirun ranks), changing
 only what the arm is about; each seed changes initialisation, data order and augmentation together.
 Re-running resumes an interrupted study and skips the runs that finished. The Markdown table it prints

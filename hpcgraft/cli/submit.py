@@ -17,6 +17,7 @@ from typing import Any
 from hpcgraft.cli import add_overrides
 from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, InputError, LaunchError, report
 from hpcgraft.launch.jobs import EXECUTORS, final_metrics, submit, wait
+from hpcgraft.slurm.check import parse_nodes
 from hpcgraft.storage.follow import JobFollower
 from hpcgraft.storage.outputs import check_output_dir
 from hpcgraft.text import plural
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def add_job_options(p: argparse.ArgumentParser) -> None:
     """The job's shape and scheduler options, shared by ``hpcgraft.launch`` and ``hpcgraft.sweep``."""
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nodes", type=_node_count, default=1, help="N, or MIN-MAX: start on as many as SLURM can give")
     p.add_argument("--gpus-per-node", type=int, default=0, help="one rank per GPU; 0: CPU ranks (--tasks-per-node)")
     p.add_argument("--tasks-per-node", type=int, help="CPU ranks per node when --gpus-per-node is 0 (default 2)")
     p.add_argument("--cpus-per-task", type=int, default=1)
@@ -55,6 +56,15 @@ def add_job_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--srun-mpi", default="pmi2", help="srun --mpi= value: pmi2 (MPICH wheel) or the site's pmix")
     p.add_argument("--executor", choices=EXECUTORS, default="auto", help="auto: SLURM where srun exists, else local")
     p.add_argument("--logs", help="submitit's folder for job files and logs (default: RUN_DIR/submitit)")
+
+
+def _node_count(text: str) -> int | str:
+    """``--nodes``: N as a number, MIN-MAX as given (both checked)."""
+    try:
+        low, high = parse_nodes(text)
+    except LaunchError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return high if low == high else text
 
 
 def job_options(a: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from hpcgraft.errors import EXIT_FAILURE, EXIT_USAGE, ConfigError, LaunchError, 
 from hpcgraft.launch import jobs
 from hpcgraft.reporting.runs import SWEEP_FILE, load_sweep
 from hpcgraft.reporting.tables import sweep_table
+from hpcgraft.slurm.check import parse_nodes
 from hpcgraft.storage.atomic import write_text
 from hpcgraft.storage.lock import LOCK_FILE, RunDirLock, RunDirLockedError
 from hpcgraft.storage.outputs import check_output_dir, check_output_file, check_run_outputs
@@ -255,7 +256,7 @@ SKIPPED = ("finished", "running", "queued")
 
 def open_sweep(config: str, out: str | None, arm_names: str, arm_specs: Sequence[str | Sequence[str]], seeds: int,
                overrides: list[str], *, np: int | None = None, restart: bool = False, submitted: bool = False,
-               nodes: int = 1, gpus_per_node: int = 0, tasks_per_node: int | None = None) -> Sweep:
+               nodes: int | str = 1, gpus_per_node: int = 0, tasks_per_node: int | None = None) -> Sweep:
     """Check everything a sweep asks for (config, arms, every run's config and outputs, the ranks, runs of
     another config in the way) before any run starts, then record it in ``DIR/sweep.json``."""
     config = str(resolve_config(config).absolute())
@@ -273,7 +274,7 @@ def open_sweep(config: str, out: str | None, arm_names: str, arm_specs: Sequence
     return Sweep(where, config, runs, states, ranks, tasks_per_node, restart)
 
 
-def ranks_per_run(runs: list[Planned], np: int | None, submitted: bool, nodes: int, gpus_per_node: int,
+def ranks_per_run(runs: list[Planned], np: int | None, submitted: bool, nodes: int | str, gpus_per_node: int,
                   tasks_per_node: int | None) -> tuple[int, int | None]:
     """(ranks per run, CPU ranks per node of a submitted job); grafting and cultivation need two peers at
     least, refused here rather than per run."""
@@ -285,7 +286,7 @@ def ranks_per_run(runs: list[Planned], np: int | None, submitted: bool, nodes: i
                 raise ConfigError("--np with --gpus-per-node: a GPU job has one rank per GPU (nodes x GPUs); "
                                   "leave --np out")
             tasks_per_node = tasks_per_node or np
-        ranks = nodes * (gpus_per_node or tasks_per_node or 2)
+        ranks = parse_nodes(str(nodes))[0] * (gpus_per_node or tasks_per_node or 2)  # the fewest it may get
     else:
         ranks = np or 2
     needs_peers = [r.arm for r in runs if r.cfg.graft.mode == "peers" or r.cfg.cultivate.lambda_ > 0]

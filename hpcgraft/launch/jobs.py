@@ -36,7 +36,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission, environment_vari
 from hpcgraft.config import load_config, resolve_config
 from hpcgraft.errors import EXIT_REQUEUE, LaunchError
 from hpcgraft.slurm import SCRIPTS_DIR
-from hpcgraft.slurm.check import check_slurm_request
+from hpcgraft.slurm.check import LAUNCH_OPTIONS, check_node_range, check_slurm_request, parse_nodes
 from hpcgraft.storage.run import read_config
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
 
@@ -122,14 +122,15 @@ def _submitit_requeue_handler() -> Any:
 
 
 # ------------------------------------------------------------------------------------------ submission
-def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *, nodes: int = 1,
+def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *, nodes: int | str = 1,
            gpus_per_node: int = 0, tasks_per_node: int | None = None, cpus_per_task: int = 1,
            partition: str | None = None, account: str | None = None, time_min: int = 60,
            executor: str = "auto", logs: str | Path | None = None, restart: bool = False,
            signal_delay_s: int = 120, max_requeues: int = 20, srun_mpi: str = "pmi2") -> submitit.Job:
     """Submit one grafting run: ``nodes`` x ranks per node, one rank per GPU (or ``tasks_per_node`` CPU
     ranks with ``gpus_per_node=0``). Returns the submitit Job (``job.job_id``, ``job.paths.stdout``,
-    one sub-job per task); :func:`wait` waits for it.
+    one sub-job per task); :func:`wait` waits for it. ``nodes`` may be ``"MIN-MAX"``: SLURM starts the job on
+    as many nodes of the range as it can at once, and ``graft.peers`` must fit every node count in it.
 
     The config and overrides are checked here, and on SLURM the request against the partition, so that a
     mistake costs seconds rather than a queue wait. ``max_requeues`` bounds the time-outs submitit
@@ -138,7 +139,7 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     """
     if executor not in EXECUTORS:
         raise LaunchError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
-    load_config(config, list(overrides))  # raises ConfigError naming the bad key
+    cfg = load_config(config, list(overrides))  # raises ConfigError naming the bad key
     config = config and str(resolve_config(config).absolute())  # a packaged config's name: its file
     ranks = gpus_per_node if gpus_per_node > 0 else (tasks_per_node or 0)
     if ranks < 1:
@@ -150,9 +151,11 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     cluster = None if executor == "auto" else executor
     if cluster is None and shutil.which("srun") is None:
         cluster = "local"
+    low, high = parse_nodes(str(nodes))
+    check_node_range(cfg, (low, high), ranks, LAUNCH_OPTIONS)
     if cluster != "local":
-        check_slurm_request(partition, nodes, gpus_per_node, ranks, cpus_per_task)
-    elif nodes != 1:
+        check_slurm_request(partition, high, gpus_per_node, ranks, cpus_per_task)
+    elif high != 1:
         raise LaunchError(f"--nodes {nodes} with the local executor: it runs on this machine only (--nodes 1)")
     out = str(Path(out).absolute())
     folder = Path(logs).absolute() if logs else Path(out) / "submitit"
@@ -166,13 +169,14 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     else:
         run = GraftRun(config and str(Path(config).absolute()), out, list(overrides), restart)
         ex.update_parameters(
-            timeout_min=time_min, nodes=nodes, tasks_per_node=ranks, cpus_per_task=cpus_per_task,
+            timeout_min=time_min, nodes=high, tasks_per_node=ranks, cpus_per_task=cpus_per_task,
             name=f"graft-{Path(out).name}", slurm_partition=partition, slurm_account=account,
             slurm_srun_args=[f"--mpi={srun_mpi}", "--kill-on-bad-exit=0", f"--cpus-per-task={cpus_per_task}"],
             slurm_setup=[f"export SUBMITIT_PREEMPT_SIGNAL={PREEMPT_SIGNAL}",
                          *([f'[ "${{SLURM_RESTART_COUNT:-0}}" -gt 0 ] && bash {shlex.quote(str(CLEAN_SHM))}']
                            if CLEAN_SHM.exists() else [])],
-            slurm_additional_parameters={"signal": f"{PREEMPT_SIGNAL}@{signal_delay_s}", "requeue": True},
+            slurm_additional_parameters={"signal": f"{PREEMPT_SIGNAL}@{signal_delay_s}", "requeue": True,
+                                         **({"nodes": f"{low}-{high}"} if low < high else {})},
             **({"slurm_gpus_per_task": 1} if gpus_per_node > 0 else {}),
         )
     # The local controller (and sbatch's exported environment) must use the training's stop signal.
@@ -223,6 +227,8 @@ def wait(job: submitit.Job, timeout_s: float | None = None, poll_s: float = 2.0,
             time.sleep(poll_s)
     results = []
     for t in tasks:
+        if t.task_id and isinstance(job, submitit.SlurmJob) and not t.paths.stdout.exists():
+            continue  # never started: a MIN-MAX job that SLURM gave fewer nodes
         if not t.paths.result_pickle.exists() and isinstance(job, submitit.SlurmJob):
             raise LaunchError(f"job {job.job_id} task {t.task_id} ended without a result (killed, cancelled or out "
                               f"of requeues); see {t.paths.stderr}")

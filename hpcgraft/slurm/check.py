@@ -5,11 +5,16 @@ with the line that fixes it, instead of being rejected (``Invalid generic resour
 
 Kept free of heavy imports: the scripts run it on a login node before every submission.
 
-    python -m hpcgraft.slurm.check --nodes N --gpus-per-node G --tasks-per-node T --cpus-per-task C
+    python -m hpcgraft.slurm.check --nodes N|MIN-MAX --gpus-per-node G --tasks-per-node T --cpus-per-task C
         [--partition P] [--command "bash slurm/graft_cifar.sh" -- ARGS...]
 
 exits 0 when the shape fits, 2 with one line on stderr when it cannot start, naming the variables
 (``HPCGRAFT_NODES=1 ...``) and, with ``--command``, the whole corrected command line.
+
+    python -m hpcgraft.slurm.check --layout --ranks R --first-ranks F [--config C] -- ARGS...
+
+inside a job, before each training step: the ranks the step starts and the peers they host, printed as
+``RANKS|4 peers, 2 per rank``, or one line and exit 2 where the config's peers do not fit what SLURM gave.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import subprocess
 import sys
 from collections.abc import Collection
 
-from hpcgraft.config import load_config
-from hpcgraft.errors import EXIT_USAGE, ConfigError, LaunchError, report
+from hpcgraft.config import Config, load_config
+from hpcgraft.errors import EXIT_USAGE, ConfigError, LaunchError, LayoutError, report
 from hpcgraft.text import plural
 
 
@@ -167,23 +172,95 @@ def check_slurm_request(partition: str | None, nodes: int, gpus_per_node: int, t
     return part
 
 
+def parse_nodes(text: str) -> tuple[int, int]:
+    """SLURM's ``--nodes``: ``N``, or ``MIN-MAX`` for a job that may start (or go on) with fewer nodes."""
+    lo, sep, hi = text.partition("-")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        low = high = 0
+    if not 1 <= low <= high:
+        raise LaunchError(f"nodes {text!r} is not a node count: N or MIN-MAX (e.g. 2, or 2-4), at least 1")
+    return low, high
+
+
+def fits(peers: int, replicas: int, ranks: int) -> bool:
+    """Whether ``peers`` peers of ``replicas`` ranks each can spread evenly over ``ranks`` ranks."""
+    return ranks % replicas == 0 and peers % (ranks // replicas) == 0
+
+
+def fitting_ranks(peers: int, replicas: int) -> list[int]:
+    """The rank counts that ``peers`` peers fit: every divisor of the peers, times the replicas."""
+    return [d * replicas for d in range(1, peers + 1) if peers % d == 0]
+
+
+def job_layout(peers: int | None, replicas: int, ranks: int, first_ranks: int) -> tuple[int, str]:
+    """The ranks a job step starts on the ``ranks`` tasks SLURM gave, and the peers they host.
+
+    With ``graft.peers`` the peers are fixed and each rank hosts its share; they must divide evenly.
+    Without it every rank is a peer (of ``replicas`` ranks), so a step on fewer nodes than the first one
+    starts as many ranks as the first (``first_ranks``), packed onto the nodes left, to continue its run.
+    """
+    if peers is None:
+        count = first_ranks // max(replicas, 1)
+        return first_ranks, f"{plural(count, 'peer')}, 1 per rank" + (f" of {replicas}" if replicas > 1 else "")
+    if not fits(peers, replicas, ranks):
+        of = f" of dist.replicas={replicas}" if replicas > 1 else ""
+        raise LayoutError(f"graft.peers={peers}{of} does not fit the {plural(ranks, 'rank')} SLURM gave; rank counts "
+                          f"that fit: {', '.join(map(str, fitting_ranks(peers, replicas)))}; resubmit with a node "
+                          "count that gives one of them, the run resumes")
+    return ranks, f"{plural(peers, 'peer')}, {peers // (ranks // replicas)} per rank"
+
+
+def check_node_range(cfg: Config, nodes: tuple[int, int], ranks_per_node: int, spell: dict[str, str]) -> None:
+    """A job of MIN-MAX nodes may run on any node count in between: the peers must fit every one of them."""
+    peers, replicas = cfg.graft.peers, cfg.dist.replicas
+    if peers is None:
+        return
+    bad = [n for n in range(nodes[0], nodes[1] + 1) if not fits(peers, replicas, n * ranks_per_node)]
+    if bad:
+        good = [n for n in range(1, nodes[1] + 1) if fits(peers, replicas, n * ranks_per_node)]
+        said = spell["nodes"].format("-".join(map(str, nodes)) if nodes[0] < nodes[1] else nodes[0])
+        raise LaunchError(f"{said}: graft.peers={peers} does not fit {', '.join(map(str, bad))} nodes x "
+                          f"{plural(ranks_per_node, 'rank')} per node; node counts that fit: "
+                          f"{', '.join(map(str, good)) or 'none up to ' + str(nodes[1])}")
+
+
+def layout_main(a: argparse.Namespace) -> int:
+    """``--layout``: inside a job, the step's ranks and peers, or one line and exit 2."""
+    try:
+        cfg = load_config(a.config, [x for x in a.args if "=" in x])
+        ranks, what = job_layout(cfg.graft.peers, cfg.dist.replicas, a.ranks, a.first_ranks or a.ranks)
+    except (LayoutError, ConfigError) as exc:
+        return report(a.prog, exc, EXIT_USAGE)
+    print(f"{ranks}|{what}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """The scripts' check before sbatch: exit 0 if the config and the shape can run, else one line and exit 2."""
     p = argparse.ArgumentParser(prog="python -m hpcgraft.slurm.check", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True)
-    p.add_argument("--tasks-per-node", type=int, required=True, help="CPU ranks per node when --gpus-per-node is 0")
-    p.add_argument("--cpus-per-task", type=int, required=True)
+    p.add_argument("--nodes", default="1", help="N, or MIN-MAX")
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--tasks-per-node", type=int, default=1, help="CPU ranks per node when --gpus-per-node is 0")
+    p.add_argument("--cpus-per-task", type=int, default=1)
     p.add_argument("--partition", default="", help="empty: the cluster's default")
     p.add_argument("--config", help="the run's config, checked with the overrides among the arguments")
     p.add_argument("--prog", default="hpcgraft.slurm.check", help="the name the error line starts with")
     p.add_argument("--command", help="the submitting command, shown with the fixed variables")
+    p.add_argument("--layout", action="store_true", help="inside a job: the ranks and peers of its next step")
+    p.add_argument("--ranks", type=int, default=0, help="--layout: the tasks SLURM gave the step")
+    p.add_argument("--first-ranks", type=int, default=0, help="--layout: the ranks of the job's first step")
     p.add_argument("args", nargs="*", help="the command's arguments: config overrides")
     a = p.parse_args(argv)
+    if a.layout:
+        return layout_main(a)
     given = [k for k, var in SCRIPT_VARIABLES.items() if var.split("=")[0] in os.environ]
     try:
-        load_config(a.config, [x for x in a.args if "=" in x])
-        check_slurm_request(a.partition or None, a.nodes, a.gpus_per_node, a.tasks_per_node, a.cpus_per_task,
+        cfg = load_config(a.config, [x for x in a.args if "=" in x])
+        nodes = parse_nodes(a.nodes)
+        check_node_range(cfg, nodes, Shape(1, a.gpus_per_node, a.tasks_per_node, 1).ranks_per_node, SCRIPT_VARIABLES)
+        check_slurm_request(a.partition or None, nodes[1], a.gpus_per_node, a.tasks_per_node, a.cpus_per_task,
                             SCRIPT_VARIABLES, [*shlex.split(a.command), *a.args] if a.command else None, given)
     except (LaunchError, ConfigError) as exc:
         return report(a.prog, exc, EXIT_USAGE)

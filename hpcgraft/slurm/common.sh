@@ -92,11 +92,20 @@ hpcgraft_tasks() {
 
 hpcgraft_run_dir() { echo "${RUN_DIR:-runs/$SLURM_JOB_NAME-$SLURM_JOB_ID}"; }
 
+# The nodes the job holds now: with --no-kill SLURM takes a lost node out of the job and the job goes on.
+hpcgraft_job_nodes() { scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *NodeList=\([^ ]*\).*/\1/p' | head -n1; }
+
+hpcgraft_hostnames() { scontrol show hostnames "$1" 2>/dev/null; }
+
 # Job mode: one rank per task; USR1 (time limit near, or scancel --signal=USR1 --batch) is passed on to
 # every rank, which checkpoint at the same step and exit 75; then the job requeues itself and the
-# next start resumes from the checkpoint in the same run directory.
+# next start resumes from the checkpoint in the same run directory. A node lost during a step (the job
+# runs --no-kill: SLURM ends the step and takes the node out of the job) starts the next step on the
+# nodes left, with the same ranks per node, and the run resumes from its last complete checkpoint; how
+# many peers each rank then hosts comes from hpcgraft.slurm.check --layout.
 hpcgraft_run() {
-    local run_dir srun_pid="" rc
+    local run_dir srun_pid="" rc nodes=$SLURM_JOB_NODELIST count=$SLURM_JOB_NUM_NODES first per_node given
+    local layout ranks step=0 now lost
     run_dir=$(hpcgraft_run_dir)
     trap 'echo "hpcgraft: $(date +%T) USR1: asking every rank to checkpoint and stop"; [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"' USR1
     local cmd=("$PYTHON" -m hpcgraft.train --config "$CONFIG" --out "$run_dir")
@@ -106,13 +115,38 @@ hpcgraft_run() {
     [ -n "${SLURM_CPUS_PER_TASK:-}" ] && srun_opts+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
     # A requeued start after ranks were killed (preemption, a node failure) must not meet their MPI leftovers.
     [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
-    echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1)): $(hpcgraft_plural "$(hpcgraft_tasks)" rank) on $(hpcgraft_plural "$SLURM_JOB_NUM_NODES" node) ($SLURM_JOB_NODELIST); run dir $(hpcgraft_path "$run_dir")"
-    srun "${srun_opts[@]}" "${cmd[@]}" "$@" &
-    srun_pid=$!
-    # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
+    first=$(hpcgraft_tasks) given=$first
+    per_node=${SLURM_NTASKS_PER_NODE:-}
+    [ -z "$per_node" ] && [ $((first % count)) = 0 ] && per_node=$((first / count))
     while :; do
-        wait "$srun_pid" && rc=0 || rc=$?
-        kill -0 "$srun_pid" 2>/dev/null || break
+        layout=$("$PYTHON" -m hpcgraft.slurm.check --prog "$(basename "$HPCGRAFT_SCRIPT")" --layout --ranks "$given" \
+            --first-ranks "$first" --config "$CONFIG" -- "$@") || exit 2  # it said why, in one line
+        ranks=${layout%%|*}
+        echo "hpcgraft: $(date +%T) job $SLURM_JOB_ID, start $((${SLURM_RESTART_COUNT:-0} + 1))$([ "$step" -gt 0 ] && echo ", step $((step + 1))"): $(hpcgraft_plural "$ranks" rank) on $(hpcgraft_plural "$count" node) ($nodes), ${layout#*|}; run dir $(hpcgraft_path "$run_dir")"
+        local shape=()
+        if [ "$step" -gt 0 ]; then  # the nodes left; more ranks than tasks per node share a node's CPUs/GPUs
+            # --overlap: the killed step may linger on these nodes, holding their CPUs, until SLURM hears from the
+            # lost node again.
+            shape=(--overlap --nodes="$count" --ntasks="$ranks" --ntasks-per-node=$(((ranks + count - 1) / count)))
+            [ "$ranks" -gt "$given" ] && shape+=(--overcommit)
+        fi
+        srun "${srun_opts[@]}" "${shape[@]}" "${cmd[@]}" "$@" &
+        srun_pid=$!
+        # `wait` returns early when a trapped signal arrives; keep waiting until srun itself has ended.
+        while :; do
+            wait "$srun_pid" && rc=0 || rc=$?
+            kill -0 "$srun_pid" 2>/dev/null || break
+        done
+        srun_pid="" step=$((step + 1))
+        case $rc in 0 | 75 | 2) break ;; esac
+        now=$(hpcgraft_job_nodes)
+        lost=$(comm -23 <(hpcgraft_hostnames "$nodes" | sort) <(hpcgraft_hostnames "$now" | sort) | paste -sd,)
+        [ -n "$now" ] && [ -n "$lost" ] && [ -n "$per_node" ] || break
+        echo "hpcgraft: $(date +%T) lost $lost (SLURM took it out of the job); going on with the nodes left ($now) from the last checkpoint"
+        nodes=$now count=$(hpcgraft_hostnames "$now" | wc -l)
+        given=$((count * per_node))
+        # The killed step's ranks took their supervisors, and with them the removal of their shared memory.
+        SLURM_JOB_NUM_NODES=$count bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh" $((2 * step + 1))
     done
     case $rc in
     0) echo "hpcgraft: $(date +%T) finished; metrics in $run_dir/metrics.jsonl" ;;
@@ -128,7 +162,7 @@ hpcgraft_run() {
     *)
         # Ranks that SLURM killed when the step was aborted (a rank lost on another node, MPI_Abort) took
         # their supervisors with them, and with them the removal of MPICH's shared memory on their node.
-        bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh"
+        SLURM_JOB_NUM_NODES=$count bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh" $((2 * step + 1))
         echo "hpcgraft: $(date +%T) training failed with exit status $rc; not requeued" >&2
         ;;
     esac

@@ -19,16 +19,22 @@
 # directory. Exit 0 (finished) or any failure ends the job without requeueing. Requeued starts append
 # to the same log, %x-%j.out (job name - job id) in the directory it was submitted from.
 #
+# A lost node (--no-kill): SLURM ends the training step and takes the node out of the job; the script
+# starts the next step on the nodes left, which resumes from the last checkpoint with the same peers
+# (graft.peers=K: K / ranks per rank). NODES=MIN-MAX lets SLURM start the job on fewer nodes too; K must
+# fit every node count in the range (checked before sbatch). docs/cluster.md, "Elastic runs".
+#
 # GPUs: one per rank (--gpus-per-task=1); how ranks find theirs is explained in slurm/graft_cifar.sh.
 #
 #SBATCH --job-name=graft-imagenet
 #SBATCH --output=%x-%j.out
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --no-kill
 #SBATCH --signal=B:USR1@600
 
 # ------------------------------------------------------------------- what a user edits
-NODES=${HPCGRAFT_NODES:-2}
+NODES=${HPCGRAFT_NODES:-2}                   # N, or MIN-MAX (e.g. 2-4): as many as SLURM can give
 GPUS_PER_NODE=${HPCGRAFT_GPUS_PER_NODE:-4}     # ranks per node = GPUs per node; 0: CPU ranks, see next line
 TASKS_PER_NODE=${HPCGRAFT_TASKS_PER_NODE:-2}   # CPU ranks per node, only when GPUS_PER_NODE=0
 CPUS_PER_TASK=${HPCGRAFT_CPUS_PER_TASK:-16}    # CPU cores per rank: JPEG decoding (set data.workers to match)

@@ -52,6 +52,9 @@ def check_batchable(cfg: Config) -> None:
     if cfg.model.dgconv:
         raise ConfigError("train.batched=true cannot batch DGConv layers (model.dgconv=true): each peer's loss is "
                           "scaled by its own gates; use train.batched=false")
+    if cfg.train.compile != "off":
+        raise ConfigError(f"train.batched=true does not run with train.compile={cfg.train.compile} (the batched step "
+                          "calls the models through vmap, not their compiled forms); use one of the two")
     if cfg.dist.replicas > 1:
         raise ConfigError(f"train.batched=true does not run with dist.replicas={cfg.dist.replicas} (Horovod "
                           "averages each model's gradients itself); use train.batched=false or dist.replicas=1")

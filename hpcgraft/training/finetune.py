@@ -45,7 +45,7 @@ class PruneRequest:
     out: Path
     finetune_epochs: int = 0
     peer: int | None = None
-    set: list[str] = dataclasses.field(default_factory=list)  # config overrides for fine-tuning
+    overrides: list[str] = dataclasses.field(default_factory=list)  # config overrides for fine-tuning
     image_size: int = lean.DEFAULT_IMAGE_SIZE
     keep_redundant: bool = False
 
@@ -168,7 +168,7 @@ def prepare(args: PruneRequest) -> tuple[Config, str, dict[int, dict[str, torch.
     if trained is None:
         raise UserError(f"{path} holds weights only; prune reads the run they came from: give its run directory, "
                         "a checkpoint or a peer .h5 file")
-    overrides = [*FINETUNE, f"train.epochs={max(1, args.finetune_epochs)}", *args.set]
+    overrides = [*FINETUNE, f"train.epochs={max(1, args.finetune_epochs)}", *args.overrides]
     cfg = read_config(path, overrides).cfg
     arm = "baseline" if trained.cfg.graft.mode == "none" else "grafted"
     labelled = peer_states(path, peer=args.peer)
@@ -207,9 +207,20 @@ def prune_run(args: PruneRequest) -> int:
     if rank != 0:
         return EXIT_OK
     allres = {k: v for part in gathered for k, v in part.items()}
+    doc = results_doc(args, cfg, arm, states, jobs, masks, allres)
+    doc["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_text(args.out / RESULTS_FILE, json.dumps(doc, indent=1) + "\n")
+    print(format_table(doc), flush=True)
+    return EXIT_OK
+
+
+def results_doc(args: PruneRequest, cfg: Config, arm: str, states: dict[int, dict[str, torch.Tensor]], jobs: list,
+                masks: dict[tuple[str, float, int], Mask], allres: dict[tuple[str, float, int], Any]) -> dict[str, Any]:
+    """prune.json: the request, the unpruned top-1 and per (criterion, keep) what was kept and measured."""
     doc: dict[str, Any] = {"source": str(args.path), "model": cfg.model.name, "data": cfg.data.name,
                            "arm": arm,
-                           "finetune_epochs": args.finetune_epochs, "overrides": list(args.set),
+                           "finetune_epochs": args.finetune_epochs, "overrides": list(args.overrides),
                            "redundant_removed": not args.keep_redundant,
                            "unpruned": {str(p): v for p, v in unpruned_top1(cfg, states).items()}, "results": []}
     seen = []
@@ -231,8 +242,4 @@ def prune_run(args: PruneRequest) -> int:
             "pruned_zero": all(allres[(c, k, p)][4] for p in peers),
             "ensemble": top1(probs, allres[(c, k, peers[0])][3]),
         })
-    doc["seconds"] = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / RESULTS_FILE, json.dumps(doc, indent=1) + "\n")
-    print(format_table(doc), flush=True)
-    return EXIT_OK
+    return doc

@@ -334,7 +334,7 @@ def stored_metric(peer: Peer, test_acc: float, grafted: bool, ranks_best: bool) 
 
 def _test_predictions(peer: Peer) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax of this peer's model on its share of the test set, and the labels."""
-    return predict(peer.model, peer.test_loader, peer.device, channels_last=peer.cfg.dist.channels_last,
+    return predict(peer.net, peer.test_loader, peer.device, channels_last=peer.cfg.dist.channels_last,
                    autocast=lambda x: autocast(peer, x))
 
 

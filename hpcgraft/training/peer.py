@@ -26,6 +26,7 @@ from hpcgraft.data.memory import InMemoryImages
 from hpcgraft.errors import ConfigError
 from hpcgraft.method import grafting, seeding
 from hpcgraft.method.schedule import LRSchedule
+from hpcgraft.models.compiled import check_compile, compile_model
 from hpcgraft.storage.run import build_model
 from hpcgraft.text import plural
 from hpcgraft.training.batched import check_batchable
@@ -103,6 +104,7 @@ class Peer:
     # The peer's own random streams while another peer of its rank runs; None: the process's generators are
     # its own (the only peer of its rank, which then pays nothing for switching).
     rng: dict[str, Any] | None = None
+    _compiled: nn.Module | None = field(default=None, repr=False)
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
@@ -115,6 +117,17 @@ class Peer:
             yield
         finally:
             self.rng = rng_state(self.device)
+
+    @property
+    def net(self) -> nn.Module:
+        """The module the training step and the evaluation call: ``model`` compiled for ``train.compile``,
+        else ``model`` itself. Its state is ``model``'s (the same tensors); everything that reads or writes
+        weights goes through ``model``. Compiled at first use, and again if ``model`` was replaced."""
+        if self.cfg.train.compile == "off":
+            return self.model
+        if self._compiled is None or getattr(self._compiled, "_orig_mod", None) is not self.model:
+            self._compiled = compile_model(self.model, self.cfg.train.compile)
+        return self._compiled
 
     def state_dict(self) -> dict[str, Any]:
         """What a peer's checkpoint holds: weights, momentum, progress and RNG states (the layout of
@@ -215,6 +228,7 @@ def build_peers(cfg: Config, world: World) -> list[Peer]:
     """The peers this rank hosts (``world.local_peers``), sharing the data sets, the test loader, the replica
     group and the watchdog; with several, each keeps its random streams aside (:meth:`Peer.running`)."""
     device = select_device(cfg.dist.device, world.local_rank)
+    check_compile(cfg.train.compile, device)
     if device.type == "cpu":
         torch.set_num_threads(cfg.dist.threads or torch_threads(world.local_size))
     train_set, test_set = build_datasets(cfg.data.name, cfg.data.root, cfg.data.image_size, cfg.data.reference)

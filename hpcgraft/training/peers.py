@@ -161,7 +161,7 @@ def _forward(peer: Peer, x: torch.Tensor) -> torch.Tensor:
     for group in peer.optimizer.param_groups:
         group["lr"] = lr
     with autocast(peer, x):
-        return peer.model(x)
+        return peer.net(x)
 
 
 def _finish(peer: Peer, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None

@@ -44,6 +44,9 @@ from hpcgraft.training.peer import Peer
 #: (or, from before it existed, a config.yaml that parses as an hpcgraft config), never another project's files.
 MARKER = ".hpcgraft-run"
 EPOCHS = "train.epochs"
+#: Keys a resume may change: the number of peers is the checkpoint's to decide (its K, checked on resume), not
+#: the config's text, so that a run started with one peer per rank on K ranks goes on with graft.peers=K on fewer.
+LAYOUT_KEYS = ("graft.peers",)
 LAUNCH_LOGS = "submitit"  # the folder hpcgraft.launch gives submitit inside the run directory
 CHECKPOINTS = "checkpoints"
 #: Every entry a run writes in its directory, named once: --restart removes these (inside the folders, only
@@ -169,7 +172,7 @@ def _check_same_config(where: str, old_yaml: str | bytes, cfg: Config, run_dir: 
         raise ConfigError(f"the config of the run in {run_dir} ({where}) is damaged ({exc}); restore it, pass "
                           "--restart to start over, or use another --out") from None
     new = cfg.flat()
-    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS)]
+    diff = [k for k in new if old.get(k) != new[k] and not (extend and k == EPOCHS) and k not in LAYOUT_KEYS]
     if diff == [EPOCHS] and new[EPOCHS] > old[EPOCHS]:
         raise ConfigError(f"{run_dir} holds a run of {EPOCHS}={old[EPOCHS]}; to continue it to {new[EPOCHS]} epochs "
                           "pass --extend (or --restart to start over)")
@@ -241,7 +244,9 @@ class RunStore:
         if info.peers != self.world.peers:
             how = (f"set graft.peers={info.peers}" if self.cfg.graft.peers is not None
                    else f"start with {start_ranks(str(info.peers * self.world.replicas))}")
-            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; {how} to resume it")
+            fewer = (f", or with graft.peers={info.peers} on a rank count that divides {info.peers}"
+                     if self.cfg.graft.peers is None and self.world.replicas == 1 else "")
+            raise ConfigError(f"the checkpoint {info.path} has {plural(info.peers, 'peer')}; {how} to resume it{fewer}")
         info, states = self._fitting_checkpoint(info, peers)
         self.record_config()
         for peer, state in zip(peers, states, strict=True):

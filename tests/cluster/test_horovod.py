@@ -105,6 +105,7 @@ def _rank_pids(run: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow  # Horovod beyond its smoke test (the replicas test above)
 @pytest.mark.mpi
 @pytest.mark.horovod
 @needs_horovod
@@ -147,6 +148,7 @@ def test_stop_and_resume_with_replicas_continues_the_same_run(hybrid_run, tmp_pa
                 assert torch.equal(resumed[k], t), k
 
 
+@pytest.mark.slow  # Horovod beyond its smoke test (the replicas test above)
 @pytest.mark.mpi
 @pytest.mark.horovod
 @needs_horovod
@@ -161,7 +163,7 @@ def test_sharded_graft_is_the_unsharded_graft():
 @needs_horovod
 def test_channels_last_with_replicas_is_one_line():
     """Decided before any MPI work: checked in process, with the real Horovod. (The other layout errors
-    are in tests/unit/test_setup_errors.py.)"""
+    are in tests/unit/cli/test_setup_errors.py.)"""
     from hpcgraft.comm.replicas import require_horovod
     from hpcgraft.config import load_config
     from hpcgraft.errors import ConfigError

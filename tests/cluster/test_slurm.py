@@ -115,6 +115,7 @@ def test_sbatch_script_trains_two_grafting_peers(slurm_cluster, tmp_path, jobs):
     assert {(g["peer"], g["source"]) for g in grafts} == {(0, "peer 1"), (1, "peer 0")}
 
 
+@pytest.mark.slow  # the resume matrix on SLURM
 def test_killed_and_signalled_job_resumes_and_logs_every_epoch_once(slurm_cluster, tmp_path, jobs):
     """Submitted with plain sbatch options (and the ImageNet script). First its ranks are killed and the
     job is put back in the queue (preemption without grace): the restart cleans the dead ranks' MPI
@@ -211,6 +212,7 @@ def _ring_crosses_nodes(run: Path, nodes_of: dict[int, str]) -> None:
         assert any(nodes_of[p] != nodes_of[q] for p, q in source.items()), (source, nodes_of)
 
 
+@pytest.mark.slow  # make test trains through the sbatch script above
 def test_printed_example_runs_as_printed(slurm_cluster, tmp_path, jobs):
     """The command tools/slurm_local.sh prints, run as printed from the repository root: on the two-node
     cluster 2 nodes x 2 ranks, each rank reporting its node, its local rank and the ranks on its node; the
@@ -240,6 +242,7 @@ def test_printed_example_runs_as_printed(slurm_cluster, tmp_path, jobs):
         shutil.rmtree(run, ignore_errors=True)
 
 
+@pytest.mark.slow  # two-node SLURM
 def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_cluster, tmp_path, jobs):
     """2 nodes x 2 ranks; the training process of rank 3 (node 2, local rank 1) is killed with SIGKILL. Its
     supervisor on that node names it, the job fails without a requeue, and no rank of either node leaves
@@ -333,6 +336,7 @@ def test_script_refuses_a_time_limit_inside_the_warning(tmp_path):
     assert r.returncode == 2 and "not longer than the 300 s warning" in r.stderr
 
 
+@pytest.mark.slow  # the resume matrix on SLURM; submitit's submission: tests/e2e/test_sweep.py
 def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_path, jobs):
     """Two tasks from Python form one MPI world under srun. USR1 to the tasks, what SLURM sends before the
     time limit, makes submitit count a time-out (a 10-minute job has always "timed out"), call
@@ -353,6 +357,7 @@ def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_pat
     assert f"{epochs}/{epochs}" in table and "ens" in table
 
 
+@pytest.mark.slow  # two-node SLURM
 def test_submitit_run_on_two_nodes(slurm_cluster, tmp_path, jobs, monkeypatch):
     """hpcgraft.launch with --nodes 2: srun's tasks form one world over both nodes, each rank reports its node
     and local rank, the ring crosses nodes, every task returns 0 and no MPI shared memory is left."""

@@ -23,37 +23,44 @@ STOP_AT = 30  # a few steps into epoch 2, after the first graft
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("dgconv")
-    whole, stopped = base / "whole", base / "stopped"
-    r = train(2, whole, *OVERRIDES)
+def whole(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dgconv") / "whole"
+    r = train(2, out, *OVERRIDES)
     assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory) -> Path:
+    """The same run stopped by SIGUSR1 after step STOP_AT, then resumed by the same command."""
+    out = tmp_path_factory.mktemp("dgconv") / "stopped"
     injected = {**env(), "HPCGRAFT_INJECT": f"1:{STOP_AT - 1}:usr1"}
-    r = train(2, stopped, *OVERRIDES, environ=injected)
+    r = train(2, out, *OVERRIDES, environ=injected)
     assert r.returncode == EXIT_REQUEUE, r.stderr
-    r = train(2, stopped, *OVERRIDES)
+    r = train(2, out, *OVERRIDES)
     assert r.returncode == 0, r.stderr
     assert "hpcgraft: resuming" in r.stderr
-    return {"whole": whole, "stopped": stopped}
+    return out
 
 
-def test_group_counts_are_logged_per_peer_and_epoch(runs) -> None:
-    rows = [r for r in jsonl(runs["whole"] / "metrics.jsonl") if r.get("peer") is not None]
+def test_group_counts_are_logged_per_peer_and_epoch(whole) -> None:
+    rows = [r for r in jsonl(whole / "metrics.jsonl") if r.get("peer") is not None]
     assert {(r["epoch"], r["peer"]) for r in rows} == {(1, 0), (1, 1), (2, 0), (2, 1)}
     for r in rows:  # digits_resnet has 5 square power-of-two 3x3 convs (16, 16, 32, 32, 32 channels)
         assert len(r["dgconv_groups"]) == 5
         assert all(g in (1, 2, 4, 8, 16) for g in r["dgconv_groups"][:2])
         assert all(g in (1, 2, 4, 8, 16, 32) for g in r["dgconv_groups"][2:])
-    assert len(jsonl(runs["whole"] / "graft.jsonl")) >= 2  # both peers grafted
+    assert len(jsonl(whole / "graft.jsonl")) >= 2  # both peers grafted
 
 
-def test_stopped_run_resumes_bitwise(runs) -> None:
-    assert_identical(final_trees(runs["stopped"]), final_trees(runs["whole"]))
+@pytest.mark.slow  # the resume matrix: make test resumes grafting runs exactly in tests/e2e/test_resume.py
+def test_stopped_run_resumes_bitwise(whole, stopped) -> None:
+    assert_identical(final_trees(stopped), final_trees(whole))
 
 
-def test_export_loads_into_the_same_model_and_offline_graft_keeps_gates(runs, tmp_path) -> None:
+def test_export_loads_into_the_same_model_and_offline_graft_keeps_gates(whole, tmp_path) -> None:
     exported = tmp_path / "peer0.pt"
-    args = [sys.executable, "-m", "hpcgraft.checkpoint", "export", str(runs["whole"]), "--peer", "0",
+    args = [sys.executable, "-m", "hpcgraft.checkpoint", "export", str(whole), "--peer", "0",
             "--out", str(exported)]
     assert subprocess.run(args, env=env(), cwd=ROOT, capture_output=True, text=True).returncode == 0
     model = create_model("digits_resnet", 10)
@@ -61,7 +68,7 @@ def test_export_loads_into_the_same_model_and_offline_graft_keeps_gates(runs, tm
     state = torch.load(exported)
     model.load_state_dict(state)  # strict: gates included
     assert all(f"{n}.gate" in state for n in dgconv_layers(model))
-    peer1 = sorted((runs["whole"] / "checkpoints").glob("step-*"))[-1] / "peer-001.h5"
+    peer1 = sorted((whole / "checkpoints").glob("step-*"))[-1] / "peer-001.h5"
     grafted = tmp_path / "grafted.pt"
     r = subprocess.run([sys.executable, "-m", "hpcgraft.graft", str(exported), str(peer1), "--out", str(grafted)],
                        env=env(), cwd=ROOT, capture_output=True, text=True)
@@ -72,7 +79,7 @@ def test_export_loads_into_the_same_model_and_offline_graft_keeps_gates(runs, tm
     assert any(not torch.equal(out[g], state[g]) for g in gates)  # the gates were mixed too
 
 
-def test_report_plots_the_group_counts(runs, tmp_path) -> None:
-    assert report.main([str(runs["whole"]), "--out", str(tmp_path)]) == 0
+def test_report_plots_the_group_counts(whole, tmp_path) -> None:
+    assert report.main([str(whole), "--out", str(tmp_path)]) == 0
     assert (tmp_path / "whole_dgconv_groups.png").stat().st_size > 0
     assert "DGConv groups in" in (tmp_path / "summary.md").read_text()

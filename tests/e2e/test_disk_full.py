@@ -9,9 +9,14 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+
 from hpcgraft.storage.checkpoints import resolve
 from tests._tmpfs import resize, tmpfs
 from tests.e2e.test_resume import again, assert_same_run, checkpoints, lines
+
+# Slow: a checkpoint on a full disk is checked in process in tests/unit/storage/test_checkpoint_space.py.
+pytestmark = pytest.mark.slow
 
 REFERENCE = "base2"  # 2 peers, 2 epochs of 22 steps, a checkpoint after each (tests/runs.py)
 ONE_CHECKPOINT = "1m"  # room for the run's small files and one checkpoint (about 0.73 MB), not two

@@ -17,7 +17,10 @@ def monitor_records(rows: list[dict]) -> list[dict]:
     return [{k: r[k] for k in keep if k in r} for r in rows]
 
 
-@pytest.mark.parametrize(("name", "kind", "window"), [("eb_bn", "bn", 3), ("eb_spline", "spline", 3)])
+@pytest.mark.parametrize(("name", "kind", "window"), [
+    ("eb_bn", "bn", 3),
+    # the spline monitor's numbers: tests/unit/method/test_earlybird.py; its 4-epoch run only in make test-all
+    pytest.param("eb_spline", "spline", 3, marks=pytest.mark.slow)])
 def test_monitor_fields_in_metrics(e2e_run, name, kind, window):
     rows = e2e_run(name).metrics()
     peers = [r for r in rows if r["peer"] is not None]
@@ -38,6 +41,7 @@ def test_monitor_fields_in_metrics(e2e_run, name, kind, window):
         assert all(r["eb_peer_dist_mean"] > 0 for r in rows if r["peer"] is None)
 
 
+@pytest.mark.slow  # the resume matrix: the monitors' state round trip is in tests/unit/method/test_earlybird.py
 @pytest.mark.parametrize("name", ["eb_bn", "eb_spline"])
 def test_resumed_monitor_reports_as_uninterrupted(e2e_run, tmp_path, name):
     stopped = e2e_run(f"{name}_stopped").copy(tmp_path / "run")

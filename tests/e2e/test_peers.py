@@ -13,11 +13,11 @@ from tests._util import env, jsonl, train
 
 pytestmark = pytest.mark.mpi
 
-# 11 steps per epoch (batch 128), graft rounds every 4 steps (mid-epoch too), precise BN replaying batches
-RING = ("graft.peers=4", "train.epochs=2", "data.batch_size=128", "graft.interval_steps=4", "train.precise_bn=2",
+# 5 steps per epoch (batch 256), graft rounds every 2 steps (mid-epoch too), precise BN replaying batches
+RING = ("graft.peers=4", "train.epochs=2", "data.batch_size=256", "graft.interval_steps=2", "train.precise_bn=2",
         "log.progress=off", "dist.threads=1")
 # the other sums across peers: allreduce grafting, cultivation's logits, early-bird masks between peers
-SUMS = ("graft.peers=4", "train.epochs=1", "data.batch_size=128", "graft.interval_steps=4", "train.precise_bn=2",
+SUMS = ("graft.peers=4", "train.epochs=1", "data.batch_size=256", "graft.interval_steps=2", "train.precise_bn=2",
         "graft.topology=allreduce", "cultivate.lambda=1", "prune.monitor=bn", "log.progress=off", "dist.threads=1")
 
 
@@ -58,30 +58,46 @@ def _train(ranks: int, out: Path, *overrides: str, inject: str | None = None) ->
 
 @pytest.fixture(scope="module")
 def ring_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """K=4 uninterrupted on 2 and 1 ranks; and one run moved 4 ranks -> 2 -> 1 -> 4 by stops mid-epoch (4 ranks
-    on 2 cores are slow: they train only in the moved run, whose every step must match the others')."""
+    """K=4 uninterrupted on 2 and 1 ranks."""
     root = tmp_path_factory.mktemp("peers")
     runs = {}
     for ranks in (2, 1):
         runs[f"np{ranks}"] = root / f"np{ranks}" / "run"
         assert _train(ranks, runs[f"np{ranks}"], *RING) == 0
-    moved = runs["moved"] = root / "moved" / "run"
-    for ranks, stop in ((4, "0:3:usr1"), (2, "1:9:usr1"), (1, "0:15:usr1")):
+    return runs
+
+
+@pytest.fixture(scope="module")
+def moved_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run moved 4 ranks -> 2 -> 1 -> 4 by stops mid-epoch (4 ranks on 2 cores are slow: they train only in
+    the moved run, whose every step must match the uninterrupted ones')."""
+    moved = tmp_path_factory.mktemp("peers") / "moved" / "run"
+    # a stop asked for after step s ends the run after step s+1: steps 3 (epoch 1), 6 and 9 (epoch 2)
+    for ranks, stop in ((4, "0:2:usr1"), (2, "1:5:usr1"), (1, "0:8:usr1")):
         assert _train(ranks, moved, *RING, inject=stop) == 75
     assert _train(4, moved, *RING) == 0
-    return runs
+    return moved
 
 
 def test_k_peers_give_the_same_bits_on_4_2_and_1_ranks(ring_runs):
     metrics = jsonl(ring_runs["np1"] / "metrics.jsonl")
     assert sorted({r["peer"] for r in metrics if r["peer"] is not None}) == [0, 1, 2, 3]
     assert not any("rank" in r for r in metrics + jsonl(ring_runs["np1"] / "graft.jsonl"))
-    assert len(jsonl(ring_runs["np1"] / "graft.jsonl")) == 4 * 5  # rounds after steps 4, 8, 12, 16, 20
+    assert len(jsonl(ring_runs["np1"] / "graft.jsonl")) == 4 * 5  # rounds after steps 2, 4, 6, 8, 10
     _assert_same_run(ring_runs["np2"], ring_runs["np1"])
 
 
-def test_a_run_resumed_on_other_rank_counts_is_the_uninterrupted_one(ring_runs):
-    _assert_same_run(ring_runs["np1"], ring_runs["moved"])
+def test_a_run_stopped_on_2_ranks_resumes_on_1_as_the_uninterrupted_one(ring_runs, tmp_path):
+    """The layout change of make test; the slow tier moves a run across four layouts below."""
+    out = tmp_path / "run"
+    assert _train(2, out, *RING, inject="1:5:usr1") == 75  # stops after step 6, in epoch 2
+    assert _train(1, out, *RING) == 0
+    _assert_same_run(ring_runs["np1"], out)
+
+
+@pytest.mark.slow  # the resume matrix: four trainings, two of 4 ranks on 2 cores
+def test_a_run_resumed_on_other_rank_counts_is_the_uninterrupted_one(ring_runs, moved_run):
+    _assert_same_run(ring_runs["np1"], moved_run)
 
 
 def test_allreduce_cultivation_and_monitors_sum_in_peer_order(tmp_path):

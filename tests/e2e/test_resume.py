@@ -177,6 +177,7 @@ def resume_and_compare(out: Path, reference: Path, name: str, from_step: int) ->
     return r.stderr
 
 
+@pytest.mark.slow  # the resume matrix: make test resumes a grafting run stopped mid-epoch
 def test_grafting_stopped_at_an_epoch_end_resumes_exactly(tmp_path, reference, e2e_run):
     """Stopped after the last step of epoch 1, before its evaluation (3 peers, grafting every 10 steps: the
     reports of the grafts before the stop are written with its checkpoint)."""
@@ -202,6 +203,7 @@ def test_sigusr1_to_mpirun_stops_mid_epoch_and_grafting_resumes_exactly(tmp_path
     resume_and_compare(out, reference(GRAFTING), GRAFTING, state["step"])
 
 
+@pytest.mark.slow  # the resume matrix; damaged checkpoints: tests/unit/storage/test_checkpoint.py
 def test_baseline_stopped_mid_epoch_resumes_exactly_also_from_a_damaged_checkpoint(tmp_path, reference, e2e_run,
                                                                                  capsys, stop_signals_kept):
     """SIGTERM this time (SLURM's preemption signal), in the middle of epoch 2 (2 peers; 3 peers resume in
@@ -273,6 +275,7 @@ def test_watchdog_aborts_a_collective_stuck_on_a_stalled_rank(e2e_run):
 
 
 # ------------------------------------------------------------------------------------------ NaN weights
+@pytest.mark.slow  # a 3-epoch run; the skip itself: tests/e2e/test_exchange.py
 def test_nan_weights_are_never_grafted_and_the_best_checkpoints_are_kept(e2e_run):
     """Peer 1's weights turn NaN in epoch 2 (HPCGRAFT_INJECT=1:30:nan); the grafts at the end of epoch 2 are
     skipped for both peers and the run goes on. With checkpoint.keep=1, the newest checkpoint stays and so

@@ -43,6 +43,7 @@ def by_hand(run: Path) -> tuple[float, float, float, float, float]:
             max(ens), ens[-1], statistics.fmean(inv))
 
 
+@pytest.mark.slow  # eight runs: make test sweeps through submitit below (the table: unit/reporting/test_sweep_table.py)
 @pytest.mark.mpi
 def test_sweep_runs_every_arm_and_seed_then_resumes_and_skips(tmp_path):
     out = tmp_path / "sw"

@@ -87,6 +87,22 @@ def test_tensorboard_without_the_package_is_one_line_before_the_run_starts(tmp_p
 
 
 @pytest.mark.mpi
+def test_train_with_a_file_where_tensorboard_goes_stops_before_training(tmp_path):
+    """Under mpirun: the check is rank 0's and agreed, so every rank stops at once (the check itself, for every
+    command: tests/unit/storage/test_output_paths.py)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".hpcgraft-run").touch()  # a run directory of hpcgraft's, with a file where its event files go
+    (out / "tensorboard").write_text("not a folder")
+    r = train(2, out, "log.tensorboard=true", "train.epochs=1", "log.progress=off", "dist.threads=1")
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [f"hpcgraft: error: {out / 'tensorboard'} is a file where hpcgraft writes its tensorboard folder; "
+                     "move it away, or use another --out"], lines
+    assert sorted(p.name for p in out.iterdir()) == [".hpcgraft-run", "tensorboard"]  # nothing trained, nothing claimed
+
+
+@pytest.mark.mpi
 def test_docs_pandas_snippet_runs_as_printed_on_a_real_run(e2e_run, tmp_path):
     doc = (ROOT / "docs" / "running.md").read_text()
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "import pandas" in b)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.mpi
 
 def test_bad_input_stops_every_rank_with_one_line(tmp_path):
     """One bad key through a real 2-rank mpirun: exit 2, one error line, no traceback, no abort. The other
-    user errors are decided before any MPI work and are checked in process (tests/unit/test_setup_errors.py)."""
+    user errors are decided before any MPI work and are checked in process (tests/unit/cli/test_setup_errors.py)."""
     r = train(2, tmp_path / "run", "trian.epochs=1")
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("hpcgraft: error:")]

@@ -172,6 +172,7 @@ def test_every_batchable_model_batches(name):
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model.name=resnet18", "model.dgconv=true"], "train.batched=true cannot batch DGConv layers (model.dgconv=true)"),
     (["dist.replicas=2"], "train.batched=true does not run with dist.replicas=2"),
+    (["train.compile=default"], "train.batched=true does not run with train.compile=default"),
     (["model.name=convnext"], "train.batched=true cannot batch model.name=convnext; use train.batched=false or one "
                               "of: digits_resnet, resnet20"),
 ])

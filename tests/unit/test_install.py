@@ -33,6 +33,7 @@ def test_an_unknown_name_lists_the_packaged_configs():
                               f"one of: {', '.join(config_names())}")
 
 
+@pytest.mark.process  # asks git
 def test_the_checkouts_configs_folder_is_a_link_git_keeps():
     """configs/ (the path the README, the Makefile and the SLURM scripts use) is a symlink into the package,
     committed as one (git mode 120000), so the files exist once."""
@@ -57,6 +58,7 @@ def _source_copy(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.process  # builds and installs the wheel
 def test_the_wheel_carries_the_configs_and_they_load_by_name_outside_the_checkout(tmp_path):
     src = _source_copy(tmp_path / "src")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w",
@@ -102,6 +104,7 @@ def test_the_wheel_carries_the_configs_and_they_load_by_name_outside_the_checkou
 BLOCK_OPTIONAL = "import sys\nfor _name in ('sklearn', 'scipy', 'matplotlib'):\n    sys.modules[_name] = None\n"
 
 
+@pytest.mark.process  # a fresh interpreter
 def test_a_default_install_imports_without_scikit_learn_scipy_or_matplotlib():
     """Every module imports with the three blocked, except the plots, whose error names the extra; the demo's
     data set loads."""
@@ -123,6 +126,7 @@ def test_a_default_install_imports_without_scikit_learn_scipy_or_matplotlib():
                                                      "hpcgraft.reporting.summary": needs}
 
 
+@pytest.mark.process  # a fresh interpreter
 def test_the_report_without_matplotlib_names_the_extra_before_it_reads_a_run(tmp_path):
     run = ROOT / "tests" / "data" / "run-before-relayout"
     code = BLOCK_OPTIONAL + (

@@ -1,12 +1,15 @@
 """The package's architecture, checked: no import cycles, each layer importing only the layers below it,
-and no MPI started by importing anything or by running the offline commands."""
+no MPI started by importing anything or by running the offline commands, and the unit tests in the folders
+of the layers they test."""
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -143,6 +146,7 @@ def _python(code: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.process  # a fresh interpreter
 def test_importing_any_module_starts_no_mpi():
     r = _python("import importlib, sys\n"
                 f"for name in {sorted(modules())!r}:\n"
@@ -152,6 +156,7 @@ def test_importing_any_module_starts_no_mpi():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+@pytest.mark.process  # a fresh interpreter
 def test_offline_commands_start_no_mpi(tmp_path):
     """graft, analyze, report, evaluate and checkpoint inspect/export on a checkpoint written by a real run
     (tests/data/run-before-relayout): they work, and mpi4py.MPI is never imported in their process."""
@@ -175,3 +180,49 @@ print("ok")
 """
     r = _python(code)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+# What a command module may define: its parser and the entry points that hand the parsed request down.
+COMMAND_FUNCTIONS = {"main", "parse_args", "_parser", "criteria_main", "add_job_options", "job_options",
+                     "_check_args", "print_config"}
+# The layers' own libraries: a command that imports one does work a layer below should do.
+WORK_LIBRARIES = {"torch", "numpy", "h5py", "submitit", "matplotlib", "mpi4py", "yaml"}
+
+
+@pytest.mark.parametrize("command", sorted(p.stem for p in (PACKAGE / "cli").glob("*.py") if p.stem != "__init__"))
+def test_a_command_module_only_parses(command):
+    """No class, no function beyond its parser and entry points, no tensor, file-format or scheduler library:
+    the work lives in training/, storage/, reporting/ or launch/, where other callers reach it too."""
+    tree = ast.parse((PACKAGE / "cli" / f"{command}.py").read_text())
+    defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    assert not {n.name for n in tree.body if isinstance(n, ast.ClassDef)}, defined
+    assert defined <= COMMAND_FUNCTIONS, defined - COMMAND_FUNCTIONS
+    libraries = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    libraries |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not libraries & WORK_LIBRARIES, libraries & WORK_LIBRARIES
+
+
+def _mirror() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("mirror_tests", ROOT / "tools" / "mirror_tests.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_unit_tests_mirror_the_package():
+    """tests/unit/<layer>/test_x.py imports hpcgraft/<layer>/ (the layer it exercises); only the tests of a
+    top-level module or of the package as a whole sit in tests/unit/ itself (tools/mirror_tests.py ROOT)."""
+    mirror = _mirror()
+    unit = ROOT / "tests" / "unit"
+    bad = [f"{name}: run tools/mirror_tests.py (add it to MAPPING or ROOT)" for name in mirror.unplaced()]
+    for path in sorted(unit.rglob("*.py")):
+        folder = path.parent.relative_to(unit).as_posix()
+        if folder == ".":
+            continue
+        if folder not in mirror.layers():
+            bad.append(f"{path.relative_to(ROOT)}: {folder} is not a folder of hpcgraft/")
+        elif path.name.startswith("test_") and not mirror.imported_layers(path)[folder]:
+            bad.append(f"{path.relative_to(ROOT)} imports nothing of hpcgraft/{folder}/")
+        elif not (path.parent / "__init__.py").exists():
+            bad.append(f"{path.parent.relative_to(ROOT)} has no __init__.py")
+    assert not bad, "\n".join(bad)

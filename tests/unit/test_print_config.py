@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from hpcgraft.config import load_config, valid_keys
@@ -44,6 +45,7 @@ def _train(*args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_print_config_round_trips_and_starts_nothing(tmp_path):
     overrides = ["train.epochs=3", "graft.level=filter", "cultivate.lambda=0.5", "train.weight_decay=5e-4",
                  "log.thresholds=[0.2]", "model.num_classes=10"]
@@ -58,12 +60,14 @@ def test_print_config_round_trips_and_starts_nothing(tmp_path):
     assert load_config(printed).flat()["cultivate.lambda"] == 0.5 and expected.graft.level == "filter"
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_print_config_refuses_a_bad_key_with_one_line():
     r = _train("--print-config", "trian.epochs=3")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip() == "hpcgraft: error: unknown config key 'trian.epochs'; did you mean 'train.epochs'?"
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_help_names_where_the_keys_are_documented():
     r = _train("--help")
     assert r.returncode == 0

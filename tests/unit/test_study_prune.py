@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests._util import ROOT
 
 
@@ -17,6 +19,7 @@ def doc(top1: float, left: int) -> dict:
     return {"unpruned": {"0": 98.0, "1": 99.0}, "results": [result]}
 
 
+@pytest.mark.process  # runs the tool
 def test_table_only_from_a_saved_study(tmp_path):
     runs = {"digits_resnet": {arm: {"0": doc(90.0, 60), "1": doc(94.0, 80)} for arm in ("baseline", "grafted")}}
     (tmp_path / "study.json").write_text(json.dumps({"wall_s": 5.0, "runs": runs}))

@@ -35,6 +35,7 @@ def _train(tmp_path: Path, config: Path, *overrides: str, limit: int) -> subproc
                           preexec_fn=set_limit, timeout=600)
 
 
+@pytest.mark.process  # the command in a process of limited address space
 def test_a_billion_laughs_config_is_one_line_exit_2_within_a_small_address_space(tmp_path):
     """The limit is the smallest in which the command starts and refuses a plain bad value (torch and MPI
     take more address space on some machines); the expanded bomb, ~10 GB as text, fits in none of them."""

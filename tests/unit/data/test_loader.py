@@ -54,7 +54,7 @@ def train(workers: int, **kw: int) -> BatchLoader:
     return BatchLoader(Probe(), 64, shuffle=True, seed=7, stream=1, augment=True, workers=workers, **kw)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.process)])  # 2: worker processes
 def test_every_epoch_yields_the_recorded_batches(workers):
     loader = train(workers)
     assert [digest(loader.epoch(e)) for e in range(3)] == EPOCHS
@@ -64,7 +64,7 @@ def test_every_epoch_yields_the_recorded_batches(workers):
     assert digest(test.epoch(0)) == TEST
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.process)])  # 2: worker processes
 def test_a_resumed_run_and_an_epoch_left_early_keep_the_order(workers):
     resumed = train(workers)  # a restarted job: a new loader, mid-epoch 1
     assert digest(resumed.epoch(1, start=5)) == RESUMED
@@ -77,6 +77,7 @@ def test_a_resumed_run_and_an_epoch_left_early_keep_the_order(workers):
     assert digest(loader.epoch(1, start=5)) == RESUMED
 
 
+@pytest.mark.process  # DataLoader worker processes
 def test_the_workers_are_started_once_per_run():
     loader = BatchLoader(Pids(), 100, shuffle=True, augment=False, workers=2)
     seen = [{int(y) for _, y in loader.epoch(e)} for e in range(3)]

@@ -49,6 +49,7 @@ def run_main(capsys: pytest.CaptureFixture, tmp_path, *overrides: str) -> tuple[
     return rc, [line for line in err.splitlines() if line.startswith("hpcgraft: error:")], err
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -111,6 +112,7 @@ def test_agreement_turns_any_ranks_error_into_one_line_on_every_rank():
         agreed(FakeComm(rank=1, others="run is in use"), lambda: 7, root_only=True)
 
 
+@pytest.mark.process  # init_world imports MPI
 def test_layout_errors_name_the_rank_count_to_start():
     with pytest.raises(LayoutError, match=r"^3 ranks cannot form peers of dist\.replicas=2 ranks each; start a "
                                           r"multiple of 2 ranks \(mpirun -np 4\) or change dist\.replicas$"):
@@ -122,6 +124,7 @@ def test_layout_errors_name_the_rank_count_to_start():
         check_peer_count(cfg, peers=1, replicas=2)
 
 
+@pytest.mark.process  # init_world imports MPI
 def test_a_peer_count_the_ranks_cannot_share_names_the_rank_counts_that_fit():
     assert peers_per_group(None, 4, 1) == 1 and peers_per_group(8, 4, 1) == 2 and peers_per_group(4, 4, 2) == 2
     with pytest.raises(LayoutError, match=r"^graft\.peers=6 cannot be spread evenly over 4 ranks; rank counts that "
@@ -153,6 +156,7 @@ def test_missing_horovod_is_one_line_naming_the_install(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- bad input decided before training
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -171,6 +175,7 @@ def test_bad_values_are_refused_before_training(capsys, tmp_path, stop_signals_k
     assert "Traceback" not in err and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_a_binary_config_file_is_one_line(capsys, tmp_path, stop_signals_kept):
     binary = tmp_path / "model.bin"
     binary.write_bytes(bytes(range(256)))
@@ -180,6 +185,7 @@ def test_a_binary_config_file_is_one_line(capsys, tmp_path, stop_signals_kept):
     assert "Traceback" not in err
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize("kind", ["existing-file", "read-only"])
 def test_an_unusable_out_is_refused_before_the_data_is_loaded(capsys, tmp_path, stop_signals_kept, monkeypatch, kind):
     import hpcgraft.training.peer as peer_module
@@ -201,14 +207,18 @@ def test_an_unusable_out_is_refused_before_the_data_is_loaded(capsys, tmp_path, 
     assert "Traceback" not in err
 
 
-def test_overrides_may_follow_out(capsys, tmp_path, stop_signals_kept):
+def test_overrides_may_follow_out(capsys, tmp_path):
+    """Parsed as a run parses them; the resolved config shown by --print-config, which trains nothing."""
     rc = train.main(["--config", str(ROOT / "configs/digits.yaml"), "train.epochs=1", "--out", str(tmp_path / "run"),
-                     "graft.mode=none", "log.progress=off"])
-    assert rc == 0, capsys.readouterr().err
-    saved = load_config(tmp_path / "run" / "config.yaml")
+                     "graft.mode=none", "log.progress=off", "--print-config"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    (tmp_path / "resolved.yaml").write_text(out)
+    saved = load_config(tmp_path / "resolved.yaml")
     assert (saved.train.epochs, saved.graft.mode) == (1, "none")
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_a_foreign_directory_is_neither_cleared_nor_resumed(capsys, tmp_path, stop_signals_kept):
     """Another project's run: --restart must not delete its checkpoints, resume must not read its logs."""
     out = tmp_path / "run"
@@ -223,6 +233,7 @@ def test_a_foreign_directory_is_neither_cleared_nor_resumed(capsys, tmp_path, st
     assert (out / "metrics.jsonl").read_text() == '{"loss": 1.0}\n'
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_a_garbage_saved_config_is_one_line(capsys, tmp_path, stop_signals_kept):
     """In a directory hpcgraft marked as its own: damage, not another tool's file."""
     out = tmp_path / "run"
@@ -233,6 +244,7 @@ def test_a_garbage_saved_config_is_one_line(capsys, tmp_path, stop_signals_kept)
     assert rc == 2 and len(errors) == 1 and f"the config of the run in {out} (config.yaml) is damaged" in errors[0], err
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_torn_log_line(
         capsys, tmp_path, stop_signals_kept, monkeypatch):
     """run.h5 holds the config when config.yaml is gone, and a torn last metrics line is dropped."""
@@ -256,6 +268,7 @@ def test_resume_without_config_yaml_checks_the_checkpoints_config_and_drops_a_to
     assert rows == [(1, 0), (1, None), (2, 0), (2, None)]
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_a_full_disk_is_one_line_naming_the_directory_and_the_space(capsys, tmp_path, stop_signals_kept, monkeypatch):
     """A checkpoint larger than the free space ends the run with exit 1 and one line that states the
     space before the write and the space needed, before anything is written (the disk is made "full" where
@@ -304,6 +317,7 @@ def _far_progress(f: h5py.File) -> None:
         f["progress"].attrs["epoch"] = 1000
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize("tamper", [_wrong_shape, _far_progress], ids=["wrong-shape", "progress-epoch-1000"])
 def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
         capsys, tmp_path, stop_signals_kept, monkeypatch, tamper):
@@ -323,6 +337,7 @@ def test_a_checkpoint_that_does_not_fit_is_passed_over_like_a_damaged_one(
     assert f"; falling back to {older.name}" in err and f"resuming {out} from {older.name}" in err, err
 
 
+@pytest.mark.process  # the task runs the training rank in a process of its own
 def test_a_submitit_task_is_a_training_rank_with_its_exit_status(tmp_path, capsys):
     """A submitit task started by srun runs the training rank in its own process, as `python -m
     hpcgraft.train` does: bad input is the same one line, and the task fails on its status 2."""

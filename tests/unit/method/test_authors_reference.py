@@ -20,6 +20,7 @@ from hpcgraft.errors import ConfigError
 from hpcgraft.method import authors, grafting
 from hpcgraft.models import create_model
 from tests import authors_port
+from tests.fakes import SoloComm
 
 # name, hpcgraft model, authors' script, torchvision-style names (downsample.0)
 MODELS = {
@@ -203,8 +204,6 @@ def test_config_refuses_what_the_authors_code_does_not_do_in_one_line(overrides:
 def test_the_authors_rules_are_one_rule_everywhere(key: str, value: str, tmp_path: Path, capsys) -> None:
     """The config, the grafting arithmetic, the exchange and the offline command refuse the same settings
     with the same sentence (each in its own spelling of a setting)."""
-    from mpi4py import MPI
-
     from hpcgraft.comm.exchange import GraftExchange
 
     want = authors_reference_conflict(**{key: value})
@@ -228,7 +227,7 @@ def test_the_authors_rules_are_one_rule_everywhere(key: str, value: str, tmp_pat
     else:
         kwargs = {"topology": value} if key == "topology" else {"source_fn": grafting.self_source}
         with pytest.raises(ValueError) as err:
-            GraftExchange(create_model("digits_resnet", 10).state_dict(), MPI.COMM_SELF, math_, **kwargs)
+            GraftExchange(create_model("digits_resnet", 10).state_dict(), SoloComm(), math_, **kwargs)
         assert f"graft.{key}=" in str(err.value) and "is not allowed with graft.reference=authors" in str(err.value)
 
 

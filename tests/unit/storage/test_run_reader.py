@@ -1,4 +1,4 @@
-"""The run reader on real HDF5 checkpoints written in process (one rank, MPI.COMM_SELF): the config from
+"""The run reader on real HDF5 checkpoints written in process (one rank, a fake of SoloComm()): the config from
 config.yaml or run.h5, a peer's best checkpoint past a damaged one, and the model as training builds it."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mpi4py import MPI
 from torch import nn
 
 from hpcgraft.config import load_config
@@ -17,6 +16,7 @@ from hpcgraft.models.dgconv import dgconv_layers
 from hpcgraft.storage import run
 from hpcgraft.storage.checkpoints import CheckpointManager, peer_file
 from tests._util import ROOT
+from tests.fakes import SoloComm
 
 DGCONV = ["model.dgconv=true", "model.bn_momentum=0.25"]
 
@@ -26,7 +26,7 @@ def _run_dir(tmp_path: Path, metrics: dict[int, float]) -> tuple[Path, dict[str,
     cfg = load_config(ROOT / "configs/digits.yaml", DGCONV)
     state = run.build_model(cfg, 10).state_dict()
     d = tmp_path / "run"
-    mgr = CheckpointManager(d, MPI.COMM_SELF, peer=0, peers=1, writer=True, keep=len(metrics))
+    mgr = CheckpointManager(d, SoloComm(), peer=0, peers=1, writer=True, keep=len(metrics))
     for epoch, (step, metric) in enumerate(metrics.items(), 1):
         mgr.save(step, epoch, {"model": state}, {"config": cfg.to_yaml()}, metric=metric)
     run.write_config(d, cfg)

@@ -15,13 +15,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from mpi4py import MPI
 
 from hpcgraft.cli.checkpoint import main
 from hpcgraft.errors import CheckpointError
 from hpcgraft.storage.checkpoints import CheckpointInfo, CheckpointManager
 from hpcgraft.storage.tree import read_tree, write_tree
-from tests._util import env
+from tests._util import ROOT, env
+from tests.fakes import SoloComm
 
 CKPT = "checkpoints"
 
@@ -118,9 +118,14 @@ def test_files_are_plain_hdf5(tmp_path):
         assert f["bf"].dtype == np.uint16 and f["bf"].attrs["type"] == "torch.bfloat16"
         assert f["bf"][()].tolist() == [0x3F80, 0x3F80]  # bfloat16 1.0, bit for bit
         assert f["lr"][()] == 0.1 and f["name"].asstr()[()] == "peer/0"
-    if shutil.which("h5ls"):
-        listing = subprocess.run(["h5ls", "-r", str(tmp_path / "tree.h5")], capture_output=True, text=True).stdout
-        assert "/model/conv.weight" in listing and "{4, 1, 3, 3}" in listing
+
+
+@pytest.mark.process  # HDF5's own h5ls
+@pytest.mark.skipif(not shutil.which("h5ls"), reason="h5ls (HDF5's tools) is not installed")
+def test_h5ls_lists_the_tree(tmp_path):
+    _round_trip({"model": {"conv.weight": torch.ones(4, 1, 3, 3)}}, tmp_path)
+    listing = subprocess.run(["h5ls", "-r", str(tmp_path / "tree.h5")], capture_output=True, text=True).stdout
+    assert "/model/conv.weight" in listing and "{4, 1, 3, 3}" in listing
 
 
 def test_bad_trees_are_one_line_errors(tmp_path):
@@ -167,7 +172,7 @@ def test_model_and_sgd_state_round_trip(tmp_path):
 
 
 def _manager(run_dir: Path, **kw) -> CheckpointManager:
-    return CheckpointManager(run_dir, MPI.COMM_SELF, peer=0, peers=1, writer=True, **kw)
+    return CheckpointManager(run_dir, SoloComm(), peer=0, peers=1, writer=True, **kw)
 
 
 def _peer_tree(step: int) -> dict:
@@ -265,7 +270,7 @@ def test_pruning_keeps_the_newest_and_the_best(tmp_path):
 def test_layout_errors(tmp_path):
     with pytest.raises(CheckpointError, match="keep must be at least 1"):
         _manager(tmp_path, keep=0)
-    two = CheckpointManager(tmp_path, MPI.COMM_SELF, peer=0, peers=2, writer=True)
+    two = CheckpointManager(tmp_path, SoloComm(), peer=0, peers=2, writer=True)
     with pytest.raises(CheckpointError, match=r"writers cover peers \[0\], expected exactly one writer for each of"):
         two.save(1, 1, _peer_tree(1), None)
     with pytest.raises(CheckpointError, match="could not write step-000000002: cannot store /x: object"):
@@ -328,6 +333,7 @@ def test_export_writes_a_weights_only_state_dict(run_with_checkpoints, tmp_path,
     assert "peer 0 of" in capsys.readouterr().out and torch.load(out, weights_only=True).keys() == state.keys()
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_cli_errors_are_one_line(run_with_checkpoints, tmp_path, capsys):
     run_dir, _ = run_with_checkpoints
     ckpt = run_dir / CKPT / "step-000000006"
@@ -359,7 +365,7 @@ def test_cli_errors_are_one_line(run_with_checkpoints, tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------- older checkpoints
-OLD_RUN = Path(__file__).resolve().parents[1] / "data" / "run-before-relayout"  # written by 9701551 (main)
+OLD_RUN = ROOT / "tests" / "data" / "run-before-relayout"  # written by 9701551 (main)
 
 
 def test_a_checkpoint_written_before_the_relayout_loads_into_a_peer(tmp_path, capsys):
@@ -372,10 +378,10 @@ def test_a_checkpoint_written_before_the_relayout_loads_into_a_peer(tmp_path, ca
     run = shutil.copytree(OLD_RUN, tmp_path / "run")
     assert main(["inspect", str(run)]) == 0
     assert "step 22, epoch 1, peers 1" in capsys.readouterr().out
-    mgr = CheckpointManager(run, MPI.COMM_SELF, peer=0, peers=1, writer=True)
+    mgr = CheckpointManager(run, SoloComm(), peer=0, peers=1, writer=True)
     info = mgr.latest()
     tree = mgr.load_peer(info, 0)
-    self_ = MPI.COMM_SELF
+    self_ = SoloComm()
     world = World(comm=self_, rank=0, size=1, local_rank=0, local_size=1, peer=0, peers=1, replica=0, replicas=1,
                   graft_comm=self_, peer_comm=self_)
     peer = build_peer(load_config(run / "config.yaml"), world)

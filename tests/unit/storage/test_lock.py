@@ -32,6 +32,7 @@ def test_a_second_holder_is_refused_with_the_holders_name(tmp_path, monkeypatch)
     again.release()
 
 
+@pytest.mark.process  # the holder is another process
 def test_a_dead_holder_releases_the_lock(tmp_path):
     """flock dies with its process: a killed job never blocks its requeue."""
     code = (f"from pathlib import Path; from hpcgraft.storage.lock import RunDirLock; "
@@ -55,6 +56,7 @@ def _record(tmp_path, **holder: object) -> None:
     (tmp_path / LOCK_FILE).write_text(json.dumps(holder) + "\n")
 
 
+@pytest.mark.process  # the holder is another process
 def test_without_flock_a_live_holder_keeps_the_directory(tmp_path, no_flock):
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:

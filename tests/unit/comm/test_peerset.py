@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mpi4py import MPI
 
 from hpcgraft.comm.peerset import PeerSetExchange, ordered_sum
 from hpcgraft.method import grafting
 from hpcgraft.models import create_model
+
+pytestmark = pytest.mark.process  # a real communicator in this process: MPI.COMM_SELF
+
+
+@pytest.fixture
+def comm():
+    from mpi4py import MPI
+
+    return MPI.COMM_SELF
 
 
 def _states(k: int) -> list[dict[str, torch.Tensor]]:
@@ -21,11 +29,11 @@ def _states(k: int) -> list[dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("level", ["layer", "filter"])
-def test_a_ring_on_one_rank_grafts_every_peer_from_its_predecessor_before_it_changed(level):
+def test_a_ring_on_one_rank_grafts_every_peer_from_its_predecessor_before_it_changed(level, comm):
     states = _states(3)
     before = [{k: v.clone() for k, v in s.items()} for s in states]
     math = grafting.GraftMath(level=level)
-    results = PeerSetExchange(states, MPI.COMM_SELF, 0, math, topology="ring").graft()
+    results = PeerSetExchange(states, comm, 0, math, topology="ring").graft()
     assert len(results) == 3 and all(r.report is not None for r in results)
     for i in range(3):
         expected, _ = grafting.graft_state(before[i], before[i - 1], math)  # peer 0 from peer 2, as around a ring
@@ -33,11 +41,11 @@ def test_a_ring_on_one_rank_grafts_every_peer_from_its_predecessor_before_it_cha
             torch.testing.assert_close(states[i][key], expected[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_allreduce_on_one_rank_grafts_from_the_weighted_mean_of_the_others():
+def test_allreduce_on_one_rank_grafts_from_the_weighted_mean_of_the_others(comm):
     states = _states(3)
     before = [{k: v.clone() for k, v in s.items()} for s in states]
     math = grafting.GraftMath()
-    PeerSetExchange(states, MPI.COMM_SELF, 0, math, topology="allreduce").graft()
+    PeerSetExchange(states, comm, 0, math, topology="allreduce").graft()
     plan = math.plan(before[0])
     h = [math.entropies(s, plan) for s in before]
     for i in range(3):
@@ -52,8 +60,8 @@ def test_allreduce_on_one_rank_grafts_from_the_weighted_mean_of_the_others():
             torch.testing.assert_close(states[i][key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_ordered_sum_adds_left_to_right():
+def test_ordered_sum_adds_left_to_right(comm):
     parts = [torch.tensor([1e8], dtype=torch.float32), torch.tensor([1.0]), torch.tensor([-1e8])]
     out = torch.empty(1)
-    assert ordered_sum(MPI.COMM_SELF, parts, out)
+    assert ordered_sum(comm, parts, out)
     assert out.item() == 0.0  # (1e8 + 1) - 1e8 in float32: the 1 is lost; any other order keeps it

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mpi4py import MPI
 
 from hpcgraft.storage import checkpoints
 from hpcgraft.storage.checkpoints import CheckpointManager, CheckpointSpaceError, resolve
 from tests._tmpfs import tmpfs
+from tests.fakes import SoloComm
 
 
 def _tree(seed: int) -> dict:
@@ -17,10 +17,11 @@ def _tree(seed: int) -> dict:
     return {"model": {"w": torch.randn(64, 1024, generator=g)}}  # 256 KiB
 
 
+@pytest.mark.process  # mounts a real tmpfs that fills up
 def test_space_running_out_during_the_write_fails_cleanly_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
                                                                                        capfd):
     with tmpfs(tmp_path / "fs", "400k") as fs:
-        mgr = CheckpointManager(fs / "run", MPI.COMM_SELF, peer=0, peers=1, writer=True, keep=2)
+        mgr = CheckpointManager(fs / "run", SoloComm(), peer=0, peers=1, writer=True, keep=2)
         (fs / "run").mkdir()
         mgr.save(1, 1, _tree(1), {"config": "x"})
         # the free space is not known in advance (as on a file system whose quota df does not show)

@@ -84,6 +84,7 @@ def test_launch_is_the_jobs_layer_that_submit_and_sweep_call():
     assert hpcgraft.launch.submit is submit.submit and hpcgraft.launch.wait is submit.wait
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_python_dash_m_of_every_older_path_runs_its_command():
     """`python -m hpcgraft.<old>`, `python -m hpcgraft.launch` (submit), `python -m hpcgraft.slurm` and
     `python -m hpcgraft <command>` run the

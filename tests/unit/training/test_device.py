@@ -15,7 +15,6 @@ import h5py
 import pytest
 import torch
 import torch.nn.functional as F
-from mpi4py import MPI
 
 from hpcgraft.comm.exchange import PackedTensors
 from hpcgraft.comm.failure import StopRequest
@@ -110,10 +109,13 @@ def test_invalid_filter_counts_on_the_device_equal_the_cpus():
     assert grafting.count_invalid_filters(on(state, DEVICE), (0.1, 0.01)) == want
 
 
+@pytest.mark.process  # MPI in this process: the buffers go through a real communicator
 @pytest.mark.parametrize("weighted", [False, True])
 def test_packed_tensors_stage_through_host_memory_and_back(weighted):
     """The ring's buffers on the device: packed (optionally scaled, as the allreduce packs them), staged
     through pinned host memory when the tensors live on a GPU, sent to this rank itself, unpacked."""
+    from mpi4py import MPI
+
     state = on(trained_like_state("resnet20", 10, 5), DEVICE)
     tensors = [t for t in state.values() if t.is_floating_point()]
     packed = PackedTensors(tensors, host_staging=True)
@@ -197,6 +199,7 @@ def _train_steps(peer, n: int) -> None:  # noqa: ANN001
     stop.close()
 
 
+@pytest.mark.process  # a peer in a world of one rank: MPI in this process
 def test_training_on_the_device_tracks_the_cpu_and_batchnorm_statistics_agree():
     """Three steps of the real loop on the device and on the CPU from the same weights and batches:
     BatchNorm running statistics and weights agree to float tolerance (on the CPU: exactly), and so
@@ -230,6 +233,7 @@ def test_in_memory_batches_built_on_the_device_are_the_cpus():
         assert torch.equal(yd.cpu(), yc)
 
 
+@pytest.mark.process  # a peer in a world of one rank: MPI in this process
 def test_amp_and_channels_last_train_on_the_device():
     peer = _peer("dist.amp=true", "dist.channels_last=true")
     before = {k: v.clone() for k, v in peer.model.state_dict().items()}
@@ -240,6 +244,7 @@ def test_amp_and_channels_last_train_on_the_device():
     assert peer.progress.loss_sum > 0 and peer.progress.step == 3
 
 
+@pytest.mark.process  # a peer in a world of one rank: MPI in this process
 def test_checkpoint_state_restores_the_device_rng(tmp_path):
     """A peer's checkpoint tree through a real HDF5 file: weights, momentum and every RNG state (the
     CUDA generator's on a GPU) come back, so a resumed run draws the same random numbers."""

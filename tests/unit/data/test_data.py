@@ -49,6 +49,7 @@ def test_replicas_take_disjoint_slices_of_the_peer_batch():
     assert seen == len(test)
 
 
+@pytest.mark.process  # DataLoader worker processes
 def test_workers_give_the_same_batches():
     train, _ = build_datasets("digits")
     a = BatchLoader(train, 128, shuffle=True, seed=5, augment=True)
@@ -69,13 +70,12 @@ def test_unknown_data_set_is_a_clear_error():
 def test_cultivating_peers_draw_identical_batches():
     """Built as the ranks build them (build_peer, a world of 2 peers seen from each peer): the same images
     while distilling, each peer its own order otherwise; the networks start different either way."""
-    from mpi4py import MPI
-
     from hpcgraft.comm.world import World
     from hpcgraft.config import load_config
     from hpcgraft.training.peer import build_peer
+    from tests.fakes import SoloComm
 
-    self_ = MPI.COMM_SELF
+    self_ = SoloComm()
     for lam, same in ((1, True), (0, False)):
         cfg = load_config(None, [f"cultivate.lambda={lam}", "graft.mode=none", "dist.threads=1"])
         seen = []

@@ -18,9 +18,8 @@ from torch import nn
 from hpcgraft.cli import graft
 from hpcgraft.method import grafting
 from hpcgraft.storage.tree import write_tree
+from tests._util import ROOT
 from tests.reference import entropy_weighted_mean
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------- references (numpy)
@@ -437,6 +436,7 @@ def test_graft_command_options_and_report(tmp_path, capsys):
     assert "min" in out.splitlines()[0] and "filter level" in out
 
 
+@pytest.mark.process  # runs the command as a user does: python -m
 def test_graft_command_as_a_process(tmp_path):
     torch.save(small_state(34), tmp_path / "s1.pt")
     torch.save({"net": small_state(35)}, tmp_path / "s2.t7")

@@ -11,9 +11,19 @@ import pytest
 
 from hpcgraft.cli.slurm import main as write_main
 from hpcgraft.config import load_config
-from hpcgraft.errors import ConfigError
+from hpcgraft.errors import ConfigError, LaunchError, LayoutError
 from hpcgraft.slurm import SCRIPTS
-from hpcgraft.slurm.check import LAUNCH_OPTIONS, SCRIPT_VARIABLES, Partition, Shape, refusal
+from hpcgraft.slurm.check import (
+    LAUNCH_OPTIONS,
+    SCRIPT_VARIABLES,
+    Partition,
+    Shape,
+    check_node_range,
+    job_layout,
+    parse_nodes,
+    refusal,
+)
+from hpcgraft.slurm.check import main as check_main
 from hpcgraft.training.peer import check_peer_count
 from tests._util import ROOT, env
 
@@ -89,6 +99,7 @@ def test_scripts_are_written_out_pointing_at_this_python(tmp_path, capsys):
     assert write_main([str(out), "--force"]) == 0
 
 
+@pytest.mark.process  # runs the written-out sbatch script
 def test_written_out_script_finds_its_helpers_and_checks_before_sbatch(tmp_path):
     """Outside the checkout, from another directory: the script sources its common.sh and, with no SLURM
     here (PATH without sbatch), says so in one line instead of failing on a missing file."""
@@ -102,3 +113,42 @@ def test_written_out_script_finds_its_helpers_and_checks_before_sbatch(tmp_path)
     e = env() | {"PATH": f"{os.path.dirname(sys.executable)}:{bin_dir}"}
     r = subprocess.run(["bash", str(out / "graft_cifar.sh")], capture_output=True, text=True, cwd=tmp_path, env=e)
     assert r.returncode == 2 and r.stderr.startswith("graft_cifar.sh: sbatch not found"), r.stderr
+
+
+def test_a_node_range_must_fit_the_peers_on_every_node_count():
+    """HPCGRAFT_NODES=MIN-MAX: the job may start, or go on after a lost node, on any count in the range."""
+    k4 = load_config(None, ["graft.peers=4"])
+    check_node_range(k4, (1, 2), 2, SCRIPT_VARIABLES)
+    check_node_range(load_config(None, []), (1, 3), 2, SCRIPT_VARIABLES)  # one peer per rank: always fits
+    with pytest.raises(LaunchError) as e:
+        check_node_range(k4, (1, 3), 2, SCRIPT_VARIABLES)
+    assert str(e.value) == ("HPCGRAFT_NODES=1-3: graft.peers=4 does not fit 3 nodes x 2 ranks per node; node counts "
+                            "that fit: 1, 2")
+    assert parse_nodes("2") == (2, 2) and parse_nodes("2-4") == (2, 4)
+    for bad in ("4-2", "0", "two", "1-"):
+        with pytest.raises(LaunchError, match="is not a node count: N or MIN-MAX"):
+            parse_nodes(bad)
+
+
+def test_a_job_step_hosts_the_fixed_peers_on_the_ranks_slurm_gave(capsys):
+    assert job_layout(4, 1, 4, 4) == (4, "4 peers, 1 per rank")
+    assert job_layout(4, 1, 2, 4) == (2, "4 peers, 2 per rank")  # 2 nodes x 2 ranks lost a node
+    assert job_layout(None, 1, 2, 4) == (4, "4 peers, 1 per rank")  # one per rank: the first ranks, packed
+    with pytest.raises(LayoutError) as e:
+        job_layout(6, 1, 4, 6)
+    assert str(e.value).startswith("graft.peers=6 does not fit the 4 ranks SLURM gave; rank counts that fit: 1, 2, "
+                                   "3, 6; resubmit")
+    args = ["--layout", "--ranks", "2", "--first-ranks", "4", "--prog", "graft_cifar.sh", "--"]
+    assert check_main([*args, "graft.peers=4"]) == 0 and capsys.readouterr().out == "2|4 peers, 2 per rank\n"
+    assert check_main([*args, "graft.peers=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("graft_cifar.sh: error: graft.peers=3 does not fit the 2 ranks") and err.count("\n") == 1
+
+
+def test_submit_refuses_a_node_range_the_peers_do_not_fit_before_anything_runs(tmp_path):
+    from hpcgraft.cli import submit as launch
+
+    with pytest.raises(LaunchError, match=r"^--nodes 1-3: graft\.peers=4 does not fit 3 nodes x 2 ranks per node; "
+                                          r"node counts that fit: 1, 2$"):
+        launch.submit(None, tmp_path / "run", ["graft.peers=4"], nodes="1-3", tasks_per_node=2, executor="local")
+    assert not (tmp_path / "run").exists()

@@ -155,6 +155,7 @@ def test_a_batch_of_the_wrong_content_is_one_line(tmp_path, cifar10, content, wh
     assert "data_batch_1" in str(info.value) and why in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.process  # runs the documented tar command
 def test_the_documented_unpack_command_gives_the_layout_the_reader_wants(tmp_path, cifar10):
     """The documented step (docs/configuration.md, "Data") for the official archive (cifar-10-python.tar.gz
     holds cifar-10-batches-py/): `mkdir -p data/cifar10 && tar -xzf cifar-10-python.tar.gz -C data/cifar10`,

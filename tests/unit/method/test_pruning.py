@@ -137,12 +137,15 @@ def test_state_round_trip():
 FAMILIES = ["digits_resnet", "resnet20", "resnet18", "mobilenetv2", "vgg16_bn"]
 
 
-# Kernel criteria at one keep only: LEAN on resnet18 / vgg16_bn takes seconds per mask.
+# Kernel criteria at one keep only: LEAN and IndivSV on resnet18 / vgg16_bn take seconds per mask, so those four
+# cases are in the slow tier (make test-all); the other families take the same code paths in make test-fast.
 CASES = [(c, k) for c in CRITERIA for k in ((0.3,) if c in lean.KERNEL_CRITERIA else (0.02, 0.5))]
+SLOW = {(c, name) for c in ("lean", "indiv_sv") for name in ("resnet18", "vgg16_bn")}  # an SVD per kernel
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("criterion,keep", CASES)
+@pytest.mark.parametrize("criterion,keep,name", [
+    pytest.param(c, k, name, id=f"{c}-{k}-{name}", marks=[pytest.mark.slow] if (c, name) in SLOW else [])
+    for c, k in CASES for name in FAMILIES])
 def test_exact_kept_fraction(name, keep, criterion):
     """ceil(keep N) units kept, N the criterion's units (kernels, filters or BN channels) of the network."""
     torch.manual_seed(0)

@@ -16,8 +16,8 @@ from PIL import Image
 from hpcgraft.data import BatchLoader, DataError, build_datasets
 from hpcgraft.data.imagenet import MEAN, STD
 from hpcgraft.data.pack import pack_imagenet
+from tests._util import ROOT as REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SIZE = 28  # evaluation resizes to round(28 * 256 / 224) = 32, so array mode packs at 32
 CLASSES = ["n01", "n02", "n03"]
 SHAPES = [(40, 30), (23, 57), (64, 64), (90, 45)]  # (width, height): portrait, landscape, square
@@ -127,6 +127,7 @@ def test_evaluation_is_deterministic_and_centred(tree):
     assert torch.allclose(a[2], solid.view(3, 1, 1).expand(3, SIZE, SIZE), atol=2 / 255 / 0.224)
 
 
+@pytest.mark.process  # the packed fixture runs tools/pack_imagenet.py
 def test_packed_jpeg_equals_the_folder_reader(tree, packed):
     folder = build_datasets("imagenet", str(tree), SIZE)
     h5 = build_datasets("imagenet_h5", str(packed["jpeg"]), SIZE)
@@ -140,6 +141,7 @@ def test_packed_jpeg_equals_the_folder_reader(tree, packed):
         assert torch.equal(xf, xp) and torch.equal(yf, yp)
 
 
+@pytest.mark.process  # the packed fixture runs tools/pack_imagenet.py
 def test_packed_array_matches_the_folder_evaluation_view(tree, packed):
     folder_val = build_datasets("imagenet", str(tree), SIZE)[1]
     train, val = build_datasets("imagenet_h5", str(packed["array"]), SIZE)
@@ -151,6 +153,7 @@ def test_packed_array_matches_the_folder_evaluation_view(tree, packed):
     assert torch.equal(a, train.get_batch(torch.tensor([1, 10]), _gen(5))[0])
 
 
+@pytest.mark.process  # DataLoader worker processes
 @pytest.mark.parametrize("kind", ["folder", "jpeg", "array"])
 def test_two_workers_give_the_same_batches(tree, packed, kind):
     root, name = (tree, "imagenet") if kind == "folder" else (packed[kind], "imagenet_h5")
@@ -163,6 +166,7 @@ def test_two_workers_give_the_same_batches(tree, packed, kind):
             assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
+@pytest.mark.process  # the packed fixture runs tools/pack_imagenet.py
 def test_packed_reader_pickles_with_open_files(packed):
     train, _ = build_datasets("imagenet_h5", str(packed["jpeg"]), SIZE)
     expected = train.get_batch(torch.tensor([3, 8]), _gen(1))[0]
@@ -193,6 +197,7 @@ def test_folder_errors_are_one_line(tmp_path):
     _one_line_error(str(bad), pack_imagenet, root, tmp_path / "p")
 
 
+@pytest.mark.process  # the packed fixture runs tools/pack_imagenet.py
 def test_packed_errors_are_one_line(tmp_path, tree, packed):
     _one_line_error("needs data.root", build_datasets, "imagenet_h5", None, SIZE)
     _one_line_error("pack_imagenet.py", build_datasets, "imagenet_h5", str(tmp_path / "none"), SIZE)
@@ -206,6 +211,7 @@ def test_packed_errors_are_one_line(tmp_path, tree, packed):
     _one_line_error("already holds packed shards", pack_imagenet, tree, packed["jpeg"])
 
 
+@pytest.mark.process  # the packed fixture runs tools/pack_imagenet.py
 def test_packed_shards_under_the_folder_tree_name_say_which_name(packed):
     """HPCGRAFT_DATA (data.root) at packed shards with the config's data.name=imagenet: say the fix, not
     that train/ is missing."""

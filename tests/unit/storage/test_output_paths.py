@@ -20,7 +20,6 @@ from hpcgraft.report import SWEEP_FILE
 from hpcgraft.storage import run as run_reader
 from hpcgraft.storage.outputs import check_output_dir, check_output_file
 from hpcgraft.training import finetune, offline
-from tests._util import train
 
 
 class WorkStartedError(Exception):
@@ -139,21 +138,6 @@ def test_report_out_an_existing_file(tmp_path, monkeypatch, capsys):
     (tmp_path / "r").write_text("")
     code = report.main([str(tmp_path), "--out", str(tmp_path / "r")])
     one_line_exit_2(code, capsys, f"--out {tmp_path / 'r'} is an existing file")
-
-
-def test_train_with_a_file_where_tensorboard_goes_stops_before_training(tmp_path):
-    """Under mpirun: the check is rank 0's and agreed, so every rank stops at once."""
-    pytest.importorskip("tensorboard")
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / ".hpcgraft-run").touch()  # a run directory of hpcgraft's, with a file where its event files go
-    (out / "tensorboard").write_text("not a folder")
-    r = train(2, out, "log.tensorboard=true", "train.epochs=1", "log.progress=off", "dist.threads=1")
-    assert r.returncode == 2, r.stderr[-3000:]
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert lines == [f"hpcgraft: error: {out / 'tensorboard'} is a file where hpcgraft writes its tensorboard folder; "
-                     "move it away, or use another --out"], lines
-    assert sorted(p.name for p in out.iterdir()) == [".hpcgraft-run", "tensorboard"]  # nothing trained, nothing claimed
 
 
 # ------------------------------------------------------------------------------------------ sweep.json

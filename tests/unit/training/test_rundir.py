@@ -43,6 +43,7 @@ def other_tools_run(out: Path) -> Path:
     return out
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize("orders", [["resume", "restart"], ["restart"]], ids=["resume-then-restart", "restart"])
 def test_another_tools_run_is_neither_resumed_marked_nor_cleared(capsys, tmp_path, stop_signals_kept, orders):
     """Its config.yaml is YAML, but not an hpcgraft config: the directory is not hpcgraft's."""
@@ -59,6 +60,7 @@ def test_another_tools_run_is_neither_resumed_marked_nor_cleared(capsys, tmp_pat
         assert not (out / MARKER).exists()
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_restart_of_a_run_keeps_the_files_hpcgraft_did_not_write(capsys, tmp_path, stop_signals_kept):
     out = tmp_path / "run"
     shutil.copytree(RELAYOUT, out)
@@ -95,6 +97,7 @@ PLANTED = ["status.json", "metrics.jsonl", "graft.jsonl", "config.yaml", "checkp
            "checkpoints/step-000000022", "checkpoints/step-000000022/peer-000.h5", "tensorboard", "tensorboard/peer0"]
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize("restart", [False, True], ids=["resume", "restart"])
 @pytest.mark.parametrize("entry", PLANTED)
 def test_a_symlink_where_hpcgraft_writes_is_refused_and_its_target_untouched(capsys, tmp_path, stop_signals_kept,
@@ -121,6 +124,7 @@ def test_a_symlink_where_hpcgraft_writes_is_refused_and_its_target_untouched(cap
     assert snapshot(outside) == before
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 @pytest.mark.parametrize(("entry", "kind", "wanted"), [("status.json", "a directory", "file"),
                                                        ("metrics.jsonl", "a directory", "file"),
                                                        ("tensorboard", "a file", "folder"),
@@ -140,6 +144,7 @@ def test_an_entry_of_the_wrong_kind_is_refused_before_the_work(capsys, tmp_path,
     assert not (out / "config.yaml").exists()
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_a_refused_run_writes_no_marker(capsys, tmp_path, stop_signals_kept):
     """An empty directory refused for a bad value stays as it was (but for the lock)."""
     out = tmp_path / "run"
@@ -167,6 +172,7 @@ def test_the_writers_never_follow_a_link_planted_during_the_run(tmp_path):
     assert outside.read_text() == "keep me\n"
 
 
+@pytest.mark.process  # the training command's main in this process: a world of one MPI rank
 def test_the_logs_are_on_disk_before_each_checkpoint(capsys, tmp_path, stop_signals_kept, monkeypatch):
     """A checkpoint is fsynced; rows still in the page cache could be lost with the node while it survives,
     and the resume would never log their epoch again. So the logs are synced first, each time."""
