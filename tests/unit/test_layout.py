@@ -184,7 +184,7 @@ print("ok")
 
 # What a command module may define: its parser and the entry points that hand the parsed request down.
 COMMAND_FUNCTIONS = {"main", "parse_args", "_parser", "criteria_main", "add_job_options", "job_options",
-                     "_check_args", "print_config"}
+                     "_check_args", "print_config", "_node_count"}
 # The layers' own libraries: a command that imports one does work a layer below should do.
 WORK_LIBRARIES = {"torch", "numpy", "h5py", "submitit", "matplotlib", "mpi4py", "yaml"}
 
