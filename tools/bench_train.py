@@ -349,6 +349,11 @@ def main() -> None:
         peer_worker(args.peer_worker)
         return
     args.models = args.models or ("digits_resnet,resnet20" if args.peers else ",".join(CASES))
+    known = PEER_CASES if args.peers else CASES
+    unknown = [m for m in args.models.split(",") if m not in known]
+    if unknown:
+        parser.error(f"--models {unknown[0]}: not a case{' of --peers' if args.peers else ''}; use "
+                     f"{', '.join(known)}")
     global PIXELS
     PIXELS = args.pixels
     for name, (config, batch, steps) in list(CASES.items()):  # a dry run (tools/gpu_check.sh --cpu) shrinks them
