@@ -233,6 +233,9 @@ def check_speed_train(c: Check) -> tuple[bool, list[str]]:
     return p.returncode == 0, table if p.returncode == 0 else tail(p, 15)
 
 
+PEERS_TARGET = 3.0  # aggregate images/s of 4 batched ResNet-32 peers over one peer's, on a GPU
+
+
 def _bench_rows(p: subprocess.CompletedProcess) -> list[str]:
     """The table of a tools/bench_train.py run (its header line and rows), else the run's last lines."""
     if p.returncode:
@@ -259,17 +262,22 @@ def check_speed_compile(c: Check) -> tuple[bool, list[str]]:
     return ok, figures
 
 
-def check_speed_peers(c: Check) -> tuple[bool | None, list[str]]:
-    """P peers on one rank (another branch adds the mode to bench_train.py): skipped where it is absent."""
-    usage = c.run("speed_peers", [PY, "tools/bench_train.py", "--help"], 60)
-    if "--peers" not in usage.stdout:
-        return None, ["tools/bench_train.py has no --peers mode in this checkout; nothing measured"]
-    cmd = [PY, "tools/bench_train.py", "--device", c.device, "--peers", "1,2,4,8", "--models", "resnet32"]
+def check_speed_peers(c: Check) -> tuple[bool, list[str]]:
+    """P peers on one rank, stepped one after another, batched and as P processes; on the GPU, 4 batched
+    ResNet-32 peers must reach PEERS_TARGET times one peer's images/s."""
+    rows = c.out / "bench_peers.json"
+    cmd = [PY, "tools/bench_train.py", "--device", c.device, "--json", str(rows)]
+    cmd += (["--peers", "1,2", "--models", "digits_resnet", "--rounds", "1", "--steps", "2"] if c.fast
+            else ["--peers", "1,2,4,8", "--models", "resnet32"])
+    p = c.run("speed_peers", cmd, 120 if c.fast else 300)
+    if p.returncode != 0:
+        return False, _bench_rows(p)
+    found = {r["peers"]: r for r in json.loads(rows.read_text())}
     if c.fast:
-        cmd = [PY, "tools/bench_train.py", "--device", c.device, "--peers", "1,2", "--models", "digits_resnet",
-               "--rounds", "1", "--steps", "2"]
-    p = c.run("speed_peers", cmd, 120 if c.fast else 180)
-    return p.returncode == 0, _bench_rows(p)
+        return True, _bench_rows(p)
+    ratio = found[4]["batched"] / found[1]["sequential"]
+    return ratio >= PEERS_TARGET, [*_bench_rows(p), f"4 batched peers: {ratio:.2f}x one peer's images/s "
+                                                     f"(target >= {PEERS_TARGET:g}x)"]
 
 
 def check_speed_graft(c: Check) -> tuple[bool, list[str]]:
