@@ -15,6 +15,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1  # an exception on a rank, graft.on_nonfinite=stop, the watchdog
 EXIT_USAGE = 2  # bad input: one line says what and how to fix it
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was written on SIGUSR1/SIGTERM; requeue the job to continue
+EXIT_NO_START = 69  # EX_UNAVAILABLE: MPI did not start on every rank in time (the launcher's wire-up); nothing ran
 
 
 class UserError(Exception):

@@ -25,25 +25,44 @@ signalling the process group) is harmless: a rank only records them.
 
 MPICH keeps each node's shared memory in a ``/dev/shm/mpich_shm_*`` file that only MPI_Finalize removes;
 a job ended by MPI_Abort or a kill leaves it behind (2 MB each, until the node reboots). The rank tells
-its supervisor which files it mapped (:func:`note_shared_memory`), and the supervisor removes them once
+its supervisor which files it mapped (:func:`note_mpi_started`), and the supervisor removes them once
 the rank has ended, whatever ended it. ``HPCGRAFT_SUPERVISE=0`` turns supervision off.
+
+A rank can also hang before it has started: in MPI_Init, when the launcher's wire-up fails (SLURM's pmi2
+plugin misreading a long key-value request under load is one seen cause; a rank that aborts there leaves
+the others waiting for it forever, and srun does not end the step for them). That costs the whole
+allocation until the time limit. So the start-up has a clock: the rank tells its supervisor when MPI is up,
+on the same pipe on which it names its shared memory; one that has not said so within
+``HPCGRAFT_START_TIMEOUT`` seconds (default 600, 0: no limit) is killed, and the supervisor exits with
+:data:`~hpcgraft.errors.EXIT_NO_START` after one line naming the rank. Nothing was trained by then, so
+starting the step again is safe: the sbatch scripts do it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import runpy
+import select
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
+
+from hpcgraft.errors import EXIT_NO_START, EXIT_USAGE
 
 #: Set in the child's environment, so it runs the training itself instead of supervising again.
 CHILD_MARK = "HPCGRAFT_SUPERVISED"
-#: The pipe (a file descriptor number) on which a supervised rank names its shared-memory files.
+#: The pipe (a file descriptor number) on which a supervised rank says that MPI has started, then names its
+#: shared-memory files.
 SHM_FD = "HPCGRAFT_SHM_FD"
+_STARTED = "started"  # the pipe's first line; the lines after it are paths
+#: Seconds a rank may take from its start until MPI is up; past it, its supervisor ends it (EXIT_NO_START).
+START_TIMEOUT = "HPCGRAFT_START_TIMEOUT"
+DEFAULT_START_TIMEOUT = 600.0
 #: Tests set this to a file where every rank also appends the shared-memory files it mapped, so that the
 #: suite can check that none of its own jobs left one (other jobs on the machine make them too).
 SHM_LOG = "HPCGRAFT_SHM_LOG"
@@ -125,22 +144,19 @@ def shared_memory_files(maps: str = "/proc/self/maps") -> list[str]:
     return sorted(path for path in found if path.startswith(_SHM_PREFIX))
 
 
-def note_shared_memory() -> None:
-    """In a rank, once MPI is initialised: name its shared-memory files to the supervisor (and the test
-    log), so that they are removed however the job ends."""
-    files = shared_memory_files()
-    if not files:
-        return
-    text = "".join(f + "\n" for f in files)
+def note_mpi_started() -> None:
+    """In a rank, once MPI is initialised: tell the supervisor (which stops the start-up clock) and name its
+    shared-memory files to it (and to the test log), so that they are removed however the job ends."""
+    text = "".join(f + "\n" for f in shared_memory_files())
     fd = os.environ.pop(SHM_FD, None)
     if fd is not None:
         try:
-            os.write(int(fd), text.encode())
+            os.write(int(fd), f"{_STARTED}\n{text}".encode())
             os.close(int(fd))
         except (OSError, ValueError):
             pass
     log = os.environ.get(SHM_LOG)
-    if log:
+    if log and text:
         with open(log, "a", encoding="utf-8") as f:
             f.write(text)
 
@@ -285,9 +301,59 @@ def _die_saying(life_write: int, signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+def start_timeout() -> float | None:
+    """The start-up clock's limit in seconds (None: no limit), from :data:`START_TIMEOUT`; raises ValueError
+    with the one line to print for a value that is not a number of seconds."""
+    text = os.environ.get(START_TIMEOUT, "").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_START_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"{START_TIMEOUT}={text} is not a number of seconds; set it to the time a rank may take "
+                         f"to start MPI (default {DEFAULT_START_TIMEOUT:g}, 0: no limit)")
+    return seconds or None
+
+
+def _started_in_time(child: subprocess.Popen, read_fd: int, timeout: float | None) -> bool:
+    """Whether the child said MPI is up (or ended) before ``timeout`` seconds passed. Both show as the pipe
+    becoming readable: its first line, or the end of file of a child that closed it by ending."""
+    if timeout is None:
+        return True
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        if select.select([read_fd], [], [], left)[0]:
+            return True
+    return child.poll() is not None
+
+
+def _end_unstarted(child: subprocess.Popen, timeout: float) -> int:
+    """Kill a child stuck before MPI was up, with whatever it had started (its process group), remove the
+    shared memory it mapped meanwhile, and name it in one line."""
+    files = shared_memory_files(f"/proc/{child.pid}/maps")
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait()
+    unlink_shared_memory(files)
+    print(f"hpcgraft: rank {launcher_rank() or '?'} (pid {child.pid} on {socket.gethostname()}) did not get "
+          f"through MPI's start-up within {timeout:g} s ({START_TIMEOUT}): the launcher's wire-up failed or hung; "
+          f"nothing was trained, so starting the job step again is safe (the sbatch scripts do it)",
+          file=sys.stderr, flush=True)
+    return EXIT_NO_START
+
+
 def supervise(argv: Sequence[str]) -> int:
     """Run ``argv`` as this rank's child and return its exit status; a child killed by a signal is
-    named on stderr and this process then dies from the same signal."""
+    named on stderr and this process then dies from the same signal. A child that has not started MPI
+    within :func:`start_timeout` is ended, and the status is :data:`~hpcgraft.errors.EXIT_NO_START`."""
+    try:
+        timeout = start_timeout()
+    except ValueError as exc:  # the same environment on every rank: each stops, before any work; one says why
+        if launcher_rank() in (None, "0"):
+            print(f"hpcgraft: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     # Signals that arrive before the child exists are held, then passed on to it.
     hold_stop_signals()
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])  # Ctrl-C too, passed on once the child exists
@@ -309,6 +375,10 @@ def supervise(argv: Sequence[str]) -> int:
     for sig in _FATAL:
         signal.signal(sig, lambda s, _f: _die_saying(life_write, s))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARDED)
+    if not _started_in_time(child, read_fd, timeout):
+        status = _end_unstarted(child, timeout)
+        os.close(read_fd)
+        return status
     status = child.wait()
     _remove_shared_memory(read_fd)
     if status >= 0:

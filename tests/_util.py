@@ -20,6 +20,9 @@ def env() -> dict[str, str]:
     e["PATH"] = str(BIN) + os.pathsep + e.get("PATH", "")
     # The sbatch scripts run the tests' interpreter, also from a checkout without its own .venv (a worktree).
     e.setdefault("HPCGRAFT_PYTHON", sys.executable)
+    # A rank whose MPI start-up hangs (SLURM's pmi2 wire-up now and then, under load) is ended in 2 minutes, not
+    # the default 10, so that the sbatch scripts' new start of the step fits the tests' waits.
+    e.setdefault("HPCGRAFT_START_TIMEOUT", "120")
     return e
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from hpcgraft.supervise import note_shared_memory, watch_supervisor
+from hpcgraft.supervise import note_mpi_started, watch_supervisor
 
 _noted = False
 
@@ -20,7 +20,7 @@ def mpi() -> ModuleType:
     watch_supervisor()  # before MPI makes shared memory: a rank whose supervisor dies removes it
     from mpi4py import MPI
 
-    if not _noted:  # once MPI exists: its shared-memory files, for the supervisor to remove (supervise.py)
+    if not _noted:  # once MPI exists: the supervisor's start-up clock stops; it removes the shared memory
         _noted = True
-        note_shared_memory()
+        note_mpi_started()
     return MPI

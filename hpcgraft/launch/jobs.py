@@ -2,9 +2,11 @@
 for it, and its final metrics. The submit command (:mod:`hpcgraft.cli.submit`) is its command line;
 ``hpcgraft.launch.submit(...)`` is the same from Python.
 
-On SLURM every task runs one training rank (:func:`hpcgraft.training.entry.train_rank`) in its own
-process, started by ``srun --mpi=pmi2`` (or the site's PMI, ``--srun-mpi``), so the tasks form one MPI
-world through SLURM's PMI, exactly like ranks started by mpirun.
+On SLURM every task supervises one training rank (``python -m hpcgraft.train``, :mod:`hpcgraft.supervise`),
+started by ``srun --mpi=pmi2`` (or the site's PMI, ``--srun-mpi``), so the tasks form one MPI world through
+SLURM's PMI, exactly like ranks started by mpirun or by the sbatch scripts: a rank killed by a signal is
+named, its shared memory removed, and a rank that cannot start MPI in time (``HPCGRAFT_START_TIMEOUT``) is
+ended; the job is then requeued, ``HPCGRAFT_START_RETRIES`` times (default 2) at most.
 The local executor runs one task that starts ``mpirun -np K``.
 
 Time limits and preemption: SLURM sends SIGUSR1 to every rank ``signal_delay_s`` before the limit. The
@@ -34,11 +36,12 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, environment_variables
 
 from hpcgraft.config import load_config, resolve_config
-from hpcgraft.errors import EXIT_REQUEUE, LaunchError
+from hpcgraft.errors import EXIT_NO_START, EXIT_REQUEUE, LaunchError
 from hpcgraft.slurm import SCRIPTS_DIR
 from hpcgraft.slurm.check import LAUNCH_OPTIONS, check_node_range, check_slurm_request, parse_nodes
 from hpcgraft.storage.run import read_config
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
+from hpcgraft.supervise import should_supervise, supervise
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
 CLEAN_SHM = SCRIPTS_DIR / "clean_mpich_shm.sh"  # package data: there in an installed package too
@@ -68,15 +71,15 @@ class GraftRun(Checkpointable):
     def __call__(self) -> int:
         requeue_handler = _submitit_requeue_handler()
         rc = self._run_training()
-        if rc == EXIT_REQUEUE:
-            # Every rank wrote its checkpoint. MPI ends cleanly first: the requeue kills this step, and
-            # ranks killed inside MPI leave shared memory that the next start would trip over. Then rank 0
-            # asks submitit to requeue (it calls checkpoint(), requeues and exits); the other ranks leave
-            # without a result, as submitit's own do.
-            if not self.mpirun_np:
-                from hpcgraft.comm import mpi
-
-                mpi().Finalize()
+        if rc == EXIT_REQUEUE or (rc == EXIT_NO_START and _start_retries_left()):
+            # Every rank wrote its checkpoint, or none got as far as MPI (nothing was trained). MPI ends
+            # cleanly first where this process runs the rank itself: the requeue kills this step, and ranks
+            # killed inside MPI leave shared memory that the next start would trip over. Then rank 0 asks
+            # submitit to requeue (it calls checkpoint(), requeues and exits); the other ranks leave without
+            # a result, as submitit's own do.
+            mpi4py = sys.modules.get("mpi4py.MPI")
+            if mpi4py is not None and mpi4py.Is_initialized() and not mpi4py.Is_finalized():
+                mpi4py.Finalize()
             if callable(requeue_handler):
                 signal.signal(signal.SIGUSR1, requeue_handler)
                 requeue_handler(signal.SIGUSR1, None)
@@ -87,6 +90,8 @@ class GraftRun(Checkpointable):
 
     def _run_training(self) -> int:
         if not self.mpirun_np:
+            if should_supervise():
+                return supervise([sys.executable, "-m", "hpcgraft.train", *self.argv()])
             from hpcgraft.training.entry import train_rank
 
             return train_rank(self.config, self.overrides, self.out, restart=self.restart)
@@ -99,6 +104,14 @@ class GraftRun(Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """The same call without ``--restart``: the run directory holds everything needed to resume."""
         return DelayedSubmission(dataclasses.replace(self, restart=False), *args, **kwargs)
+
+
+def _start_retries_left() -> bool:
+    """Whether a job whose ranks could not start MPI may be requeued once more (``HPCGRAFT_START_RETRIES``,
+    default 2, against the job's restarts so far)."""
+    text = os.environ.get("HPCGRAFT_START_RETRIES", "2")
+    retries = int(text) if text.isdigit() else 2
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) < retries
 
 
 def mpirun_command(ranks: int, train_argv: Sequence[str]) -> list[str]:

@@ -39,6 +39,8 @@ hpcgraft_submit() {
     *) limit=$(hpcgraft_seconds "$TIME") || hpcgraft_die "TIME=$TIME is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH[:MM[:SS]])" ;;
     esac
     [ "$limit" -gt "${lead:-0}" ] || hpcgraft_die "TIME=$TIME is not longer than the ${lead} s warning before the limit (#SBATCH --signal): every start would stop at once; ask for more time"
+    [[ $START_TIMEOUT =~ ^[0-9]+$ ]] || hpcgraft_die "START_TIMEOUT=$START_TIMEOUT is not a number of seconds (the time a rank may take to start MPI; 0: no limit)"
+    [[ $START_RETRIES =~ ^[0-9]+$ ]] || hpcgraft_die "START_RETRIES=$START_RETRIES is not a count (how often a step whose ranks could not start MPI is started again; 0: never)"
     command -v sbatch >/dev/null || hpcgraft_die "sbatch not found: run this on a SLURM login node (for a local test cluster: sudo tools/slurm_local.sh start, then export SLURM_CONF=...)"
     # The config with the overrides, and the shape against sinfo (hpcgraft.launch's check): what can never
     # start is refused here, with the command line that would, instead of pending forever in the queue.
@@ -105,8 +107,9 @@ hpcgraft_hostnames() { scontrol show hostnames "$1" 2>/dev/null; }
 # many peers each rank then hosts comes from hpcgraft.slurm.check --layout.
 hpcgraft_run() {
     local run_dir srun_pid="" rc nodes=$SLURM_JOB_NODELIST count=$SLURM_JOB_NUM_NODES first per_node given
-    local layout ranks step=0 now lost
+    local layout ranks step=0 now lost retried=0
     run_dir=$(hpcgraft_run_dir)
+    export HPCGRAFT_START_TIMEOUT=$START_TIMEOUT  # the ranks' supervisors keep the start-up clock
     trap 'echo "hpcgraft: $(date +%T) USR1: asking every rank to checkpoint and stop"; [ -n "$srun_pid" ] && kill -USR1 "$srun_pid"' USR1
     local cmd=("$PYTHON" -m hpcgraft.train --config "$CONFIG" --out "$run_dir")
     [ -n "$DATA" ] && cmd+=("data.root=$DATA")
@@ -139,6 +142,13 @@ hpcgraft_run() {
         done
         srun_pid="" step=$((step + 1))
         case $rc in 0 | 75 | 2) break ;; esac
+        # srun's status is its tasks' highest: 69 when a rank's supervisor ended it before MPI was up.
+        if [ "$rc" = 69 ] && [ "$retried" -lt "$START_RETRIES" ]; then
+            retried=$((retried + 1))
+            echo "hpcgraft: $(date +%T) MPI did not start on every rank (exit 69); starting the step again ($retried of $START_RETRIES)"
+            SLURM_JOB_NUM_NODES=$count bash "$HPCGRAFT_SCRIPTS/clean_mpich_shm.sh" $((2 * step + 1))
+            continue
+        fi
         now=$(hpcgraft_job_nodes)
         lost=$(comm -23 <(hpcgraft_hostnames "$nodes" | sort) <(hpcgraft_hostnames "$now" | sort) | paste -sd,)
         [ -n "$now" ] && [ -n "$lost" ] && [ -n "$per_node" ] || break

@@ -18,6 +18,10 @@
 # directory. Exit 0 (finished) or any failure ends the job without requeueing. Requeued starts append
 # to the same log, %x-%j.out (job name - job id) in the directory it was submitted from.
 #
+# A failed start: MPI's wire-up through the launcher can fail or hang (exit 69 after START_TIMEOUT, each
+# rank's supervisor ending it); nothing was trained, and the script starts the step again, START_RETRIES
+# times at most.
+#
 # A lost node (--no-kill): SLURM ends the training step and takes the node out of the job; the script
 # starts the next step on the nodes left, which resumes from the last checkpoint with the same peers
 # (graft.peers=K: K / ranks per rank). NODES=MIN-MAX lets SLURM start the job on fewer nodes too; K must
@@ -47,6 +51,8 @@ DATA=${HPCGRAFT_DATA:-}                        # CIFAR directory (data.root); em
 RUN_DIR=${HPCGRAFT_RUN_DIR:-}                  # empty: runs/<job name>-<job id>, kept across requeues
 PYTHON=${HPCGRAFT_PYTHON:-.venv/bin/python}    # relative to the repository root
 SRUN_MPI=${HPCGRAFT_SRUN_MPI:-pmi2}            # srun --mpi=...: pmi2 for the MPICH wheel; pmix for many site MPIs
+START_TIMEOUT=${HPCGRAFT_START_TIMEOUT:-600}   # seconds a rank may take to start MPI; past it the step ends (exit 69)
+START_RETRIES=${HPCGRAFT_START_RETRIES:-2}     # a step whose ranks could not start MPI is started again this often
 # ------------------------------------------------------------------- no edits needed below
 
 HPCGRAFT_SCRIPT=$(realpath "$0")

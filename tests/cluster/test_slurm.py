@@ -20,7 +20,7 @@ import submitit
 from hpcgraft import launch
 from hpcgraft.cli import submit as submit_command
 from hpcgraft.errors import ConfigError, LaunchError
-from hpcgraft.supervise import SHM_LOG
+from hpcgraft.supervise import SHM_LOG, START_TIMEOUT
 from hpcgraft.text import plural
 from tests._util import ROOT, env, jsonl
 
@@ -243,6 +243,31 @@ def test_printed_example_runs_as_printed(slurm_cluster, tmp_path, jobs):
 
 
 @pytest.mark.slow  # two-node SLURM
+def test_a_step_whose_ranks_cannot_start_mpi_is_started_again(slurm_cluster, tmp_path, jobs):
+    """The first step's ranks get 10 ms to start MPI, as if the launcher's wire-up hung: each supervisor ends
+    its rank (exit 69), the script starts the step again with the normal clock, and the run finishes."""
+    python = tmp_path / "python"  # the job's python: the first step's ranks with the short clock
+    python.write_text(f'#!/bin/bash\n[ "${{SLURM_STEP_ID:-}}" = 0 ] && export {START_TIMEOUT}=0.01\n'
+                      f'exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    run = tmp_path / "run"
+    e = env() | {"HPCGRAFT_PYTHON": str(python), "HPCGRAFT_NODES": "1", "HPCGRAFT_GPUS_PER_NODE": "0",
+                 "HPCGRAFT_TASKS_PER_NODE": "2", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20",
+                 "HPCGRAFT_CONFIG": "configs/digits.yaml", "HPCGRAFT_RUN_DIR": str(run)}
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "train.epochs=1", "log.progress=off"],
+                       capture_output=True, text=True, env=e, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    info = _wait_job_end(job)
+    text = (tmp_path / f"graft-cifar-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", text
+    assert text.count(f"did not get through MPI's start-up within 0.01 s ({START_TIMEOUT})") == 2, text
+    assert "MPI did not start on every rank (exit 69); starting the step again (1 of 2)" in text, text
+    assert "step 2: 2 ranks on 1 node" in text and "finished 1 epoch" in text, text
+    _epochs_once(run, 1)
+
+
 def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_cluster, tmp_path, jobs):
     """2 nodes x 2 ranks; the training process of rank 3 (node 2, local rank 1) is killed with SIGKILL. Its
     supervisor on that node names it, the job fails without a requeue, and no rank of either node leaves
@@ -355,6 +380,27 @@ def test_submitit_run_completes_and_resumes_after_timeout(slurm_cluster, tmp_pat
     _epochs_once(run, epochs)
     table = launch.final_metrics(run)
     assert f"{epochs}/{epochs}" in table and "ens" in table
+
+
+@pytest.mark.slow  # a requeue on SLURM
+def test_submitit_ranks_that_cannot_start_mpi_are_requeued_then_fail_with_the_cause(slurm_cluster, tmp_path, jobs,
+                                                                                    monkeypatch):
+    """No start's ranks get through MPI's start-up in 10 ms: the supervisors end them (exit 69), rank 0 has
+    the job requeued once (HPCGRAFT_START_RETRIES=1), then the job fails naming the status; it never hangs
+    and trains nothing."""
+    monkeypatch.setenv(START_TIMEOUT, "0.01")  # sbatch passes the environment on to the tasks
+    monkeypatch.setenv("HPCGRAFT_START_RETRIES", "1")
+    run = tmp_path / "run"
+    job = launch.submit("configs/digits.yaml", run, ["train.epochs=1"], tasks_per_node=2, executor="slurm",
+                        time_min=10)
+    jobs.append(job.job_id)
+    with pytest.raises(LaunchError, match="task 0 failed"):
+        launch.wait(job, timeout_s=300)
+    assert _job_info(int(job.job_id))["Restarts"] == "1"
+    log = job.paths.stderr.read_text()
+    assert "hpcgraft.train exited with status 69" in log, log
+    assert log.count(f"did not get through MPI's start-up within 0.01 s ({START_TIMEOUT})") == 2, log
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
 @pytest.mark.slow  # two-node SLURM

@@ -7,6 +7,7 @@ with the bits of an uninterrupted K=4 run."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -97,6 +98,7 @@ def test_a_job_that_loses_a_node_finishes_on_the_nodes_left_with_the_uninterrupt
     assert info["JobState"] == "COMPLETED", text
     assert f"start 1: 4 ranks on 2 nodes ({nodes[0][:-1]}[1-2]), 4 peers, 1 per rank" in text, text
     assert f"lost {nodes[1]} (SLURM took it out of the job)" in text, text
-    assert f"step 2: 2 ranks on 1 node ({nodes[0]}), 4 peers, 2 per rank" in text, text
+    # "step 2", or later where a step whose MPI start failed was started again
+    assert re.search(rf"step \d+: 2 ranks on 1 node \({nodes[0]}\), 4 peers, 2 per rank", text), text
     assert f"resuming {run} from {FIRST_CHECKPOINT}" in text and "finished" in text, text
     test_peers._assert_same_run(run, e2e_run(REFERENCE).out)
