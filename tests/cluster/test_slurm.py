@@ -59,6 +59,17 @@ def _submitted_id(stdout: str) -> int:
     return int(m.group(1))
 
 
+def _submit_script(args: list[str] | tuple[str, ...], environ: dict[str, str], cwd: Path, jobs: list[str]) -> int:
+    """``bash slurm/graft_cifar.sh ARGS`` from ``cwd`` (where the job's log goes); the job's id, registered
+    with the ``jobs`` fixture so that it is cancelled whatever the test does."""
+    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), *args], capture_output=True, text=True,
+                       env=environ, cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    job = _submitted_id(r.stdout)
+    jobs.append(str(job))
+    return job
+
+
 def _epochs_once(run: Path, epochs: int, peers: int = 2) -> list[dict]:
     """metrics.jsonl holds every (epoch, peer) exactly once, for every epoch of the run."""
     rows = jsonl(run / "metrics.jsonl")
@@ -99,11 +110,7 @@ def test_sbatch_script_trains_two_grafting_peers(slurm_cluster, tmp_path, jobs):
     run = tmp_path / "run"
     e = env() | {"HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_TASKS_PER_NODE": "2", "HPCGRAFT_CPUS_PER_TASK": "1",
                  "HPCGRAFT_TIME": "20", "HPCGRAFT_RUN_DIR": str(run)}
-    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), *DIGITS, "train.epochs=3"],
-                       capture_output=True, text=True, env=e, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job = _submitted_id(r.stdout)
-    jobs.append(str(job))
+    job = _submit_script([*DIGITS, "train.epochs=3"], e, tmp_path, jobs)
     info = _wait_job_end(job)
     log = (tmp_path / f"graft-cifar-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log
@@ -254,11 +261,7 @@ def test_a_step_whose_ranks_cannot_start_mpi_is_started_again(slurm_cluster, tmp
     e = env() | {"HPCGRAFT_PYTHON": str(python), "HPCGRAFT_NODES": "1", "HPCGRAFT_GPUS_PER_NODE": "0",
                  "HPCGRAFT_TASKS_PER_NODE": "2", "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20",
                  "HPCGRAFT_CONFIG": "configs/digits.yaml", "HPCGRAFT_RUN_DIR": str(run)}
-    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "train.epochs=1", "log.progress=off"],
-                       capture_output=True, text=True, env=e, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job = _submitted_id(r.stdout)
-    jobs.append(str(job))
+    job = _submit_script(["train.epochs=1", "log.progress=off"], e, tmp_path, jobs)
     info = _wait_job_end(job)
     text = (tmp_path / f"graft-cifar-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", text
@@ -279,11 +282,7 @@ def test_a_rank_killed_on_the_second_node_is_named_by_its_supervisor(slurm_clust
     e = env() | {"HPCGRAFT_NODES": "2", "HPCGRAFT_GPUS_PER_NODE": "0", "HPCGRAFT_TASKS_PER_NODE": "2",
                  "HPCGRAFT_CPUS_PER_TASK": "1", "HPCGRAFT_TIME": "20", "HPCGRAFT_CONFIG": "configs/digits.yaml",
                  "HPCGRAFT_RUN_DIR": str(run), SHM_LOG: str(shm)}
-    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), "dist.watchdog_s=30"], capture_output=True,
-                       text=True, env=e, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job = _submitted_id(r.stdout)
-    jobs.append(str(job))
+    job = _submit_script(["dist.watchdog_s=30"], e, tmp_path, jobs)
     _wait_for("epoch 1", lambda: _has_epoch(run, 1))
     out = subprocess.run(["scontrol", "listpids", str(job), nodes[1]], capture_output=True, text=True,
                          check=True).stdout  # the processes of the job that node's slurmd runs

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._util import ROOT, env
-from tests.cluster.test_slurm import _job_info, _nodes, _submitted_id, _wait_for, jobs  # noqa: F401 - jobs: fixture
+from tests._util import env
+from tests.cluster.test_slurm import _job_info, _nodes, _submit_script, _wait_for, jobs  # noqa: F401 - jobs: fixture
 from tests.e2e import test_peers
 from tests.runs import RUNS
 
@@ -81,11 +81,7 @@ def test_a_job_that_loses_a_node_finishes_on_the_nodes_left_with_the_uninterrupt
                  "HPCGRAFT_RUN_DIR": str(run)}
     _wait_for("every node idle", lambda: set(subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True,
                                                             text=True).stdout.split()) == {"idle"}, every=1)
-    r = subprocess.run(["bash", str(ROOT / "slurm/graft_cifar.sh"), *ELASTIC], capture_output=True, text=True,
-                       env=e, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    job = _submitted_id(r.stdout)
-    jobs.append(str(job))
+    job = _submit_script(ELASTIC, e, tmp_path, jobs)
     log = tmp_path / f"graft-cifar-{job}.out"
     try:
         _wait_for("the first checkpoint", lambda: (run / "checkpoints" / FIRST_CHECKPOINT / "MANIFEST.json").exists())
