@@ -35,7 +35,10 @@ allocation until the time limit. So the start-up has a clock: the rank tells its
 on the same pipe on which it names its shared memory; one that has not said so within
 ``HPCGRAFT_START_TIMEOUT`` seconds (default 600, 0: no limit) is killed, and the supervisor exits with
 :data:`~hpcgraft.errors.EXIT_NO_START` after one line naming the rank. Nothing was trained by then, so
-starting the step again is safe: the sbatch scripts do it.
+starting the step again is safe: the sbatch scripts do it. The rank whose wire-up failed first usually
+does not hang but aborts in MPI_Init (a garbled address); its supervisor reports that as the same status
+(:func:`failed_in_start`), so that the step's status, the highest of its ranks', says "start again" and not
+"crashed".
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from hpcgraft.errors import EXIT_NO_START, EXIT_USAGE
+from hpcgraft.errors import EXIT_FAILURE, EXIT_NO_START, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE
 
 #: Set in the child's environment, so it runs the training itself instead of supervising again.
 CHILD_MARK = "HPCGRAFT_SUPERVISED"
@@ -78,6 +81,9 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 _FORWARDED = (*STOP_SIGNALS, signal.SIGINT)
 #: Signals whose default action ends the supervisor, which it names to the rank before dying of them.
 _FATAL = (signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR2, signal.SIGALRM)
+
+#: The signals of a crash in native code: in a rank that has not reported MPI up, MPI's start-up crashed.
+_NATIVE_CRASHES = (signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE)
 
 _HINTS = {
     signal.SIGKILL: "kill -9, or the kernel's out-of-memory killer: see `dmesg`",
@@ -161,9 +167,10 @@ def note_mpi_started() -> None:
             f.write(text)
 
 
-def _remove_shared_memory(read_fd: int) -> None:
-    """After the rank ended: remove the files it named (a finished job's are gone already). Another rank
-    of the node may still be running, which is harmless: its mapping outlives the name."""
+def _remove_shared_memory(read_fd: int) -> bool:
+    """After the rank ended: remove the files it named (a finished job's are gone already), and say whether
+    it had reported MPI up. Another rank of the node may still be running, which is harmless: its mapping
+    outlives the name."""
     chunks = []
     try:
         while chunk := os.read(read_fd, 65536):
@@ -171,7 +178,9 @@ def _remove_shared_memory(read_fd: int) -> None:
     except OSError:
         pass
     os.close(read_fd)
-    unlink_shared_memory(b"".join(chunks).decode(errors="replace").splitlines())
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
+    unlink_shared_memory(lines)
+    return bool(lines) and lines[0] == _STARTED
 
 
 def unlink_shared_memory(paths: Sequence[str] | None = None) -> None:
@@ -344,6 +353,23 @@ def _end_unstarted(child: subprocess.Popen, timeout: float) -> int:
     return EXIT_NO_START
 
 
+def failed_in_start(status: int) -> bool:
+    """Whether a rank that ended (``status`` as :attr:`subprocess.Popen.returncode`) before reporting MPI up
+    failed in MPI's start-up: a crash in native code, or an exit status of MPI's own abort. The statuses
+    Python and hpcgraft give (1: an exception, 2: bad input, ...) are the program's, and kept; so is a kill
+    (SIGKILL, SIGTERM), which comes from outside."""
+    if status < 0:
+        return -status in _NATIVE_CRASHES
+    return status not in (EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_REQUEUE, EXIT_NO_START)
+
+
+def _ended(status: int) -> str:
+    if status < 0:
+        sig = signal.Signals(-status)
+        return f"was killed by {sig.name} ({_HINTS.get(sig, 'a crash in native code')})"
+    return f"exited with status {status}"
+
+
 def supervise(argv: Sequence[str]) -> int:
     """Run ``argv`` as this rank's child and return its exit status; a child killed by a signal is
     named on stderr and this process then dies from the same signal. A child that has not started MPI
@@ -380,7 +406,12 @@ def supervise(argv: Sequence[str]) -> int:
         os.close(read_fd)
         return status
     status = child.wait()
-    _remove_shared_memory(read_fd)
+    if not _remove_shared_memory(read_fd) and failed_in_start(status):
+        print(f"hpcgraft: rank {launcher_rank() or '?'} (pid {child.pid} on {socket.gethostname()}) "
+              f"{_ended(status)} before MPI's start-up completed: the launcher's wire-up failed; nothing was "
+              f"trained, so starting the job step again is safe (the sbatch scripts do it)", file=sys.stderr,
+              flush=True)
+        return EXIT_NO_START
     if status >= 0:
         return status
     signum = -status

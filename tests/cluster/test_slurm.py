@@ -249,13 +249,29 @@ def test_printed_example_runs_as_printed(slurm_cluster, tmp_path, jobs):
         shutil.rmtree(run, ignore_errors=True)
 
 
+_NO_START = {
+    # Every rank of the first step gets 10 ms to start MPI, as if the launcher's wire-up hung.
+    "hung": (f'[ "${{SLURM_STEP_ID:-}}" = 0 ] && export {START_TIMEOUT}=0.01\n',
+             [f"did not get through MPI's start-up within 0.01 s ({START_TIMEOUT})"] * 2),
+    # Rank 0's training aborts in the first step before MPI is up, as on a garbled wire-up answer (its
+    # supervisor runs one that aborts at once); rank 1 then waits in MPI_Init until its clock (5 s) ends it.
+    "crashed": (f'[ "${{SLURM_STEP_ID:-}}" = 0 ] && export {START_TIMEOUT}=5\n'
+                '[ "${SLURM_STEP_ID:-}" = 0 ] && [ "$SLURM_PROCID" = 0 ] && exec ' + sys.executable + ' -c "import sys;'
+                ' from hpcgraft.supervise import supervise;'
+                ' sys.exit(supervise([sys.executable, \'-c\', \'import os; os.abort()\']))"\n',
+                ["was killed by SIGABRT (an abort in native code) before MPI's start-up completed",
+                 f"did not get through MPI's start-up within 5 s ({START_TIMEOUT})"]),
+}
+
+
 @pytest.mark.slow  # two-node SLURM
-def test_a_step_whose_ranks_cannot_start_mpi_is_started_again(slurm_cluster, tmp_path, jobs):
-    """The first step's ranks get 10 ms to start MPI, as if the launcher's wire-up hung: each supervisor ends
-    its rank (exit 69), the script starts the step again with the normal clock, and the run finishes."""
-    python = tmp_path / "python"  # the job's python: the first step's ranks with the short clock
-    python.write_text(f'#!/bin/bash\n[ "${{SLURM_STEP_ID:-}}" = 0 ] && export {START_TIMEOUT}=0.01\n'
-                      f'exec {sys.executable} "$@"\n')
+@pytest.mark.parametrize("how", sorted(_NO_START))
+def test_a_step_whose_ranks_cannot_start_mpi_is_started_again(slurm_cluster, tmp_path, jobs, how):
+    """The first step's ranks fail to start MPI: each supervisor reports it (exit 69), the script starts the step
+    again with the normal clock, and the run finishes."""
+    first_step, lines = _NO_START[how]
+    python = tmp_path / "python"  # the job's python, which fails the first step's ranks
+    python.write_text(f'#!/bin/bash\n{first_step}exec {sys.executable} "$@"\n')
     python.chmod(0o755)
     run = tmp_path / "run"
     e = env() | {"HPCGRAFT_PYTHON": str(python), "HPCGRAFT_NODES": "1", "HPCGRAFT_GPUS_PER_NODE": "0",
@@ -265,7 +281,8 @@ def test_a_step_whose_ranks_cannot_start_mpi_is_started_again(slurm_cluster, tmp
     info = _wait_job_end(job)
     text = (tmp_path / f"graft-cifar-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", text
-    assert text.count(f"did not get through MPI's start-up within 0.01 s ({START_TIMEOUT})") == 2, text
+    for line in set(lines):
+        assert text.count(line) == lines.count(line), text
     assert "MPI did not start on every rank (exit 69); starting the step again (1 of 2)" in text, text
     assert "step 2: 2 ranks on 1 node" in text and "finished 1 epoch" in text, text
     _epochs_once(run, 1)

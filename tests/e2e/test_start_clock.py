@@ -52,11 +52,6 @@ def test_a_rank_that_said_mpi_is_up_is_not_timed(tmp_path):
     assert (r.returncode, r.stderr) == (7, "")
 
 
-def test_a_rank_that_ends_before_mpi_keeps_its_status(tmp_path):
-    r = _supervised("raise SystemExit(2)", "30", tmp_path)
-    assert (r.returncode, r.stderr) == (2, "")
-
-
 @pytest.mark.parametrize("value", ["abc", "-1", "nan"])
 def test_a_bad_start_timeout_is_one_line_and_exit_2(tmp_path, value):
     r = subprocess.run([sys.executable, "-c", "import sys; from hpcgraft.supervise import supervise; "
@@ -76,3 +71,29 @@ def test_training_ranks_that_cannot_start_in_time_train_nothing_and_exit_69(tmp_
     assert lines and {line.split(" (pid")[0] for line in lines} <= {"hpcgraft: rank 0", "hpcgraft: rank 1"}, r.stderr
     assert not (tmp_path / "run").exists()
     assert not os.path.exists(ROOT / "runs" / "run")
+
+
+@pytest.mark.parametrize(("child", "how"), [
+    ("import os; os.abort()", "was killed by SIGABRT (an abort in native code)"),
+    ("raise SystemExit(15)", "exited with status 15"),
+])
+def test_a_rank_that_crashes_before_mpi_is_up_exits_69(tmp_path, child, how):
+    """The rank whose wire-up failed first aborts in MPI_Init (SIGABRT, or MPICH's own abort status) while the
+    others hang: its status must say "start again" too, or the step's (the highest) reads as a crash."""
+    r = _supervised(child, "30", tmp_path)
+    assert r.returncode == EXIT_NO_START, r.stderr
+    assert r.stderr.startswith("hpcgraft: rank 3 (pid ") and r.stderr.count("\n") == 1, r.stderr
+    assert f"{how} before MPI's start-up completed" in r.stderr
+
+
+@pytest.mark.parametrize("code", [1, 2])
+def test_python_s_own_exit_before_mpi_is_kept(tmp_path, code):
+    r = _supervised(f"raise SystemExit({code})", "30", tmp_path)
+    assert (r.returncode, r.stderr) == (code, "")
+
+
+def test_a_rank_that_crashes_after_mpi_is_up_dies_of_the_same_signal(tmp_path):
+    child = "import os; os.write(int(os.environ['HPCGRAFT_SHM_FD']), b'started\\n'); os.abort()"
+    r = _supervised(child, "30", tmp_path)
+    assert r.returncode == -6, r.stderr
+    assert "was killed by SIGABRT" in r.stderr and "the job stops" in r.stderr
