@@ -66,6 +66,10 @@ _STARTED = "started"  # the pipe's first line; the lines after it are paths
 #: Seconds a rank may take from its start until MPI is up; past it, its supervisor ends it (EXIT_NO_START).
 START_TIMEOUT = "HPCGRAFT_START_TIMEOUT"
 DEFAULT_START_TIMEOUT = 600.0
+#: How often a job whose ranks could not start MPI is started again (submitit requeues; the sbatch scripts
+#: read it as START_RETRIES).
+START_RETRIES = "HPCGRAFT_START_RETRIES"
+DEFAULT_START_RETRIES = 2
 #: Tests set this to a file where every rank also appends the shared-memory files it mapped, so that the
 #: suite can check that none of its own jobs left one (other jobs on the machine make them too).
 SHM_LOG = "HPCGRAFT_SHM_LOG"
@@ -322,6 +326,18 @@ def start_timeout() -> float | None:
         raise ValueError(f"{START_TIMEOUT}={text} is not a number of seconds; set it to the time a rank may take "
                          f"to start MPI (default {DEFAULT_START_TIMEOUT:g}, 0: no limit)")
     return seconds or None
+
+
+def start_retries() -> int:
+    """How often a job whose ranks could not start MPI is started again, from :data:`START_RETRIES`; raises
+    ValueError with the one line to print for a value that is not a count."""
+    text = os.environ.get(START_RETRIES, "").strip()
+    if not text:
+        return DEFAULT_START_RETRIES
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"{START_RETRIES}={text} is not a count; set it to how often a job whose ranks could not "
+                         f"start MPI is started again (default {DEFAULT_START_RETRIES}, 0: never)")
+    return int(text)
 
 
 def _started_in_time(child: subprocess.Popen, read_fd: int, timeout: float | None) -> bool:

@@ -41,7 +41,7 @@ from hpcgraft.slurm import SCRIPTS_DIR
 from hpcgraft.slurm.check import LAUNCH_OPTIONS, check_node_range, check_slurm_request, parse_nodes
 from hpcgraft.storage.run import read_config
 from hpcgraft.storage.runlog import METRICS, epoch_table, read_jsonl
-from hpcgraft.supervise import should_supervise, supervise
+from hpcgraft.supervise import should_supervise, start_retries, start_timeout, supervise
 
 PREEMPT_SIGNAL = "USR1"  # what hpcgraft.train checkpoints and stops on (besides SIGTERM)
 CLEAN_SHM = SCRIPTS_DIR / "clean_mpich_shm.sh"  # package data: there in an installed package too
@@ -109,9 +109,7 @@ class GraftRun(Checkpointable):
 def _start_retries_left() -> bool:
     """Whether a job whose ranks could not start MPI may be requeued once more (``HPCGRAFT_START_RETRIES``,
     default 2, against the job's restarts so far)."""
-    text = os.environ.get("HPCGRAFT_START_RETRIES", "2")
-    retries = int(text) if text.isdigit() else 2
-    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) < retries
+    return int(os.environ.get("SLURM_RESTART_COUNT") or 0) < start_retries()  # checked at submit
 
 
 def mpirun_command(ranks: int, train_argv: Sequence[str]) -> list[str]:
@@ -153,6 +151,10 @@ def submit(config: str | None, out: str | Path, overrides: Sequence[str] = (), *
     if executor not in EXECUTORS:
         raise LaunchError(f"executor '{executor}' is not one of {', '.join(EXECUTORS)}")
     cfg = load_config(config, list(overrides))  # raises ConfigError naming the bad key
+    try:  # the job's ranks read them, from the environment submitit copies from this one
+        start_timeout(), start_retries()
+    except ValueError as exc:
+        raise LaunchError(str(exc)) from None
     config = config and str(resolve_config(config).absolute())  # a packaged config's name: its file
     ranks = gpus_per_node if gpus_per_node > 0 else (tasks_per_node or 0)
     if ranks < 1:

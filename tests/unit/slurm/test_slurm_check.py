@@ -152,3 +152,21 @@ def test_submit_refuses_a_node_range_the_peers_do_not_fit_before_anything_runs(t
                                           r"node counts that fit: 1, 2$"):
         launch.submit(None, tmp_path / "run", ["graft.peers=4"], nodes="1-3", tasks_per_node=2, executor="local")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("name", "value", "message"), [
+    ("HPCGRAFT_START_RETRIES", "two", "HPCGRAFT_START_RETRIES=two is not a count; set it to how often a job whose "
+                                      "ranks could not start MPI is started again (default 2, 0: never)"),
+    ("HPCGRAFT_START_TIMEOUT", "-5", "HPCGRAFT_START_TIMEOUT=-5 is not a number of seconds; set it to the time a "
+                                     "rank may take to start MPI (default 600, 0: no limit)"),
+])
+def test_submit_refuses_a_bad_start_setting_before_anything_runs(tmp_path, monkeypatch, name, value, message):
+    """The job's ranks read these from the environment submitit copies: a bad one is found at submit, not
+    after a queue wait (or, for the retries, never: it used to fall back to the default without a word)."""
+    from hpcgraft.cli import submit as launch
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchError) as info:
+        launch.submit(str(ROOT / "configs/digits.yaml"), tmp_path / "run", tasks_per_node=2, executor="local")
+    assert str(info.value) == message
+    assert not (tmp_path / "run").exists()
