@@ -362,10 +362,15 @@ def _end_unstarted(child: subprocess.Popen, timeout: float) -> int:
         pass
     child.wait()
     unlink_shared_memory(files)
-    print(f"hpcgraft: rank {launcher_rank() or '?'} (pid {child.pid} on {socket.gethostname()}) did not get "
-          f"through MPI's start-up within {timeout:g} s ({START_TIMEOUT}): the launcher's wire-up failed or hung; "
-          f"nothing was trained, so starting the job step again is safe (the sbatch scripts do it)",
-          file=sys.stderr, flush=True)
+    return _unstarted(child, f"did not get through MPI's start-up within {timeout:g} s ({START_TIMEOUT}): "
+                             "the launcher's wire-up failed or hung")
+
+
+def _unstarted(child: subprocess.Popen, what: str) -> int:
+    """Name a child that ended before MPI was up (``what`` happened to it) in one line; the status to exit with."""
+    print(f"hpcgraft: rank {launcher_rank() or '?'} (pid {child.pid} on {socket.gethostname()}) {what}; nothing "
+          "was trained, so starting the job step again is safe (the sbatch scripts do it)", file=sys.stderr,
+          flush=True)
     return EXIT_NO_START
 
 
@@ -423,11 +428,7 @@ def supervise(argv: Sequence[str]) -> int:
         return status
     status = child.wait()
     if not _remove_shared_memory(read_fd) and failed_in_start(status):
-        print(f"hpcgraft: rank {launcher_rank() or '?'} (pid {child.pid} on {socket.gethostname()}) "
-              f"{_ended(status)} before MPI's start-up completed: the launcher's wire-up failed; nothing was "
-              f"trained, so starting the job step again is safe (the sbatch scripts do it)", file=sys.stderr,
-              flush=True)
-        return EXIT_NO_START
+        return _unstarted(child, f"{_ended(status)} before MPI's start-up completed: the launcher's wire-up failed")
     if status >= 0:
         return status
     signum = -status
